@@ -1,0 +1,132 @@
+//! What engines put in their request ring, and its decoder.
+//!
+//! Each request is 64 bytes (eight little-endian words). Word 0 holds the
+//! tag in its low 32 bits and a tag-specific `u32` above. The owner decodes
+//! every entry with [`Request::decode`], which never panics on any input
+//! (fuzzed in `fuzz/`); ids and lengths are range-checked by the owner
+//! against the slot table after decoding.
+
+use crate::error::DecodeError;
+use crate::slot_table::BlockKey;
+
+pub const WORDS: usize = 8;
+/// Slot ids one `Touch` carries.
+pub const TOUCH_MAX: usize = 14;
+
+const TAG_COMMIT: u32 = 1;
+const TAG_ABORT: u32 = 2;
+const TAG_TOUCH: u32 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// The engine finished copying `len` bytes of `key` into `slot` (which it
+    /// took from its stash): publish it.
+    Commit { slot: u32, len: u64, key: BlockKey },
+    /// The engine took `slot` from its stash but will not write it: free it.
+    Abort { slot: u32 },
+    /// The engine hit these slots: refresh their recency and frequency.
+    Touch { count: u32, slots: [u32; TOUCH_MAX] },
+}
+
+impl Request {
+    pub fn encode(&self) -> [u64; WORDS] {
+        let mut w = [0u64; WORDS];
+        match *self {
+            Request::Commit { slot, len, key } => {
+                w[0] = u64::from(TAG_COMMIT) | u64::from(slot) << 32;
+                w[1] = len;
+                w[2] = key.namespace;
+                w[3..7].copy_from_slice(&key.words());
+            }
+            Request::Abort { slot } => {
+                w[0] = u64::from(TAG_ABORT) | u64::from(slot) << 32;
+            }
+            Request::Touch { count, slots } => {
+                w[0] = u64::from(TAG_TOUCH) | u64::from(count) << 32;
+                for (i, pair) in slots.chunks(2).enumerate() {
+                    w[1 + i] = u64::from(pair[0]) | u64::from(pair[1]) << 32;
+                }
+            }
+        }
+        w
+    }
+
+    pub fn decode(w: &[u64; WORDS]) -> Result<Request, DecodeError> {
+        let tag = w[0] as u32;
+        let arg = (w[0] >> 32) as u32;
+        match tag {
+            TAG_COMMIT => {
+                if w[7] != 0 {
+                    return Err(DecodeError::NonZeroPadding);
+                }
+                let key = BlockKey::from_words(w[2], [w[3], w[4], w[5], w[6]]);
+                Ok(Request::Commit {
+                    slot: arg,
+                    len: w[1],
+                    key,
+                })
+            }
+            TAG_ABORT => {
+                if w[1..].iter().any(|&x| x != 0) {
+                    return Err(DecodeError::NonZeroPadding);
+                }
+                Ok(Request::Abort { slot: arg })
+            }
+            TAG_TOUCH => {
+                if arg as usize > TOUCH_MAX {
+                    return Err(DecodeError::BadCount(arg));
+                }
+                let mut slots = [0u32; TOUCH_MAX];
+                for i in 0..TOUCH_MAX {
+                    let word = w[1 + i / 2];
+                    slots[i] = if i % 2 == 0 {
+                        word as u32
+                    } else {
+                        (word >> 32) as u32
+                    };
+                }
+                if slots[arg as usize..].iter().any(|&s| s != 0) {
+                    return Err(DecodeError::NonZeroPadding);
+                }
+                Ok(Request::Touch { count: arg, slots })
+            }
+            other => Err(DecodeError::UnknownTag(other)),
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let key = BlockKey::new(0xabcdef, [7; 32]);
+        let mut slots = [0u32; TOUCH_MAX];
+        slots[..3].copy_from_slice(&[1, 2, u32::MAX]);
+        for r in [
+            Request::Commit {
+                slot: 42,
+                len: 2 << 20,
+                key,
+            },
+            Request::Abort { slot: 7 },
+            Request::Touch { count: 3, slots },
+        ] {
+            assert_eq!(Request::decode(&r.encode()), Ok(r));
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert_eq!(Request::decode(&[0; 8]), Err(DecodeError::UnknownTag(0)));
+        assert_eq!(
+            Request::decode(&[3 | 15 << 32, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::BadCount(15))
+        );
+        assert_eq!(
+            Request::decode(&[2, 1, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::NonZeroPadding)
+        );
+    }
+}
