@@ -185,7 +185,7 @@ impl ClientLayout {
         let ring_hdr = std::mem::size_of::<crate::ring::RingHeader>() as u64;
         let request_ring = align(entry);
         let stash_ring = align(request_ring + ring_hdr + g.request_ring_cap * REQUEST_BYTES);
-        let pins = align(stash_ring + ring_hdr + g.stash_ring_cap * 4);
+        let pins = align(stash_ring + ring_hdr + g.stash_ring_cap * 8);
         let bytes = align(pins + g.num_slots() * 4);
         ClientLayout {
             request_ring,

@@ -285,6 +285,23 @@ impl ControlSegment {
         &self.path
     }
 
+    /// Owner only: record where the pool lives, for `pegaflow-inspect`.
+    pub fn set_pool_info(&self, pool: &Path, hugepages: bool) {
+        let bytes = pool.as_os_str().as_encoded_bytes();
+        let h = self.map.as_mut_ptr() as *mut Header;
+        let n = bytes.len().min(255);
+        // SAFETY: the mapping is writable and holds a Header at offset 0.
+        // Only the owner (holding the segment lock) writes these plain
+        // fields; readers treat them as informational and tolerate a torn
+        // read. No reference to them is formed, only raw writes.
+        unsafe {
+            let dst = std::ptr::addr_of_mut!((*h).pool_path) as *mut u8;
+            std::ptr::write_bytes(dst, 0, 256);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, n);
+            std::ptr::addr_of_mut!((*h).hugepages).write(u32::from(hugepages));
+        }
+    }
+
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
@@ -557,4 +574,22 @@ fn free_total_hugepages() -> u64 {
         .find_map(|l| l.strip_prefix("HugePages_Total:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The owner's socket when `--socket` is not given; engines apply the same
+/// rule, so both sides agree without configuration:
+/// `$PEGAFLOW_RUN_DIR/<name>.sock` if set, else `/run/pegaflow/<name>.sock`
+/// when `/run/pegaflow` exists (the systemd unit's RuntimeDirectory) or we
+/// are root, else `/tmp/pegaflow/<name>.sock`.
+pub fn default_socket_path(name: &str) -> PathBuf {
+    let file = format!("{name}.sock");
+    if let Some(dir) = std::env::var_os("PEGAFLOW_RUN_DIR") {
+        return PathBuf::from(dir).join(file);
+    }
+    let run = Path::new("/run/pegaflow");
+    // SAFETY: geteuid has no preconditions.
+    if run.is_dir() || (unsafe { libc::geteuid() } == 0 && Path::new("/run").is_dir()) {
+        return run.join(file);
+    }
+    PathBuf::from("/tmp/pegaflow").join(file)
 }

@@ -1,0 +1,654 @@
+//! The owner's private cache state over the shared segments: slot classes,
+//! slab assignment, free lists, LRU order and TinyLFU admission.
+//!
+//! The slot table in shm is the source of truth; everything here can be
+//! rebuilt from it ([`Cache::adopt`]), which is what a restarted owner does.
+//!
+//! ## Invariants (checked by `verify` and the property tests)
+//!
+//! - A slot is in exactly one of: its class's free list (state `Free`), a
+//!   client's stash or in flight (`Writing(c)`), its class's LRU and the
+//!   index (`Committed`).
+//! - A slab is either unassigned (stride 0, in `free_slabs`) or belongs to
+//!   exactly one class.
+//! - A slot is made `Free` only after `begin_evict` and an empty pin check
+//!   (see `pegaflow_shm::slot_table`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pegaflow_shm::client::{client_state, OwnerCounter};
+use pegaflow_shm::index::InsertError;
+use pegaflow_shm::request::Request;
+use pegaflow_shm::segment::{pid_alive, process_start_time, ClientView, ControlSegment};
+use pegaflow_shm::slot_table::{any_pinned, BlockKey, SlotKind, SlotState};
+use pegaflow_shm::sync::Ordering;
+use tracing::{debug, info, warn};
+
+use crate::evict::{key_hash, Lru, TinyLfu};
+
+/// How many LRU candidates one eviction looks at before giving up (all
+/// pinned): bounds the owner's work per refill.
+const EVICT_SCAN: usize = 256;
+/// Requests drained from one client per pass, so one busy engine cannot
+/// starve the others.
+const DRAIN_BATCH: usize = 4096;
+
+/// One block size: the slabs cut into it and their slots' order.
+struct Class {
+    slot_bytes: u64,
+    stride: u64,
+    slabs: Vec<u32>,
+    free: Vec<u32>,
+    lru: Lru,
+}
+
+/// Owner-side counters not tied to one client (exported as metrics).
+#[derive(Default, Clone, Debug)]
+pub struct CacheStats {
+    pub commits: u64,
+    pub duplicates: u64,
+    pub admission_rejects: u64,
+    pub evictions: u64,
+    pub evict_pinned_skips: u64,
+    pub bad_requests: u64,
+    pub reclaimed_slots: u64,
+    pub reclaimed_clients: u64,
+    pub stash_starved: u64,
+}
+
+pub struct Cache {
+    seg: Arc<ControlSegment>,
+    classes: Vec<Class>,
+    class_by_bytes: HashMap<u64, usize>,
+    free_slabs: Vec<u32>,
+    lfu: TinyLfu,
+    admission: bool,
+    tick: u64,
+    pub stats: CacheStats,
+}
+
+/// What went wrong with one request from one engine.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("slot {slot} out of range (pool has {max} slots)")]
+    SlotOutOfRange { slot: u32, max: u64 },
+    #[error("slot {slot} is {state:?}, not being written by this client")]
+    NotWriting { slot: u32, state: Option<SlotState> },
+    #[error("commit of {len} bytes into slot {slot} of {stride} bytes")]
+    TooLong { slot: u32, len: u64, stride: u64 },
+    #[error("namespace 0 is reserved")]
+    ZeroNamespace,
+    #[error(transparent)]
+    Decode(#[from] pegaflow_shm::DecodeError),
+}
+
+/// Cannot serve a block size.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "block of {slot_bytes} bytes does not fit a slab of {slab_bytes} bytes: \
+     restart the owner with --slab-size of at least {needed} (a multiple of 2 MiB)"
+)]
+pub struct ClassError {
+    pub slot_bytes: u64,
+    pub slab_bytes: u64,
+    pub needed: u64,
+}
+
+impl Cache {
+    /// A cache over a freshly created (all-zero) segment.
+    pub fn new(seg: Arc<ControlSegment>, admission: bool) -> Cache {
+        let g = *seg.geometry();
+        Cache {
+            classes: Vec::new(),
+            class_by_bytes: HashMap::new(),
+            free_slabs: (0..g.num_slabs() as u32).rev().collect(),
+            lfu: TinyLfu::new(g.num_slots().min(1 << 24) as usize),
+            admission,
+            tick: seg.header().owner_tick.load(Ordering::Relaxed),
+            stats: CacheStats::default(),
+            seg,
+        }
+    }
+
+    pub fn segment(&self) -> &Arc<ControlSegment> {
+        &self.seg
+    }
+
+    /// The class serving blocks of `slot_bytes`, created on first use.
+    pub fn class_for(&mut self, slot_bytes: u64) -> Result<usize, ClassError> {
+        if let Some(&c) = self.class_by_bytes.get(&slot_bytes) {
+            return Ok(c);
+        }
+        let g = *self.seg.geometry();
+        let stride = slot_bytes.max(g.granule_bytes).div_ceil(4096) * 4096;
+        if slot_bytes == 0 || stride > g.slab_bytes {
+            return Err(ClassError {
+                slot_bytes,
+                slab_bytes: g.slab_bytes,
+                needed: stride.div_ceil(2 << 20) * (2 << 20),
+            });
+        }
+        let id = self.classes.len();
+        self.classes.push(Class {
+            slot_bytes,
+            stride,
+            slabs: Vec::new(),
+            free: Vec::new(),
+            lru: Lru::new(g.num_slots() as u32),
+        });
+        self.class_by_bytes.insert(slot_bytes, id);
+        Ok(id)
+    }
+
+    /// Slots a class could hold if it had the whole pool.
+    pub fn class_capacity(&self, class: usize) -> u64 {
+        let g = self.seg.geometry();
+        g.num_slabs() * (g.slab_bytes / self.classes[class].stride)
+    }
+
+    /// Give one unassigned slab to `class`, cutting it into slots.
+    fn grow(&mut self, class: usize) -> bool {
+        let Some(slab) = self.free_slabs.pop() else {
+            return false;
+        };
+        let g = *self.seg.geometry();
+        let c = &mut self.classes[class];
+        let nslots = (g.slab_bytes / c.stride) as u32;
+        let entry = &self.seg.slabs()[slab as usize];
+        entry.slot_bytes.store(c.slot_bytes, Ordering::Relaxed);
+        entry.nslots.store(nslots, Ordering::Relaxed);
+        // Publish stride last: readers treat stride 0 as "unassigned".
+        entry.stride.store(c.stride, Ordering::Release);
+        let first = slab * g.slots_per_slab() as u32;
+        c.slabs.push(slab);
+        c.free.extend((first..first + nslots).rev());
+        debug!(
+            slab,
+            class,
+            slot_bytes = c.slot_bytes,
+            nslots,
+            "slab assigned"
+        );
+        true
+    }
+
+    /// Evict the coldest unpinned committed slot of `class`; returns it, now `Free`.
+    fn evict_one(&mut self, class: usize) -> Option<u32> {
+        let seg = self.seg.clone();
+        let slots = seg.slots();
+        let candidates: Vec<u32> = self.classes[class]
+            .lru
+            .iter_cold()
+            .take(EVICT_SCAN)
+            .collect();
+        for slot in candidates {
+            let entry = &slots[slot as usize];
+            let Some(st) = entry.begin_evict() else {
+                // Not committed: our LRU is stale for this slot; drop it.
+                self.classes[class].lru.remove(slot);
+                continue;
+            };
+            let pinned = any_pinned(
+                (0..seg.max_clients())
+                    .filter_map(|i| seg.client(i))
+                    .map(|c| &c.pins[slot as usize]),
+            );
+            if pinned {
+                entry.abort_evict(st);
+                self.stats.evict_pinned_skips += 1;
+                continue;
+            }
+            let key = entry.key();
+            seg.index().remove(&key, slot);
+            self.classes[class].lru.remove(slot);
+            entry.free(st);
+            self.stats.evictions += 1;
+            return Some(slot);
+        }
+        None
+    }
+
+    /// A free slot of `class`: from its free list, a new slab, or eviction.
+    fn take_free(&mut self, class: usize) -> Option<u32> {
+        if let Some(s) = self.classes[class].free.pop() {
+            return Some(s);
+        }
+        if self.grow(class) {
+            return self.classes[class].free.pop();
+        }
+        self.evict_one(class)
+    }
+
+    /// Whether `class` can only get slots by evicting.
+    fn under_pressure(&self, class: usize) -> bool {
+        self.classes[class].free.is_empty() && self.free_slabs.is_empty()
+    }
+
+    /// Top up a client's stash to its target. Returns slots added.
+    pub fn refill(&mut self, client: &ClientView<'_>, class: usize) -> u32 {
+        let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed));
+        let mut added = 0;
+        while client.stash.len() < target {
+            let Some(slot) = self.take_free(class) else {
+                self.stats.stash_starved += 1;
+                break;
+            };
+            let entry = &self.seg.slots()[slot as usize];
+            let st = entry.load_state().unwrap_or(SlotState::FREE);
+            entry.start_writing(st, client.index as u16);
+            if !client
+                .stash
+                .push(&[u64::from(slot) | u64::from(st.gen) << 32])
+            {
+                // Cannot happen (len < target <= capacity), but never lose a slot.
+                entry.free(SlotState {
+                    gen: st.gen.wrapping_sub(1),
+                    ..st
+                });
+                self.classes[class].free.push(slot);
+                break;
+            }
+            added += 1;
+        }
+        if added > 0 {
+            client
+                .entry
+                .add_owner(OwnerCounter::SlotsStashed, u64::from(added));
+        }
+        client.entry.stash_low.store(0, Ordering::Relaxed);
+        added
+    }
+
+    /// Apply every queued request of one client. Returns how many it applied.
+    pub fn drain(
+        &mut self,
+        client: &ClientView<'_>,
+    ) -> Result<usize, pegaflow_shm::ring::RingError> {
+        let mut n = 0;
+        while n < DRAIN_BATCH {
+            let Some(words) = client.requests.pop()? else {
+                break;
+            };
+            n += 1;
+            if let Err(e) = self.apply(client, &words) {
+                self.stats.bad_requests += 1;
+                client.entry.add_owner(OwnerCounter::BadRequests, 1);
+                warn!(
+                    client = client.index,
+                    pid = client.entry.pid.load(Ordering::Relaxed),
+                    error = %e,
+                    "ignored a bad request from an engine"
+                );
+            }
+        }
+        Ok(n)
+    }
+
+    fn writing_slot(&self, client: &ClientView<'_>, slot: u32) -> Result<SlotState, RequestError> {
+        let max = self.seg.geometry().num_slots();
+        let entry = self
+            .seg
+            .slots()
+            .get(slot as usize)
+            .ok_or(RequestError::SlotOutOfRange { slot, max })?;
+        let st = entry.load_state();
+        match st {
+            Some(s) if s.kind == SlotKind::Writing && u32::from(s.client) == client.index => Ok(s),
+            _ => Err(RequestError::NotWriting { slot, state: st }),
+        }
+    }
+
+    fn class_of_slot(&self, slot: u32) -> Option<usize> {
+        let (_, stride) = self.seg.slot_location(slot)?;
+        let slab = u64::from(slot) / self.seg.geometry().slots_per_slab();
+        let bytes = self.seg.slabs()[slab as usize]
+            .slot_bytes
+            .load(Ordering::Relaxed);
+        self.class_by_bytes
+            .get(&bytes)
+            .copied()
+            .filter(|&c| self.classes[c].stride == stride)
+    }
+
+    fn release_slot(&mut self, slot: u32, st: SlotState) {
+        self.seg.slots()[slot as usize].free(st);
+        if let Some(c) = self.class_of_slot(slot) {
+            self.classes[c].free.push(slot);
+        }
+    }
+
+    fn apply(&mut self, client: &ClientView<'_>, words: &[u64; 8]) -> Result<(), RequestError> {
+        match Request::decode(words)? {
+            Request::Commit { slot, len, key } => self.commit(client, slot, len, key),
+            Request::Abort { slot } => {
+                let st = self.writing_slot(client, slot)?;
+                self.release_slot(slot, st);
+                client.entry.add_owner(OwnerCounter::Aborts, 1);
+                Ok(())
+            }
+            Request::Touch { count, slots } => {
+                self.tick += 1;
+                for &slot in &slots[..count as usize] {
+                    self.touch(slot);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn touch(&mut self, slot: u32) {
+        let Some(entry) = self.seg.slots().get(slot as usize) else {
+            return;
+        };
+        if entry.load_state().map(|s| s.kind) != Some(SlotKind::Committed) {
+            return;
+        }
+        let key = entry.key();
+        entry.last_access.store(self.tick, Ordering::Relaxed);
+        self.lfu.record(key_hash(key.namespace, &key.hash));
+        if let Some(c) = self.class_of_slot(slot) {
+            self.classes[c].lru.touch(slot);
+        }
+    }
+
+    fn commit(
+        &mut self,
+        client: &ClientView<'_>,
+        slot: u32,
+        len: u64,
+        key: BlockKey,
+    ) -> Result<(), RequestError> {
+        let st = self.writing_slot(client, slot)?;
+        if key.namespace == 0 {
+            self.release_slot(slot, st);
+            return Err(RequestError::ZeroNamespace);
+        }
+        let stride = self.seg.slot_location(slot).map(|(_, s)| s).unwrap_or(0);
+        if len > stride {
+            self.release_slot(slot, st);
+            return Err(RequestError::TooLong { slot, len, stride });
+        }
+        let Some(class) = self.class_of_slot(slot) else {
+            self.release_slot(slot, st);
+            return Err(RequestError::SlotOutOfRange {
+                slot,
+                max: self.seg.geometry().num_slots(),
+            });
+        };
+        let kh = key_hash(key.namespace, &key.hash);
+        self.lfu.record(kh);
+        let index = self.seg.index();
+        if index.get(&key).is_some() {
+            self.release_slot(slot, st);
+            self.stats.duplicates += 1;
+            client.entry.add_owner(OwnerCounter::CommitDuplicates, 1);
+            return Ok(());
+        }
+        if self.admission && self.under_pressure(class) {
+            if let Some(victim) = self.classes[class].lru.coldest() {
+                let vk = self.seg.slots()[victim as usize].key();
+                if !self.lfu.admit(kh, key_hash(vk.namespace, &vk.hash)) {
+                    self.release_slot(slot, st);
+                    self.stats.admission_rejects += 1;
+                    client.entry.add_owner(OwnerCounter::AdmissionRejects, 1);
+                    return Ok(());
+                }
+            }
+        }
+        self.tick += 1;
+        let entry = &self.seg.slots()[slot as usize];
+        entry.commit(st, &key, len, self.tick);
+        match index.insert(&key, slot) {
+            Ok(()) => {}
+            Err(InsertError::Duplicate(_)) | Err(InsertError::Full) => {
+                // Unreachable while the index has two buckets per slot; keep
+                // the slot consistent rather than trusting that.
+                let st = entry.begin_evict().expect("just committed");
+                entry.free(st);
+                if let Some(c) = self.class_of_slot(slot) {
+                    self.classes[c].free.push(slot);
+                }
+                warn!(slot, "index full; commit dropped");
+                return Ok(());
+            }
+        }
+        self.classes[class].lru.insert_hot(slot);
+        self.stats.commits += 1;
+        client.entry.add_owner(OwnerCounter::Commits, 1);
+        Ok(())
+    }
+
+    /// A client is gone: apply what it queued, free what it was writing,
+    /// zero its pins and clear its entry. Returns slots freed.
+    pub fn reclaim(&mut self, client: &ClientView<'_>) -> u64 {
+        if let Err(e) = self.drain(client) {
+            warn!(client = client.index, error = %e, "request ring of a dead client is corrupt; discarded");
+        }
+        let mut freed = 0;
+        for slot in 0..self.seg.geometry().num_slots() as u32 {
+            let entry = &self.seg.slots()[slot as usize];
+            if let Some(st) = entry.load_state() {
+                if st.kind == SlotKind::Writing && u32::from(st.client) == client.index {
+                    self.release_slot(slot, st);
+                    freed += 1;
+                }
+            }
+        }
+        for p in client.pins {
+            if p.load(Ordering::Relaxed) != 0 {
+                p.store(0, Ordering::SeqCst);
+            }
+        }
+        client.requests.reset();
+        client.stash.reset();
+        client.entry.clear();
+        self.stats.reclaimed_slots += freed;
+        self.stats.reclaimed_clients += 1;
+        freed
+    }
+
+    /// Rebuild private state from a segment a previous owner left behind.
+    /// Clients whose process still lives become `ORPHANED` (kept for them to
+    /// resume); everything of the others is reclaimed.
+    pub fn adopt(seg: Arc<ControlSegment>, admission: bool) -> (Cache, AdoptReport) {
+        let started = std::time::Instant::now();
+        let g = *seg.geometry();
+        let mut cache = Cache::new(seg.clone(), admission);
+        cache.free_slabs.clear();
+        let mut report = AdoptReport::default();
+        // [1] classes and slabs.
+        for (slab, e) in seg.slabs().iter().enumerate() {
+            let stride = e.stride.load(Ordering::Acquire);
+            let bytes = e.slot_bytes.load(Ordering::Relaxed);
+            let class = (stride != 0).then(|| cache.class_for(bytes).ok()).flatten();
+            match class {
+                Some(c) if cache.classes[c].stride == stride => {
+                    cache.classes[c].slabs.push(slab as u32)
+                }
+                _ => {
+                    if stride != 0 {
+                        warn!(
+                            slab,
+                            stride,
+                            bytes,
+                            "slab with an inconsistent geometry; discarding its slots"
+                        );
+                    }
+                    e.stride.store(0, Ordering::Release);
+                    e.nslots.store(0, Ordering::Relaxed);
+                    e.slot_bytes.store(0, Ordering::Relaxed);
+                    cache.free_slabs.push(slab as u32);
+                }
+            }
+        }
+        cache.free_slabs.reverse();
+        // [2] clients: alive ones are kept for resumption.
+        let mut alive = vec![false; g.max_clients as usize];
+        for i in 0..seg.max_clients() {
+            let c = seg.client(i).expect("in range");
+            let state = c.entry.state();
+            if state == client_state::FREE {
+                continue;
+            }
+            let pid = c.entry.pid.load(Ordering::Relaxed);
+            let same = pid_alive(pid)
+                && process_start_time(pid) == Some(c.entry.start_time.load(Ordering::Relaxed));
+            if same {
+                c.entry
+                    .state
+                    .store(client_state::ORPHANED, Ordering::SeqCst);
+                alive[i as usize] = true;
+                report.orphaned_clients += 1;
+            }
+        }
+        // [3] slots; the index is rebuilt from scratch (it may have been
+        // mid-update when the previous owner died).
+        let index = seg.index();
+        index.clear();
+        let mut committed: Vec<(u64, u32)> = Vec::new();
+        for class in cache.classes.iter_mut() {
+            for &slab in &class.slabs {
+                let nslots = seg.slabs()[slab as usize].nslots.load(Ordering::Relaxed);
+                let first = slab * g.slots_per_slab() as u32;
+                for slot in first..first + nslots {
+                    let entry = &seg.slots()[slot as usize];
+                    match entry.load_state() {
+                        Some(st)
+                            if st.kind == SlotKind::Committed || st.kind == SlotKind::Evicting =>
+                        {
+                            // An eviction that was cut short: the pin check is redone later.
+                            entry.abort_evict(st);
+                            let key = entry.key();
+                            if key.namespace != 0 && index.insert(&key, slot).is_ok() {
+                                committed.push((entry.last_access.load(Ordering::Relaxed), slot));
+                            } else {
+                                entry.free(st);
+                                class.free.push(slot);
+                            }
+                        }
+                        Some(st)
+                            if st.kind == SlotKind::Writing
+                                && alive.get(st.client as usize) == Some(&true) =>
+                        {
+                            report.writing_kept += 1;
+                        }
+                        Some(st) => {
+                            if st.kind == SlotKind::Writing {
+                                report.writing_reclaimed += 1;
+                            }
+                            entry.free(st);
+                            class.free.push(slot);
+                        }
+                        None => {
+                            warn!(slot, "garbage slot state; freeing the slot");
+                            entry.free(SlotState::FREE);
+                            class.free.push(slot);
+                        }
+                    }
+                }
+            }
+            class.free.reverse();
+        }
+        // LRU order from the last-access ticks the slots carry.
+        committed.sort_unstable();
+        for &(tick, slot) in &committed {
+            if let Some(c) = cache.class_of_slot(slot) {
+                cache.classes[c].lru.insert_hot(slot);
+            }
+            cache.tick = cache.tick.max(tick);
+        }
+        report.committed = committed.len() as u64;
+        // [4] dead clients: nothing of theirs survives.
+        for i in 0..seg.max_clients() {
+            let c = seg.client(i).expect("in range");
+            if !alive[i as usize] && c.entry.state() != client_state::FREE {
+                for p in c.pins {
+                    p.store(0, Ordering::Relaxed);
+                }
+                c.requests.reset();
+                c.stash.reset();
+                c.entry.clear();
+                report.dead_clients += 1;
+            }
+        }
+        report.elapsed = started.elapsed();
+        info!(
+            committed = report.committed,
+            orphaned_clients = report.orphaned_clients,
+            dead_clients = report.dead_clients,
+            writing_reclaimed = report.writing_reclaimed,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "re-adopted segment"
+        );
+        (cache, report)
+    }
+
+    /// Committed slots per class, free slots, and so on: for metrics.
+    pub fn occupancy(&self) -> Occupancy {
+        let mut o = Occupancy {
+            free_slabs: self.free_slabs.len() as u64,
+            ..Default::default()
+        };
+        for c in &self.classes {
+            o.committed_slots += c.lru.len() as u64;
+            o.committed_bytes += c.lru.len() as u64 * c.slot_bytes;
+            o.free_slots += c.free.len() as u64;
+            o.assigned_slabs += c.slabs.len() as u64;
+            o.classes += 1;
+        }
+        o
+    }
+
+    /// Advance and publish the owner's tick (persisted for LRU rebuild).
+    pub fn publish_tick(&self) {
+        self.seg
+            .header()
+            .owner_tick
+            .store(self.tick, Ordering::Relaxed);
+    }
+
+    /// Check the private state against the slot table; `Err` names the first
+    /// violated invariant. Used by tests.
+    pub fn verify(&self) -> Result<(), String> {
+        let seg = &self.seg;
+        for (ci, c) in self.classes.iter().enumerate() {
+            for &s in &c.free {
+                let st = seg.slots()[s as usize].load_state();
+                if st.map(|s| s.kind) != Some(SlotKind::Free) {
+                    return Err(format!("slot {s} in free list of class {ci} is {st:?}"));
+                }
+            }
+            for s in c.lru.iter_cold() {
+                let st = seg.slots()[s as usize].load_state();
+                if st.map(|s| s.kind) != Some(SlotKind::Committed) {
+                    return Err(format!("slot {s} in LRU of class {ci} is {st:?}"));
+                }
+                if seg.index().get(&seg.slots()[s as usize].key()) != Some(s) {
+                    return Err(format!("committed slot {s} not found in the index"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct Occupancy {
+    pub committed_slots: u64,
+    pub committed_bytes: u64,
+    pub free_slots: u64,
+    pub free_slabs: u64,
+    pub assigned_slabs: u64,
+    pub classes: u64,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct AdoptReport {
+    pub committed: u64,
+    pub orphaned_clients: u64,
+    pub dead_clients: u64,
+    pub writing_kept: u64,
+    pub writing_reclaimed: u64,
+    pub elapsed: std::time::Duration,
+}

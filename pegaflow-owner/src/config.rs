@@ -1,0 +1,158 @@
+//! Command-line flags of `pegaflow-owner` and the defaults derived from the
+//! machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::size::{human, parse_size};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// The PegaFlow owner: keeps LLM KV-cache blocks in a shared host-memory pool
+/// for every engine on this node, across engine restarts.
+///
+/// Engines (vLLM with the PegaKVConnector, or any pegaflow-core client)
+/// connect to its Unix socket once, then look up, pin, save and load blocks
+/// through shared memory without further round trips. The pool and index
+/// live in named shared-memory segments, so restarting the owner keeps every
+/// committed block.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "pegaflow-owner", version, about, long_about)]
+pub struct Args {
+    /// Instance name: selects the segments (/dev/shm/pegaflow-NAME.ctl and
+    /// .pool) and the default socket. Engines must use the same name.
+    #[arg(long, default_value = "default", env = "PEGAFLOW_NAME")]
+    pub name: String,
+
+    /// Unix socket engines connect to. Default: /run/pegaflow/NAME.sock
+    /// when /run/pegaflow exists or when root, else /tmp/pegaflow/NAME.sock.
+    #[arg(long, env = "PEGAFLOW_SOCKET")]
+    pub socket: Option<PathBuf>,
+
+    /// KV pool size, e.g. 30gb, 512mb (units kb, mb, gb, tb; binary).
+    /// Default: a quarter of the machine's memory, at most half of the free
+    /// space in /dev/shm (or of the free huge pages with --use-hugepages).
+    #[arg(long, value_parser = parse_size)]
+    pub pool_size: Option<u64>,
+
+    /// Put the pool on a hugetlbfs mount (2 MiB pages): about 10x faster
+    /// start-up and engine registration for large pools. Needs huge pages
+    /// reserved (echo N > /proc/sys/vm/nr_hugepages) and a hugetlbfs mount.
+    #[arg(long)]
+    pub use_hugepages: bool,
+
+    /// hugetlbfs mount to use with --use-hugepages (default: the first
+    /// 2 MiB hugetlbfs mount in /proc/mounts).
+    #[arg(long, requires = "use_hugepages")]
+    pub hugepage_dir: Option<PathBuf>,
+
+    /// Most engines connected at once (each TP rank and each scheduler is
+    /// one engine).
+    #[arg(long, default_value_t = 64)]
+    pub max_clients: u32,
+
+    /// Plain LRU: admit every saved block even when the pool is full,
+    /// instead of TinyLFU admission (which keeps one-off prompts from
+    /// flushing popular prefixes).
+    #[arg(long)]
+    pub disable_lfu_admission: bool,
+
+    /// Slab size (multiple of 2 MiB). A slab is cut into slots of one block
+    /// size; a block must fit in one slab. Default: pool/256, between 32 MiB
+    /// and 256 MiB (at most pool/16 for small pools).
+    #[arg(long, value_parser = parse_size)]
+    pub slab_size: Option<u64>,
+
+    /// Smallest slot; smaller blocks are padded to it (multiple of 4 KiB).
+    /// Smaller values allow more slots at the cost of a larger slot table.
+    #[arg(long, value_parser = parse_size, default_value = "256kb")]
+    pub min_slot_size: u64,
+
+    /// Let members of this group connect and map the segments (mode 0660);
+    /// by default only the owner's user (and root) may (mode 0600).
+    #[arg(long)]
+    pub group: Option<String>,
+
+    /// Do not touch every pool page at start (lazy allocation); see
+    /// docs/operations.md for the trade-off.
+    #[arg(long)]
+    pub no_prefault: bool,
+
+    /// Throw away existing segments of this name instead of re-adopting
+    /// them (needed after an ABI or geometry change; drops the cache).
+    #[arg(long)]
+    pub discard_existing: bool,
+
+    /// Serve Prometheus /metrics and /health here; empty disables.
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub metrics_addr: String,
+
+    /// Log level: trace, debug, info, warn, error (RUST_LOG overrides).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+}
+
+impl Args {
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        if self.metrics_addr.trim().is_empty() {
+            return Ok(None);
+        }
+        self.metrics_addr.parse().map(Some).map_err(|e| {
+            format!(
+                "--metrics-addr '{}': {e} (expected HOST:PORT, or empty to disable)",
+                self.metrics_addr
+            )
+        })
+    }
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn statvfs_free(path: &std::path::Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(path)
+        .ok()
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+/// The default pool size, and why.
+pub fn default_pool_size(hugepages: bool, dir: &std::path::Path) -> (u64, String) {
+    let total = meminfo("MemTotal:").unwrap_or(4 * GIB);
+    let quarter = total / 4;
+    let (cap, what) = if hugepages {
+        let free = pegaflow_shm::segment::free_hugepages() * 2 * MIB;
+        (free, "free huge pages")
+    } else {
+        (
+            statvfs_free(dir).unwrap_or(quarter * 2) / 2,
+            "half the free space in /dev/shm",
+        )
+    };
+    let size = quarter.min(cap);
+    let why = format!(
+        "a quarter of memory ({}) capped at {what} ({})",
+        human(quarter),
+        human(cap)
+    );
+    (size, why)
+}
+
+/// Slab size for a pool when not given.
+pub fn default_slab_size(pool: u64) -> u64 {
+    // Small pools still get a few slabs, so several block sizes fit.
+    let s = (pool / 256)
+        .clamp(32 * MIB, 256 * MIB)
+        .min((pool / 16).max(2 * MIB));
+    (s / (2 * MIB)).max(1) * 2 * MIB
+}
