@@ -1,0 +1,296 @@
+//! Copy backends: how a planned list of [`Piece`]s moves between the pool
+//! and the engine's KV cache.
+//!
+//! * [`host::HostBackend`]: `memcpy` on the calling thread. For CPU tensors
+//!   and for tests on machines without a GPU.
+//! * [`dma::DmaBackend`]: the GPU's copy engines, `cuMemcpyBatchAsync`
+//!   where the driver has it (12.8+), one `cuMemcpy*Async` per coalesced
+//!   piece otherwise. Uses no SMs.
+//! * [`kernel::KernelBackend`]: a gather/scatter kernel over device-mapped
+//!   pinned memory. Gets full PCIe speed on small pieces, where the copy
+//!   engines pay a per-piece cost, at the price of some SM time.
+//! * [`AutoBackend`]: kernel below a mean piece size, DMA above it.
+//!
+//! Every backend passes the same [`conformance`] suite: the host backend in
+//! the unit tests here, the GPU backends in `tests/tests/gpu.rs` on a GPU
+//! machine.
+//!
+//! Contract shared by all backends: a call enqueues the copies on `stream`
+//! in order after the work already on it (the host backend copies before
+//! returning); the pieces never overlap each other (planning guarantees
+//! it); completion is observed through the stream (events, sync).
+
+pub mod conformance;
+pub mod dma;
+pub mod host;
+pub mod kernel;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::cuda::{CudaDevice, CudaError, StreamRef};
+use crate::layout::Piece;
+
+/// Which way bytes move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Pool to GPU (a load).
+    HostToDevice,
+    /// GPU to pool (a save).
+    DeviceToHost,
+}
+
+/// Which backend to use; parsed from config strings `auto|host|dma|kernel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum CopyBackendKind {
+    #[default]
+    Auto,
+    Host,
+    Dma,
+    Kernel,
+}
+
+impl fmt::Display for CopyBackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CopyBackendKind::Auto => "auto",
+            CopyBackendKind::Host => "host",
+            CopyBackendKind::Dma => "dma",
+            CopyBackendKind::Kernel => "kernel",
+        })
+    }
+}
+
+impl FromStr for CopyBackendKind {
+    type Err = CopyError;
+    fn from_str(s: &str) -> Result<Self, CopyError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(CopyBackendKind::Auto),
+            "host" => Ok(CopyBackendKind::Host),
+            "dma" => Ok(CopyBackendKind::Dma),
+            "kernel" => Ok(CopyBackendKind::Kernel),
+            _ => Err(CopyError::UnknownBackend(s.to_string())),
+        }
+    }
+}
+
+/// Copy failures.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CopyError {
+    #[error("unknown copy backend {0:?}; expected one of auto, host, dma, kernel")]
+    UnknownBackend(String),
+    #[error("copy backend {0} needs a CUDA device; none was given (no driver or no GPU?)")]
+    NeedsDevice(CopyBackendKind),
+    #[error("piece {index} ({host:#x} <-> {device:#x}, {len} bytes) is not 16-byte aligned; the {backend} backend needs aligned pieces")]
+    Misaligned {
+        backend: CopyBackendKind,
+        index: usize,
+        host: usize,
+        device: u64,
+        len: usize,
+    },
+    #[error("host address {host:#x} is not registered with CUDA (register the pool before copying with the {backend} backend)")]
+    NotRegistered {
+        backend: CopyBackendKind,
+        host: usize,
+    },
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+}
+
+/// A way to move pieces. Implementations are shared across threads (one per
+/// engine process, used by its save and load streams).
+pub trait CopyBackend: Send + Sync + fmt::Debug {
+    /// What this backend is (for logs and benchmark tables).
+    fn kind(&self) -> CopyBackendKind;
+
+    /// A name for tables (`dma-batch`, `dma-loop`, `kernel`, ...).
+    fn name(&self) -> &'static str;
+
+    /// True when copies finish before [`CopyBackend::copy`] returns (no
+    /// stream involved).
+    fn is_synchronous(&self) -> bool;
+
+    /// Enqueues the copies of `pieces` in direction `dir` on `stream`.
+    ///
+    /// # Safety
+    /// For every piece, `host..host+len` is live host memory and
+    /// `device..device+len` live memory of the backend's device (for the
+    /// host backend: host memory), readable on the source side and writable
+    /// on the destination side, not overlapping any other piece, and both
+    /// stay alive and untouched by others until the copy completes on
+    /// `stream`. GPU backends additionally need the host side pinned
+    /// (registered, as the pool is by [`crate::cuda::register_pool`]) for
+    /// asynchronous DMA and device-mapped for the kernel.
+    unsafe fn copy(
+        &self,
+        pieces: &[Piece],
+        dir: Direction,
+        stream: StreamRef,
+    ) -> Result<(), CopyError>;
+}
+
+/// Mean piece size at and above which [`AutoBackend`] uses DMA.
+///
+/// From shared/BENCHMARKS.md (H200, PCIe Gen5): the kernel holds 51-52 GB/s
+/// at every size; batched DMA passes it from about 256 KiB (52-54 GB/s) and
+/// reaches 55 GB/s at 1 MiB. Between 256 KiB and 1 MiB they tie, and DMA
+/// keeps the SMs free, so DMA from 256 KiB.
+pub const AUTO_DMA_THRESHOLD: usize = 256 << 10;
+
+/// Kernel for small pieces, DMA for large ones; the choice is made per call
+/// from the mean piece length after coalescing.
+#[derive(Debug)]
+pub struct AutoBackend {
+    dma: dma::DmaBackend,
+    kernel: kernel::KernelBackend,
+    threshold: usize,
+}
+
+impl AutoBackend {
+    pub fn new(device: &Arc<CudaDevice>) -> Result<Self, CopyError> {
+        Ok(AutoBackend {
+            dma: dma::DmaBackend::new(device)?,
+            kernel: kernel::KernelBackend::new(device)?,
+            threshold: AUTO_DMA_THRESHOLD,
+        })
+    }
+
+    /// Overrides [`AUTO_DMA_THRESHOLD`].
+    pub fn with_threshold(mut self, bytes: usize) -> Self {
+        self.threshold = bytes;
+        self
+    }
+
+    /// Which backend a call with these pieces would use.
+    pub fn choose(&self, pieces: &[Piece]) -> CopyBackendKind {
+        if pieces.is_empty() {
+            return CopyBackendKind::Dma;
+        }
+        let total: usize = pieces.iter().map(|p| p.len).sum();
+        if total / pieces.len() >= self.threshold {
+            CopyBackendKind::Dma
+        } else {
+            CopyBackendKind::Kernel
+        }
+    }
+}
+
+impl CopyBackend for AutoBackend {
+    fn kind(&self) -> CopyBackendKind {
+        CopyBackendKind::Auto
+    }
+    fn name(&self) -> &'static str {
+        "auto"
+    }
+    fn is_synchronous(&self) -> bool {
+        false
+    }
+    unsafe fn copy(
+        &self,
+        pieces: &[Piece],
+        dir: Direction,
+        stream: StreamRef,
+    ) -> Result<(), CopyError> {
+        match self.choose(pieces) {
+            // SAFETY: forwarded contract, identical for both backends.
+            CopyBackendKind::Kernel => unsafe { self.kernel.copy(pieces, dir, stream) },
+            // SAFETY: as above.
+            _ => unsafe { self.dma.copy(pieces, dir, stream) },
+        }
+    }
+}
+
+/// Builds the backend `kind`. `device` is `None` on machines without CUDA
+/// (or for CPU tensors): `Auto` then means `Host`, and `Dma`/`Kernel` are an
+/// error.
+pub fn make_backend(
+    kind: CopyBackendKind,
+    device: Option<&Arc<CudaDevice>>,
+) -> Result<Arc<dyn CopyBackend>, CopyError> {
+    Ok(match (kind, device) {
+        (CopyBackendKind::Host, _) | (CopyBackendKind::Auto, None) => Arc::new(host::HostBackend),
+        (CopyBackendKind::Auto, Some(d)) => Arc::new(AutoBackend::new(d)?),
+        (CopyBackendKind::Dma, Some(d)) => Arc::new(dma::DmaBackend::new(d)?),
+        (CopyBackendKind::Kernel, Some(d)) => Arc::new(kernel::KernelBackend::new(d)?),
+        (k, None) => return Err(CopyError::NeedsDevice(k)),
+    })
+}
+
+/// Checks 16-byte alignment of every piece (GPU backends).
+pub(crate) fn check_aligned(backend: CopyBackendKind, pieces: &[Piece]) -> Result<(), CopyError> {
+    for (index, p) in pieces.iter().enumerate() {
+        if (p.host | p.len) % 16 != 0 || p.device % 16 != 0 {
+            return Err(CopyError::Misaligned {
+                backend,
+                index,
+                host: p.host,
+                device: p.device,
+                len: p.len,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_and_print() {
+        for k in [
+            CopyBackendKind::Auto,
+            CopyBackendKind::Host,
+            CopyBackendKind::Dma,
+            CopyBackendKind::Kernel,
+        ] {
+            assert_eq!(k.to_string().parse::<CopyBackendKind>(), Ok(k));
+        }
+        assert_eq!(" DMA ".parse::<CopyBackendKind>(), Ok(CopyBackendKind::Dma));
+        assert!(matches!(
+            "nvlink".parse::<CopyBackendKind>(),
+            Err(CopyError::UnknownBackend(_))
+        ));
+    }
+
+    #[test]
+    fn without_a_device_auto_is_host_and_gpu_kinds_fail() {
+        assert_eq!(
+            make_backend(CopyBackendKind::Auto, None)
+                .map(|b| b.kind())
+                .ok(),
+            Some(CopyBackendKind::Host)
+        );
+        assert_eq!(
+            make_backend(CopyBackendKind::Dma, None).err(),
+            Some(CopyError::NeedsDevice(CopyBackendKind::Dma))
+        );
+        assert_eq!(
+            make_backend(CopyBackendKind::Kernel, None).err(),
+            Some(CopyError::NeedsDevice(CopyBackendKind::Kernel))
+        );
+    }
+
+    #[test]
+    fn alignment_check_names_the_piece() {
+        let ok = Piece {
+            host: 32,
+            device: 64,
+            len: 16,
+        };
+        let bad = Piece {
+            host: 32,
+            device: 64,
+            len: 8,
+        };
+        assert!(check_aligned(CopyBackendKind::Dma, &[ok]).is_ok());
+        assert!(matches!(
+            check_aligned(CopyBackendKind::Dma, &[ok, bad]),
+            Err(CopyError::Misaligned { index: 1, .. })
+        ));
+    }
+}

@@ -1,0 +1,510 @@
+//! CUDA IPC: handles an engine gives the owner to broker to other engines
+//! of the node, and GPU-to-GPU block copies between two engines' caches.
+//!
+//! * Events: a saving engine records an interprocess event after each
+//!   save; a loader imports it and makes its stream wait on it
+//!   ([`Event::wait_on`]) instead of blocking its host thread on a save
+//!   still in flight. Imported events share state with the exporter's, so a
+//!   wait sees the exporter's most recent record.
+//! * Memory: [`export_kv`] exports the allocations behind a [`KvLayout`]
+//!   (per-layer tensors may live in one caching-allocator segment or in
+//!   many; each distinct allocation is exported once, segments are
+//!   `(allocation, offset)`); [`ImportedKv::open`] maps them in another
+//!   process and rebuilds the layout at the mapped addresses, and
+//!   [`copy_peer_blocks`] copies blocks between the two caches with the
+//!   copy engines (same GPU, or two GPUs with peer access, which the import
+//!   enables lazily).
+//!
+//! Handles are plain `[u8; 64]` so the owner can pass them over its socket
+//! without knowing CUDA. Memory from PyTorch's expandable segments
+//! (`cuMemCreate`) cannot be exported this way: the driver refuses
+//! `cuIpcGetMemHandle` on it and [`export_kv`] reports that error.
+//!
+//! A process cannot import its own handles (the driver refuses); the tests
+//! use two processes.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::sys;
+use thiserror::Error;
+
+use super::{check, CudaDevice, CudaError, Event, StreamRef};
+use crate::copy::dma::{copy_device_to_device, BatchApi};
+use crate::layout::{KvLayout, PlanError};
+
+/// Bytes of a CUDA IPC handle (event or memory).
+pub const IPC_HANDLE_BYTES: usize = 64;
+
+/// IPC failures.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum IpcError {
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error(
+        "IPC: event was not created interprocess; create save events with Event::interprocess"
+    )]
+    NotInterprocess,
+    #[error("IPC: segment {segment} ({start:#x}..{end:#x}) spans more than one allocation; it cannot be exported as one handle")]
+    SpansAllocations {
+        segment: usize,
+        start: u64,
+        end: u64,
+    },
+    #[error("IPC: layouts differ ({0}); peer copies need the same kind, segments and piece size on both sides")]
+    Incompatible(String),
+    #[error("IPC: export names allocation {index} but has {count}")]
+    BadExport { index: usize, count: usize },
+    #[error("IPC: malformed export encoding ({0})")]
+    Decode(&'static str),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+fn to_chars(h: &[u8; IPC_HANDLE_BYTES]) -> [std::ffi::c_char; IPC_HANDLE_BYTES] {
+    h.map(|b| b as std::ffi::c_char)
+}
+
+fn to_bytes(h: &[std::ffi::c_char; IPC_HANDLE_BYTES]) -> [u8; IPC_HANDLE_BYTES] {
+    h.map(|c| c as u8)
+}
+
+/// Exports an interprocess event.
+pub fn export_event(ev: &Event) -> Result<[u8; IPC_HANDLE_BYTES], IpcError> {
+    if !ev.is_interprocess() {
+        return Err(IpcError::NotInterprocess);
+    }
+    ev.device.bind()?;
+    let mut h = sys::CUipcEventHandle {
+        reserved: [0; IPC_HANDLE_BYTES],
+    };
+    // SAFETY: ev is a live interprocess event; h is a valid out-pointer.
+    check("cuIpcGetEventHandle", unsafe {
+        sys::cuIpcGetEventHandle(&mut h, ev.raw())
+    })?;
+    Ok(to_bytes(&h.reserved))
+}
+
+/// Imports an event exported by another process.
+pub fn import_event(
+    device: &Arc<CudaDevice>,
+    handle: &[u8; IPC_HANDLE_BYTES],
+) -> Result<Event, IpcError> {
+    device.bind()?;
+    let mut raw: sys::CUevent = std::ptr::null_mut();
+    let h = sys::CUipcEventHandle {
+        reserved: to_chars(handle),
+    };
+    // SAFETY: context bound; the driver validates the handle bytes.
+    check("cuIpcOpenEventHandle", unsafe {
+        sys::cuIpcOpenEventHandle(&mut raw, h)
+    })?;
+    Ok(Event {
+        raw,
+        device: device.clone(),
+        interprocess: true,
+    })
+}
+
+/// One exported allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpcMemExport {
+    pub handle: [u8; IPC_HANDLE_BYTES],
+    /// Size of the allocation (for bounds checks on the importing side).
+    pub alloc_len: u64,
+}
+
+/// The allocation containing `ptr`: `(base, len)`.
+pub fn allocation_of(device: &CudaDevice, ptr: u64) -> Result<(u64, u64), CudaError> {
+    device.bind()?;
+    let (mut base, mut len) = (0u64, 0usize);
+    // SAFETY: out-pointers valid; the driver checks ptr.
+    check("cuMemGetAddressRange", unsafe {
+        sys::cuMemGetAddressRange_v2(&mut base, &mut len, ptr)
+    })?;
+    Ok((base, len as u64))
+}
+
+/// Exports the allocation containing `ptr`; returns it with `ptr`'s offset
+/// inside it.
+pub fn export_mem(device: &CudaDevice, ptr: u64) -> Result<(IpcMemExport, u64), IpcError> {
+    let (base, alloc_len) = allocation_of(device, ptr)?;
+    let mut h = sys::CUipcMemHandle {
+        reserved: [0; IPC_HANDLE_BYTES],
+    };
+    // SAFETY: base is the start of a live allocation (from the driver).
+    check("cuIpcGetMemHandle", unsafe {
+        sys::cuIpcGetMemHandle(&mut h, base)
+    })?;
+    Ok((
+        IpcMemExport {
+            handle: to_bytes(&h.reserved),
+            alloc_len,
+        },
+        ptr - base,
+    ))
+}
+
+/// An allocation of another process mapped into this one; unmapped on drop.
+#[derive(Debug)]
+pub struct ImportedMem {
+    base: u64,
+    len: u64,
+    device: Arc<CudaDevice>,
+}
+
+impl ImportedMem {
+    pub fn open(device: &Arc<CudaDevice>, export: &IpcMemExport) -> Result<Self, IpcError> {
+        device.bind()?;
+        let mut base = 0u64;
+        let h = sys::CUipcMemHandle {
+            reserved: to_chars(&export.handle),
+        };
+        const LAZY_ENABLE_PEER_ACCESS: u32 = 1;
+        // SAFETY: context bound; the driver validates the handle.
+        check("cuIpcOpenMemHandle", unsafe {
+            sys::cuIpcOpenMemHandle_v2(&mut base, h, LAZY_ENABLE_PEER_ACCESS)
+        })?;
+        Ok(ImportedMem {
+            base,
+            len: export.alloc_len,
+            device: device.clone(),
+        })
+    }
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for ImportedMem {
+    fn drop(&mut self) {
+        // SAFETY: opened in open(), closed once; users synchronize their
+        // copies before dropping (ImportedKv documents it).
+        unsafe {
+            let _ = self.device.bind();
+            let _ = sys::cuIpcCloseMemHandle(self.base);
+        }
+    }
+}
+
+/// A KV cache's memory, exported: the distinct allocations and, per
+/// segment, `(allocation index, offset)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvIpcExport {
+    pub allocations: Vec<IpcMemExport>,
+    pub segments: Vec<(u32, u64)>,
+}
+
+impl KvIpcExport {
+    /// A flat little-endian encoding for the owner's socket.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(self.allocations.len() as u32).to_le_bytes());
+        for a in &self.allocations {
+            v.extend_from_slice(&a.handle);
+            v.extend_from_slice(&a.alloc_len.to_le_bytes());
+        }
+        v.extend_from_slice(&(self.segments.len() as u32).to_le_bytes());
+        for &(i, off) in &self.segments {
+            v.extend_from_slice(&i.to_le_bytes());
+            v.extend_from_slice(&off.to_le_bytes());
+        }
+        v
+    }
+
+    /// Inverse of [`KvIpcExport::encode`]; bytes from another process are
+    /// checked, never trusted.
+    pub fn decode(mut b: &[u8]) -> Result<Self, IpcError> {
+        fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], IpcError> {
+            if b.len() < n {
+                return Err(IpcError::Decode("truncated"));
+            }
+            let (h, t) = b.split_at(n);
+            *b = t;
+            Ok(h)
+        }
+        fn u32_(b: &mut &[u8]) -> Result<u32, IpcError> {
+            Ok(u32::from_le_bytes(
+                take(b, 4)?
+                    .try_into()
+                    .map_err(|_| IpcError::Decode("u32"))?,
+            ))
+        }
+        fn u64_(b: &mut &[u8]) -> Result<u64, IpcError> {
+            Ok(u64::from_le_bytes(
+                take(b, 8)?
+                    .try_into()
+                    .map_err(|_| IpcError::Decode("u64"))?,
+            ))
+        }
+        let na = u32_(&mut b)? as usize;
+        if na > b.len() / (IPC_HANDLE_BYTES + 8) {
+            return Err(IpcError::Decode("allocation count"));
+        }
+        let mut allocations = Vec::with_capacity(na);
+        for _ in 0..na {
+            let handle: [u8; IPC_HANDLE_BYTES] = take(&mut b, IPC_HANDLE_BYTES)?
+                .try_into()
+                .map_err(|_| IpcError::Decode("handle"))?;
+            allocations.push(IpcMemExport {
+                handle,
+                alloc_len: u64_(&mut b)?,
+            });
+        }
+        let ns = u32_(&mut b)? as usize;
+        if ns > b.len() / 12 {
+            return Err(IpcError::Decode("segment count"));
+        }
+        let mut segments = Vec::with_capacity(ns);
+        for _ in 0..ns {
+            let i = u32_(&mut b)?;
+            if i as usize >= na {
+                return Err(IpcError::BadExport {
+                    index: i as usize,
+                    count: na,
+                });
+            }
+            segments.push((i, u64_(&mut b)?));
+        }
+        if !b.is_empty() {
+            return Err(IpcError::Decode("trailing bytes"));
+        }
+        Ok(KvIpcExport {
+            allocations,
+            segments,
+        })
+    }
+}
+
+/// Exports every allocation behind `layout` (validated).
+pub fn export_kv(device: &CudaDevice, layout: &KvLayout) -> Result<KvIpcExport, IpcError> {
+    let extent = (layout.num_blocks as u64 - 1) * layout.block_stride as u64
+        + ((layout.pieces_per_segment() - 1) * layout.kv_stride) as u64
+        + layout.piece_bytes as u64;
+    let mut bases: Vec<u64> = Vec::new();
+    let mut out = KvIpcExport {
+        allocations: Vec::new(),
+        segments: Vec::new(),
+    };
+    for (s, &seg) in layout.segment_bases.iter().enumerate() {
+        let (base, len) = allocation_of(device, seg)?;
+        if seg + extent > base + len {
+            return Err(IpcError::SpansAllocations {
+                segment: s,
+                start: seg,
+                end: seg + extent,
+            });
+        }
+        let idx = match bases.iter().position(|&b| b == base) {
+            Some(i) => i,
+            None => {
+                let (e, _) = export_mem(device, base)?;
+                bases.push(base);
+                out.allocations.push(e);
+                bases.len() - 1
+            }
+        };
+        out.segments.push((idx as u32, seg - base));
+    }
+    Ok(out)
+}
+
+/// Another engine's KV cache mapped into this process.
+///
+/// Dropping it unmaps the memory: synchronize any stream that copies from
+/// or to it first.
+#[derive(Debug)]
+pub struct ImportedKv {
+    mems: Vec<ImportedMem>,
+    layout: KvLayout,
+}
+
+impl ImportedKv {
+    /// Maps `export` and builds the remote layout: `template` is the remote
+    /// engine's layout (strides, sizes; its bases are ignored).
+    pub fn open(
+        device: &Arc<CudaDevice>,
+        export: &KvIpcExport,
+        template: &KvLayout,
+    ) -> Result<Self, IpcError> {
+        if export.segments.len() != template.num_segments() {
+            return Err(IpcError::Incompatible(format!(
+                "export has {} segments, layout {}",
+                export.segments.len(),
+                template.num_segments()
+            )));
+        }
+        let mems = export
+            .allocations
+            .iter()
+            .map(|a| ImportedMem::open(device, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut layout = template.clone();
+        let extent = (layout.num_blocks as u64 - 1) * layout.block_stride as u64
+            + ((layout.pieces_per_segment() - 1) * layout.kv_stride) as u64
+            + layout.piece_bytes as u64;
+        for (s, &(i, off)) in export.segments.iter().enumerate() {
+            let m = mems.get(i as usize).ok_or(IpcError::BadExport {
+                index: i as usize,
+                count: mems.len(),
+            })?;
+            if off.checked_add(extent).is_none_or(|e| e > m.len) {
+                return Err(IpcError::SpansAllocations {
+                    segment: s,
+                    start: m.base + off,
+                    end: m.base + off.saturating_add(extent),
+                });
+            }
+            layout.segment_bases[s] = m.base + off;
+        }
+        layout
+            .validate()
+            .map_err(|e| IpcError::Incompatible(e.to_string()))?;
+        Ok(ImportedKv { mems, layout })
+    }
+
+    /// The remote cache at its addresses in this process.
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    pub fn allocations(&self) -> usize {
+        self.mems.len()
+    }
+}
+
+/// Which way a peer copy goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerDirection {
+    /// Remote blocks into local blocks.
+    Pull,
+    /// Local blocks into remote blocks.
+    Push,
+}
+
+/// Copies `pairs[i] = (local_block, remote_block)` for `segments` between
+/// two GPU caches with the copy engines, on `stream`, coalescing pieces
+/// adjacent on both sides.
+///
+/// # Safety
+/// Both layouts describe live device memory reachable from `device`'s
+/// context (local memory, or an [`ImportedKv`] kept alive) until the copies
+/// complete on `stream`; nobody else writes the destination blocks
+/// meanwhile.
+pub unsafe fn copy_peer_blocks(
+    device: &CudaDevice,
+    local: &KvLayout,
+    remote: &KvLayout,
+    pairs: &[(u32, u32)],
+    segments: Range<usize>,
+    dir: PeerDirection,
+    stream: StreamRef,
+) -> Result<(), IpcError> {
+    if local.kind != remote.kind
+        || local.num_segments() != remote.num_segments()
+        || local.piece_bytes != remote.piece_bytes
+    {
+        return Err(IpcError::Incompatible(format!(
+            "local {:?}/{} segments/{} B pieces, remote {:?}/{}/{}",
+            local.kind,
+            local.num_segments(),
+            local.piece_bytes,
+            remote.kind,
+            remote.num_segments(),
+            remote.piece_bytes
+        )));
+    }
+    if segments.start > segments.end || segments.end > local.num_segments() {
+        return Err(PlanError::SegmentRange {
+            start: segments.start,
+            end: segments.end,
+            segments: local.num_segments(),
+        }
+        .into());
+    }
+    for &(l, r) in pairs {
+        if l as usize >= local.num_blocks {
+            return Err(PlanError::BlockOutOfRange {
+                block: l,
+                num_blocks: local.num_blocks,
+            }
+            .into());
+        }
+        if r as usize >= remote.num_blocks {
+            return Err(PlanError::BlockOutOfRange {
+                block: r,
+                num_blocks: remote.num_blocks,
+            }
+            .into());
+        }
+    }
+    let mut copies: Vec<(u64, u64, usize)> =
+        Vec::with_capacity(pairs.len() * local.pieces_per_segment() * segments.len());
+    for s in segments {
+        for &(l, r) in pairs {
+            for p in 0..local.pieces_per_segment() {
+                let (la, ra) = (local.device_addr(s, l, p), remote.device_addr(s, r, p));
+                let (dst, src) = match dir {
+                    PeerDirection::Pull => (la, ra),
+                    PeerDirection::Push => (ra, la),
+                };
+                let len = local.piece_bytes;
+                match copies.last_mut() {
+                    Some(last)
+                        if last.0 + last.2 as u64 == dst && last.1 + last.2 as u64 == src =>
+                    {
+                        last.2 += len
+                    }
+                    _ => copies.push((dst, src, len)),
+                }
+            }
+        }
+    }
+    let batch = BatchApi::load()?;
+    // SAFETY: the caller guarantees both caches (see # Safety); addresses
+    // were computed from validated layouts with in-range block ids.
+    unsafe { copy_device_to_device(device, batch, &copies, stream)? };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_encoding_round_trips_and_rejects_garbage() {
+        let e = KvIpcExport {
+            allocations: vec![
+                IpcMemExport {
+                    handle: [7; 64],
+                    alloc_len: 1 << 30,
+                },
+                IpcMemExport {
+                    handle: [9; 64],
+                    alloc_len: 4096,
+                },
+            ],
+            segments: vec![(0, 0), (0, 1 << 20), (1, 256)],
+        };
+        let b = e.encode();
+        assert_eq!(KvIpcExport::decode(&b), Ok(e));
+        assert!(KvIpcExport::decode(&b[..b.len() - 1]).is_err());
+        let mut bad = b.clone();
+        let n = bad.len();
+        bad[n - 12] = 5; // segment names allocation 5
+        assert!(matches!(
+            KvIpcExport::decode(&bad),
+            Err(IpcError::BadExport { index: 5, count: 2 })
+        ));
+        assert!(KvIpcExport::decode(&[0xff; 4]).is_err());
+        let mut extra = b;
+        extra.push(0);
+        assert!(KvIpcExport::decode(&extra).is_err());
+    }
+}
