@@ -8,8 +8,9 @@
 //!   and the `owner_counters`;
 //! - the engine writes `engine_counters` and `stash_low` only.
 //!
-//! Counters are single-writer, so plain `Relaxed` load+store increments are
-//! enough; readers (owner metrics, `pegaflow-inspect`) see monotonic values.
+//! Owner counters have one writer, so a `Relaxed` load+store increments
+//! them; engine counters use `fetch_add` since an engine counts from several
+//! threads. Readers (metrics, `pegaflow-inspect`) see monotonic values.
 
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
