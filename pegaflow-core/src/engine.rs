@@ -52,6 +52,10 @@ pub struct EngineConfig {
     /// Bytes of one block this engine saves (0: lookups only).
     pub slot_bytes: u64,
     pub reconnect_interval: Duration,
+    /// How long `reserve` may wait for the owner to refill a short stash
+    /// before dropping the rest of the save. Bounded and small: inference
+    /// must not stall on the cache.
+    pub reserve_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +67,7 @@ impl Default for EngineConfig {
             namespace: 0,
             slot_bytes: 0,
             reconnect_interval: Duration::from_millis(200),
+            reserve_wait: Duration::from_millis(2),
         }
     }
 }
@@ -386,7 +391,7 @@ impl Engine {
         };
         let client = s.client();
         let mut slots = Vec::with_capacity(n);
-        {
+        let pop_all = |slots: &mut Vec<u32>| {
             let _g = s.stash_lock.lock();
             while slots.len() < n {
                 match client.stash.pop() {
@@ -394,13 +399,31 @@ impl Engine {
                     _ => break,
                 }
             }
-        }
-        // Below half the target: ask for a refill now rather than at the
-        // owner's next pass.
+        };
+        pop_all(&mut slots);
+        // Short, or below half the target: tell the owner how much we need
+        // and ring it now rather than at its next pass.
         let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed));
         if slots.len() < n || client.stash.len() * 2 < target {
+            let want = u32::try_from(n).unwrap_or(u32::MAX);
+            if client.entry.stash_want.load(Ordering::Relaxed) < want {
+                client.entry.stash_want.store(want, Ordering::Relaxed);
+            }
             client.entry.stash_low.store(1, Ordering::Relaxed);
             s.ring_owner();
+        }
+        if slots.len() < n {
+            let deadline = Instant::now() + self.inner.cfg.reserve_wait;
+            while slots.len() < n && Instant::now() < deadline {
+                std::hint::spin_loop();
+                pop_all(&mut slots);
+                if client.stash.is_empty() && client.entry.stash_low.load(Ordering::Relaxed) == 0 {
+                    // The owner refilled what it could and still came short:
+                    // the pool is under pressure. Don't wait any longer.
+                    pop_all(&mut slots);
+                    break;
+                }
+            }
         }
         let dropped = (n - slots.len()) as u64;
         if dropped > 0 {

@@ -227,7 +227,10 @@ impl Cache {
 
     /// Top up a client's stash to its target. Returns slots added.
     pub fn refill(&mut self, client: &ClientView<'_>, class: usize) -> u32 {
-        let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed));
+        let want = u64::from(client.entry.stash_want.load(Ordering::Relaxed));
+        let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed))
+            .max(want.min(self.class_capacity(class) / 2))
+            .min(client.stash.capacity());
         let mut added = 0;
         while client.stash.len() < target {
             let Some(slot) = self.take_free(class) else {

@@ -6,7 +6,7 @@
 //! Ownership of fields:
 //! - the owner writes the identity fields (`state`, `pid`, `token`, ...)
 //!   and the `owner_counters`;
-//! - the engine writes `engine_counters` and `stash_low` only.
+//! - the engine writes `engine_counters`, `stash_low` and `stash_want` only.
 //!
 //! Owner counters have one writer, so a `Relaxed` load+store increments
 //! them; engine counters use `fetch_add` since an engine counts from several
@@ -84,7 +84,9 @@ pub struct ClientEntry {
     /// Set by the engine when its stash ran dry; cleared by the owner.
     pub stash_low: AtomicU32,
     pub uid: AtomicU32,
-    pub _reserved0: u32,
+    /// Largest reservation the engine asked for recently; the owner keeps
+    /// the stash at least this full (up to the ring).
+    pub stash_want: AtomicU32,
     pub label: [AtomicU64; LABEL_BYTES / 8],
     pub engine_counters: [AtomicU64; 16],
     pub owner_counters: [AtomicU64; 8],
@@ -161,7 +163,13 @@ impl ClientEntry {
         ] {
             f.store(0, Ordering::Relaxed);
         }
-        for f in [&self.pid, &self.stash_target, &self.stash_low, &self.uid] {
+        for f in [
+            &self.pid,
+            &self.stash_target,
+            &self.stash_low,
+            &self.uid,
+            &self.stash_want,
+        ] {
             f.store(0, Ordering::Relaxed);
         }
         for f in self

@@ -1,0 +1,139 @@
+//! A scriptable engine process for the multi-process tests:
+//!
+//! ```text
+//! pf-engine save  SOCKET NAME NS SLOT_BYTES SEED START COUNT   # prints "saved N" then "visible N"
+//! pf-engine load  SOCKET NAME NS SEED START COUNT              # prints "hits H ok V bad B"
+//! pf-engine chaos SOCKET NAME NS SLOT_BYTES SEED               # random saves and verified loads forever
+//! pf-engine hold  SOCKET NAME NS SEED START COUNT              # pin, print "pinned N", sleep
+//! ```
+//!
+//! Exit codes: 0 ok, 2 usage, 3 corrupt data seen, 4 engine error.
+
+use std::time::Duration;
+
+use pegaflow_core::{Engine, EngineConfig};
+use pegaflow_tests::{check_block, fill_block, hash_of, keys};
+
+fn arg<T: std::str::FromStr>(a: &[String], i: usize) -> T {
+    a.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        eprintln!("usage: see the module docs of tests/src/bin/pf-engine.rs");
+        std::process::exit(2)
+    })
+}
+
+fn connect(socket: &str, name: &str, ns: u64, slot_bytes: u64) -> Engine {
+    let cfg = EngineConfig {
+        name: name.into(),
+        socket: Some(socket.into()),
+        label: format!("pf-engine {}", std::process::id()),
+        namespace: if slot_bytes > 0 { ns } else { 0 },
+        slot_bytes,
+        reconnect_interval: Duration::from_millis(50),
+        // CI machines are loaded; production keeps the 2 ms default.
+        reserve_wait: Duration::from_millis(500),
+    };
+    match Engine::connect(cfg) {
+        Ok(e) => e,
+        Err(e) => {
+            println!("error {e}");
+            eprintln!("pf-engine: {e}");
+            std::process::exit(4)
+        }
+    }
+}
+
+fn load_verify(e: &Engine, ns: u64, seed: u64, start: u64, count: u64) -> (usize, usize, usize) {
+    let ks = keys(ns, seed, start, count);
+    let hashes: Vec<[u8; 32]> = ks.iter().map(|k| k.hash).collect();
+    let pinned = e.lookup(ns, &hashes);
+    let (mut ok, mut bad) = (0, 0);
+    e.load_with(&pinned, |i, data| {
+        if check_block(&ks[i], data) {
+            ok += 1
+        } else {
+            bad += 1
+        }
+    });
+    e.release(&pinned);
+    (pinned.len(), ok, bad)
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let cmd = a.get(1).map(String::as_str).unwrap_or("");
+    let (socket, name): (String, String) = (arg(&a, 2), arg(&a, 3));
+    let ns: u64 = arg(&a, 4);
+    match cmd {
+        "save" => {
+            let (slot_bytes, seed, start, count): (u64, u64, u64, u64) =
+                (arg(&a, 5), arg(&a, 6), arg(&a, 7), arg(&a, 8));
+            let e = connect(&socket, &name, ns, slot_bytes);
+            e.wait_connected(Duration::from_secs(5));
+            // The stash fills right after connecting; give it a moment.
+            std::thread::sleep(Duration::from_millis(20));
+            let ks = keys(ns, seed, start, count);
+            let saved = e.save_with(&ks, |i, buf| {
+                fill_block(&ks[i], &mut buf[..slot_bytes as usize]);
+                slot_bytes as usize
+            });
+            println!("saved {saved}");
+            let hashes: Vec<[u8; 32]> = ks.iter().map(|k| k.hash).collect();
+            let t = std::time::Instant::now();
+            while e.count_hits(ns, &hashes) < saved && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("visible {}", e.count_hits(ns, &hashes));
+        }
+        "load" => {
+            let (seed, start, count): (u64, u64, u64) = (arg(&a, 5), arg(&a, 6), arg(&a, 7));
+            let e = connect(&socket, &name, ns, 0);
+            e.wait_connected(Duration::from_secs(5));
+            let (hits, ok, bad) = load_verify(&e, ns, seed, start, count);
+            println!("hits {hits} ok {ok} bad {bad}");
+            if bad > 0 {
+                std::process::exit(3);
+            }
+        }
+        "hold" => {
+            let (seed, start, count): (u64, u64, u64) = (arg(&a, 5), arg(&a, 6), arg(&a, 7));
+            let e = connect(&socket, &name, ns, 0);
+            e.wait_connected(Duration::from_secs(5));
+            let hashes: Vec<[u8; 32]> = (start..start + count).map(|i| hash_of(seed, i)).collect();
+            let pinned = e.lookup(ns, &hashes);
+            println!("pinned {}", pinned.len());
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        "chaos" => {
+            let (slot_bytes, seed): (u64, u64) = (arg(&a, 5), arg(&a, 6));
+            let e = connect(&socket, &name, ns, slot_bytes);
+            let mut x = seed | 1;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            loop {
+                let start = rnd() % 192;
+                let count = 1 + rnd() % 32;
+                if rnd() % 2 == 0 {
+                    let ks = keys(ns, 7, start, count);
+                    e.save_with(&ks, |i, buf| {
+                        fill_block(&ks[i], &mut buf[..slot_bytes as usize]);
+                        slot_bytes as usize
+                    });
+                } else {
+                    let (_, _, bad) = load_verify(&e, ns, 7, start, count);
+                    if bad > 0 {
+                        println!("CORRUPT");
+                        std::process::exit(3);
+                    }
+                }
+            }
+        }
+        _ => {
+            eprintln!("usage: pf-engine save|load|chaos|hold ...");
+            std::process::exit(2);
+        }
+    }
+}
