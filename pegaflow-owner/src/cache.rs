@@ -209,15 +209,20 @@ impl Cache {
         None
     }
 
-    /// A free slot of `class`: from its free list, a new slab, or eviction.
-    fn take_free(&mut self, class: usize) -> Option<u32> {
+    /// A free slot of `class`: from its free list, a new slab, or (only if
+    /// `may_evict`) by evicting the coldest unpinned block.
+    fn take_free(&mut self, class: usize, may_evict: bool) -> Option<u32> {
         if let Some(s) = self.classes[class].free.pop() {
             return Some(s);
         }
         if self.grow(class) {
             return self.classes[class].free.pop();
         }
-        self.evict_one(class)
+        if may_evict {
+            self.evict_one(class)
+        } else {
+            None
+        }
     }
 
     /// Whether `class` can only get slots by evicting.
@@ -225,16 +230,22 @@ impl Cache {
         self.classes[class].free.is_empty() && self.free_slabs.is_empty()
     }
 
-    /// Top up a client's stash to its target. Returns slots added.
+    /// Top up a client's stash to its target. Free slots are handed out
+    /// freely; committed blocks are evicted for it only when the engine
+    /// asked (`stash_low`), so an idle stash never flushes the cache.
+    /// Returns slots added.
     pub fn refill(&mut self, client: &ClientView<'_>, class: usize) -> u32 {
+        let may_evict = client.entry.stash_low.load(Ordering::Relaxed) != 0;
         let want = u64::from(client.entry.stash_want.load(Ordering::Relaxed));
         let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed))
             .max(want.min(self.class_capacity(class) / 2))
             .min(client.stash.capacity());
         let mut added = 0;
         while client.stash.len() < target {
-            let Some(slot) = self.take_free(class) else {
-                self.stats.stash_starved += 1;
+            let Some(slot) = self.take_free(class, may_evict) else {
+                if may_evict {
+                    self.stats.stash_starved += 1;
+                }
                 break;
             };
             let entry = &self.seg.slots()[slot as usize];

@@ -192,7 +192,9 @@ impl Owner {
     }
 
     /// Stash targets: a sixteenth of a class's capacity shared by its
-    /// engines, at least 16 each, at most the ring.
+    /// engines, at least 16 each (but never more than a quarter of the
+    /// class), at most the ring. Engines that need more say so
+    /// (`stash_want`) and get up to half the class.
     fn retarget(st: &mut State, seg: &ControlSegment) {
         let cap = seg.geometry().stash_ring_cap;
         let mut per_class: std::collections::HashMap<usize, u64> = Default::default();
@@ -202,7 +204,9 @@ impl Owner {
         for (i, slot) in st.clients.iter().enumerate() {
             let Some(class) = slot.class else { continue };
             let n = per_class[&class];
-            let target = (st.cache.class_capacity(class) / 16 / n).clamp(16.min(cap), cap);
+            let class_cap = st.cache.class_capacity(class);
+            let floor = 16.min(class_cap / 4).max(1);
+            let target = (class_cap / 16 / n).clamp(floor, cap);
             if let Some(c) = seg.client(i as u32) {
                 c.entry.stash_target.store(target as u32, Ordering::Relaxed);
             }

@@ -135,6 +135,12 @@ impl<'a, const N: usize> Ring<'a, N> {
         )
     }
 
+    /// The producer's position word, for tests that corrupt it on purpose.
+    #[doc(hidden)]
+    pub fn tail_cell(&self) -> &AtomicU64 {
+        &self.hdr.tail.value
+    }
+
     /// Owner only, when no producer or consumer of this ring is alive:
     /// forget everything queued.
     pub fn reset(&self) {

@@ -1,0 +1,76 @@
+//! A full pool degrades instead of blocking: with every slot pinned, saves
+//! are dropped and counted and return at once; once pins are released the
+//! LRU makes room again.
+
+use std::time::{Duration, Instant};
+
+use pegaflow_tests::{fill_block, keys, Audit, OwnerProc};
+
+const NS: u64 = 0xf011_0001;
+/// 1 MiB slots in a 16 MiB pool: 16 slots.
+const SLOT: u64 = 1 << 20;
+
+#[test]
+fn full_pool_drops_and_counts_saves_without_blocking() {
+    let owner = OwnerProc::start_with(
+        "full",
+        &[
+            "--pool-size",
+            "16mb",
+            "--slab-size",
+            "2mb",
+            "--min-slot-size",
+            "64kb",
+            "--disable-lfu-admission",
+        ],
+    );
+    let mut cfg = owner.engine_config(NS, SLOT);
+    cfg.reserve_wait = Duration::from_millis(50);
+    let w = pegaflow_core::Engine::connect(cfg).unwrap();
+    assert!(w.wait_connected(Duration::from_secs(5)));
+    let save = |seed: u64, n: u64| {
+        let ks = keys(NS, seed, 0, n);
+        w.save_with(&ks, |i, buf| {
+            fill_block(&ks[i], &mut buf[..SLOT as usize]);
+            SLOT as usize
+        })
+    };
+    // Fill the pool and pin everything that got committed.
+    let first = save(1, 16);
+    assert!(first >= 8, "only {first} of 16 saved into an empty pool");
+    let hashes: Vec<[u8; 32]> = keys(NS, 1, 0, 16).iter().map(|k| k.hash).collect();
+    assert!(pegaflow_tests::eventually(Duration::from_secs(2), || w
+        .count_hits(NS, &hashes)
+        == first));
+    let pinned = w.lookup(NS, &hashes);
+    assert_eq!(pinned.len(), first);
+
+    // Drain whatever the stash still holds, then every further save must
+    // be dropped: nothing is evictable.
+    let _ = save(2, 64);
+    let dropped_before = w.stats().save_dropped_blocks;
+    let t = Instant::now();
+    let saved = save(3, 32);
+    let took = t.elapsed();
+    assert_eq!(
+        saved, 0,
+        "a save succeeded although every slot is pinned or stashed"
+    );
+    assert!(w.stats().save_dropped_blocks >= dropped_before + 32);
+    // Bounded by reserve_wait (50 ms here), never an indefinite wait.
+    assert!(
+        took < Duration::from_secs(2),
+        "a save into a full pool took {took:?}"
+    );
+    let a = Audit::read(&owner.control());
+    assert_eq!(a.committed as usize, first, "{a:?}");
+
+    // Release: the pool makes room by evicting the coldest blocks.
+    w.release(&pinned);
+    assert!(
+        pegaflow_tests::eventually(Duration::from_secs(3), || save(4, 4) == 4),
+        "saves did not recover after the pins were released"
+    );
+    let a = Audit::read(&owner.control());
+    assert!(a.pins.is_empty() && a.bad_index_entries == 0, "{a:?}");
+}
