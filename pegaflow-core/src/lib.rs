@@ -1,5 +1,18 @@
-//! Engine-side library.
+//! The engine side of PegaFlow: an in-process library that finds, pins,
+//! saves and loads KV blocks in the owner's shared pool.
+//!
+//! - [`engine`]: the client of the owner (lookups, pins, saves, releases
+//!   through shared memory; reconnects by itself);
+//! - [`layout`], [`copy`], [`transfer`], [`cuda`]: the data path between an
+//!   engine's KV cache (GPU or host) and the pool.
+pub mod engine;
+pub mod error;
+mod session;
 pub mod copy;
 pub mod cuda;
 pub mod layout;
 pub mod transfer;
+
+pub use engine::{Engine, EngineConfig, EngineStats, Pinned, PinnedBlock, Reservation};
+pub use error::EngineError;
+pub use pegaflow_shm::slot_table::BlockKey;

@@ -62,7 +62,9 @@ fn owner_killed_mid_traffic_keeps_every_committed_block() {
     owner.kill9();
     let before: Vec<u64> = committed.lock().unwrap().clone();
     // While the owner is dead: misses and skipped saves, no errors, no hang.
-    assert!(eventually(Duration::from_secs(2), || !reader.is_connected() && !writer.is_connected()));
+    assert!(eventually(Duration::from_secs(2), || !reader
+        .is_connected()
+        && !writer.is_connected()));
     let ks = keys(NS, 11, 0, 8);
     let hashes: Vec<[u8; 32]> = ks.iter().map(|k| k.hash).collect();
     assert_eq!(
