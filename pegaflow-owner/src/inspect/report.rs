@@ -1,0 +1,478 @@
+//! The read-only reports: `status`, `clients`, `pool`, `keys`. Each builds
+//! one JSON value (`--json`) and a text rendering of the same facts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use pegaflow_shm::client::client_state;
+use pegaflow_shm::segment::pid_alive;
+use pegaflow_shm::slot_table::SlotKind;
+use pegaflow_shm::sync::Ordering;
+use serde_json::{json, Value};
+
+use super::{
+    assigned_slots, client_state_name, engine_counters, hex, owner_counters, owner_facts,
+    owner_state_name, slot_kind_name, BucketRead, InspectError, Target,
+};
+
+/// Human-readable bytes (binary units).
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Slot counts by kind over the assigned slabs, and committed bytes.
+struct SlotCounts {
+    free: u64,
+    writing: u64,
+    committed: u64,
+    evicting: u64,
+    invalid: u64,
+    committed_bytes: u64,
+}
+
+fn slot_counts(t: &Target, slab: Option<u32>) -> SlotCounts {
+    let slots = t.seg.slots();
+    let mut c = SlotCounts {
+        free: 0,
+        writing: 0,
+        committed: 0,
+        evicting: 0,
+        invalid: 0,
+        committed_bytes: 0,
+    };
+    for s in assigned_slots(&t.seg) {
+        if slab.is_some_and(|x| x != s.slab) {
+            continue;
+        }
+        match s.state.map(|st| st.kind) {
+            Some(SlotKind::Free) => c.free += 1,
+            Some(SlotKind::Writing) => c.writing += 1,
+            Some(SlotKind::Committed) => {
+                c.committed += 1;
+                c.committed_bytes += slots[s.slot as usize].len.load(Ordering::Relaxed);
+            }
+            Some(SlotKind::Evicting) => c.evicting += 1,
+            None => c.invalid += 1,
+        }
+    }
+    c
+}
+
+fn slot_json(c: &SlotCounts) -> Value {
+    json!({
+        "free": c.free,
+        "writing": c.writing,
+        "committed": c.committed,
+        "evicting": c.evicting,
+        "invalid": c.invalid,
+    })
+}
+
+fn file_len(path: &str) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.len())
+}
+
+pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
+    let seg = &t.seg;
+    let h = seg.header();
+    let g = *seg.geometry();
+    let o = owner_facts(seg);
+    let counts = slot_counts(t, None);
+    let index_entries = t
+        .buckets()?
+        .iter()
+        .filter(|b| matches!(b, BucketRead::Entry { .. }))
+        .count() as u64;
+    let (mut live, mut orphaned) = (0u64, 0u64);
+    for i in 0..seg.max_clients() {
+        match seg.client(i).map(|c| c.entry.state()) {
+            Some(client_state::LIVE) => live += 1,
+            Some(client_state::ORPHANED) => orphaned += 1,
+            _ => {}
+        }
+    }
+    let pool_path = h.pool_path();
+    let pool_file = file_len(&pool_path);
+    let owner_summary = if o.alive {
+        format!("{} (pid {}, alive)", owner_state_name(o.state), o.pid)
+    } else if o.state == pegaflow_shm::header::owner_state::STOPPED {
+        format!("stopped cleanly (last owner pid {})", o.pid)
+    } else if o.pid == 0 {
+        format!("{} (never started)", owner_state_name(o.state))
+    } else {
+        format!(
+            "{} (pid {} is gone: post-mortem view)",
+            owner_state_name(o.state),
+            o.pid
+        )
+    };
+    let v = json!({
+        "control": t.path.display().to_string(),
+        "abi_version": h.abi_version,
+        "segment_id": format!("{:#018x}", h.segment_id),
+        "created_unix_ns": h.created_unix_ns,
+        "owner": {
+            "state": owner_state_name(o.state),
+            "pid": o.pid,
+            "alive": o.alive,
+            "epoch": o.epoch,
+            "restarts": o.epoch.saturating_sub(1),
+            "tick": o.tick,
+        },
+        "pool": {
+            "path": pool_path,
+            "bytes": g.pool_bytes,
+            "file_bytes": pool_file,
+            "hugepages": h.hugepages != 0,
+        },
+        "geometry": {
+            "pool_bytes": g.pool_bytes,
+            "slab_bytes": g.slab_bytes,
+            "min_slot_bytes": g.granule_bytes,
+            "slabs": g.num_slabs(),
+            "max_slots": g.num_slots(),
+            "max_clients": g.max_clients,
+            "request_ring_cap": g.request_ring_cap,
+            "stash_ring_cap": g.stash_ring_cap,
+            "index_buckets": g.index_buckets,
+        },
+        "slots": slot_json(&counts),
+        "committed_bytes": counts.committed_bytes,
+        "index_entries": index_entries,
+        "clients": { "live": live, "orphaned": orphaned },
+    });
+    let mut s = String::new();
+    let _ = writeln!(s, "control     {}", t.path.display());
+    let _ = writeln!(
+        s,
+        "segment     {:#018x}, shm ABI v{}",
+        h.segment_id, h.abi_version
+    );
+    let _ = writeln!(s, "owner       {owner_summary}");
+    let _ = writeln!(
+        s,
+        "epoch       {} ({} restart{})",
+        o.epoch,
+        o.epoch.saturating_sub(1),
+        if o.epoch == 2 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        s,
+        "pool        {} at {}{}{}",
+        human(g.pool_bytes),
+        if pool_path.is_empty() {
+            "?"
+        } else {
+            &pool_path
+        },
+        if h.hugepages != 0 { " (hugepages)" } else { "" },
+        match pool_file {
+            None => " [file missing]".to_string(),
+            Some(n) if n != g.pool_bytes => format!(" [file is {} bytes]", n),
+            Some(_) => String::new(),
+        }
+    );
+    let _ = writeln!(
+        s,
+        "geometry    {} slabs of {}, min slot {}, {} slot ids, {} index buckets, {} client entries",
+        g.num_slabs(),
+        human(g.slab_bytes),
+        human(g.granule_bytes),
+        g.num_slots(),
+        g.index_buckets,
+        g.max_clients
+    );
+    let _ = writeln!(
+        s,
+        "slots       {} committed ({}), {} writing, {} free, {} evicting, {} invalid",
+        counts.committed,
+        human(counts.committed_bytes),
+        counts.writing,
+        counts.free,
+        counts.evicting,
+        counts.invalid
+    );
+    let _ = writeln!(s, "index       {index_entries} entries");
+    let _ = writeln!(s, "clients     {live} live, {orphaned} orphaned");
+    Ok((v, s))
+}
+
+pub fn clients(t: &Target) -> Result<(Value, String), InspectError> {
+    let seg = &t.seg;
+    let mut rows = Vec::new();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>4} {:<9} {:>8} {:<5} {:<16} {:<18} {:>10} {:>11} {:>11} {:>7}",
+        "id", "state", "pid", "alive", "label", "namespace", "slot", "requests", "stash", "pinned"
+    );
+    for i in 0..seg.max_clients() {
+        let Some(c) = seg.client(i) else { continue };
+        let e = c.entry;
+        let state = e.state();
+        if state == client_state::FREE {
+            continue;
+        }
+        let pid = e.pid.load(Ordering::Relaxed);
+        let alive = pid_alive(pid);
+        let (rh, rt) = c.requests.positions();
+        let (sh, st) = c.stash.positions();
+        let pinned = c
+            .pins
+            .iter()
+            .filter(|p| p.load(Ordering::Relaxed) != 0)
+            .count();
+        let ns = e.namespace.load(Ordering::Relaxed);
+        let slot_bytes = e.slot_bytes.load(Ordering::Relaxed);
+        let target = e.stash_target.load(Ordering::Relaxed);
+        let label = e.label();
+        let engine: BTreeMap<_, _> = engine_counters(e).into_iter().collect();
+        let owner: BTreeMap<_, _> = owner_counters(e).into_iter().collect();
+        rows.push(json!({
+            "client": i,
+            "state": client_state_name(state),
+            "pid": pid,
+            "alive": alive,
+            "uid": e.uid.load(Ordering::Relaxed),
+            "label": label,
+            "namespace": format!("{ns:#018x}"),
+            "slot_bytes": slot_bytes,
+            "epoch": e.epoch.load(Ordering::Relaxed),
+            "request_ring": { "head": rh, "tail": rt, "depth": rt.wrapping_sub(rh), "capacity": c.requests.capacity() },
+            "stash": {
+                "head": sh, "tail": st, "depth": st.wrapping_sub(sh),
+                "capacity": c.stash.capacity(), "target": target,
+                "low": e.stash_low.load(Ordering::Relaxed) != 0,
+            },
+            "pinned_slots": pinned,
+            "engine_counters": engine,
+            "owner_counters": owner,
+        }));
+        let _ = writeln!(
+            s,
+            "{:>4} {:<9} {:>8} {:<5} {:<16} {:<18} {:>10} {:>11} {:>11} {:>7}",
+            i,
+            client_state_name(state),
+            pid,
+            if alive { "yes" } else { "NO" },
+            label,
+            format!("{ns:#018x}"),
+            human(slot_bytes),
+            format!("{}/{}", rt.wrapping_sub(rh), c.requests.capacity()),
+            format!("{}/{}", st.wrapping_sub(sh), target),
+            pinned
+        );
+        let counters = engine_counters(e)
+            .into_iter()
+            .chain(owner_counters(e))
+            .filter(|(_, v)| *v != 0)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !counters.is_empty() {
+            let _ = writeln!(s, "     {counters}");
+        }
+    }
+    if rows.is_empty() {
+        s.push_str("(no clients)\n");
+    }
+    Ok((json!({ "clients": rows }), s))
+}
+
+pub fn pool(t: &Target) -> Result<(Value, String), InspectError> {
+    let seg = &t.seg;
+    let g = *seg.geometry();
+    let per = g.slots_per_slab();
+    let mut slabs = Vec::new();
+    let mut by_size: BTreeMap<u64, (u64, u64, SlotCounts)> = BTreeMap::new();
+    let mut free_slabs = 0;
+    for (i, slab) in seg.slabs().iter().enumerate() {
+        let stride = slab.stride.load(Ordering::Acquire);
+        if stride == 0 {
+            free_slabs += 1;
+            continue;
+        }
+        let bytes = slab.slot_bytes.load(Ordering::Relaxed);
+        let nslots = u64::from(slab.nslots.load(Ordering::Relaxed));
+        let c = slot_counts(t, Some(i as u32));
+        slabs.push(json!({
+            "slab": i,
+            "first_slot": i as u64 * per,
+            "block_bytes": bytes,
+            "stride": stride,
+            "nslots": nslots,
+            "slots": slot_json(&c),
+            "committed_bytes": c.committed_bytes,
+        }));
+        let e = by_size.entry(bytes).or_insert((
+            0,
+            0,
+            SlotCounts {
+                free: 0,
+                writing: 0,
+                committed: 0,
+                evicting: 0,
+                invalid: 0,
+                committed_bytes: 0,
+            },
+        ));
+        e.0 += 1;
+        e.1 += nslots;
+        e.2.free += c.free;
+        e.2.writing += c.writing;
+        e.2.committed += c.committed;
+        e.2.evicting += c.evicting;
+        e.2.invalid += c.invalid;
+        e.2.committed_bytes += c.committed_bytes;
+    }
+    let classes: Vec<Value> = by_size
+        .iter()
+        .map(|(bytes, (n, slots, c))| {
+            json!({
+                "block_bytes": bytes,
+                "slabs": n,
+                "slots": slots,
+                "by_state": slot_json(c),
+                "committed_bytes": c.committed_bytes,
+            })
+        })
+        .collect();
+    let v = json!({
+        "pool_bytes": g.pool_bytes,
+        "slab_bytes": g.slab_bytes,
+        "min_slot_bytes": g.granule_bytes,
+        "slabs_total": g.num_slabs(),
+        "slabs_free": free_slabs,
+        "block_sizes": classes,
+        "slabs": slabs,
+    });
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "pool {} in {} slabs of {} ({} free), min slot {}",
+        human(g.pool_bytes),
+        g.num_slabs(),
+        human(g.slab_bytes),
+        free_slabs,
+        human(g.granule_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "{:>12} {:>6} {:>8} {:>10} {:>8} {:>8} {:>9} {:>12}",
+        "block size", "slabs", "slots", "committed", "writing", "free", "evicting", "used"
+    );
+    for (bytes, (n, slots, c)) in &by_size {
+        let _ = writeln!(
+            s,
+            "{:>12} {:>6} {:>8} {:>10} {:>8} {:>8} {:>9} {:>12}",
+            human(*bytes),
+            n,
+            slots,
+            c.committed,
+            c.writing,
+            c.free,
+            c.evicting,
+            human(c.committed_bytes)
+        );
+    }
+    if by_size.is_empty() {
+        s.push_str("(no slab assigned yet: nothing was saved)\n");
+    }
+    Ok((v, s))
+}
+
+pub fn keys(
+    t: &Target,
+    namespace: Option<u64>,
+    limit: Option<usize>,
+) -> Result<(Value, String), InspectError> {
+    let seg = &t.seg;
+    let slots = seg.slots();
+    let indexed: std::collections::HashMap<_, u32> = t
+        .buckets()?
+        .into_iter()
+        .filter_map(|b| match b {
+            BucketRead::Entry { key, slot } => Some((key, slot)),
+            _ => None,
+        })
+        .collect();
+    let mut rows = Vec::new();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>8} {:<18} {:<64} {:>10} {:>6} {:<9} {:>7}",
+        "slot", "namespace", "hash", "bytes", "gen", "state", "indexed"
+    );
+    let mut total = 0usize;
+    for info in assigned_slots(seg) {
+        let Some(st) = info.state else { continue };
+        if !matches!(st.kind, SlotKind::Committed | SlotKind::Evicting) {
+            continue;
+        }
+        let e = &slots[info.slot as usize];
+        let key = e.key();
+        if namespace.is_some_and(|ns| ns != key.namespace) {
+            continue;
+        }
+        total += 1;
+        if limit.is_some_and(|l| rows.len() >= l) {
+            continue;
+        }
+        let len = e.len.load(Ordering::Relaxed);
+        let in_index = indexed.get(&key) == Some(&info.slot);
+        rows.push(json!({
+            "slot": info.slot,
+            "namespace": format!("{:#018x}", key.namespace),
+            "hash": hex(&key.hash),
+            "bytes": len,
+            "gen": st.gen,
+            "state": slot_kind_name(st.kind),
+            "last_access": e.last_access.load(Ordering::Relaxed),
+            "indexed": in_index,
+        }));
+        let _ = writeln!(
+            s,
+            "{:>8} {:<18} {:<64} {:>10} {:>6} {:<9} {:>7}",
+            info.slot,
+            format!("{:#018x}", key.namespace),
+            hex(&key.hash),
+            len,
+            st.gen,
+            slot_kind_name(st.kind),
+            if in_index { "yes" } else { "NO" }
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{total} key{}{}{}",
+        if total == 1 { "" } else { "s" },
+        namespace
+            .map(|ns| format!(" in namespace {ns:#018x}"))
+            .unwrap_or_default(),
+        if rows.len() < total {
+            format!(" ({} shown; raise --limit)", rows.len())
+        } else {
+            String::new()
+        }
+    );
+    Ok((
+        json!({
+            "namespace": namespace.map(|ns| format!("{ns:#018x}")),
+            "total": total,
+            "shown": rows.len(),
+            "keys": rows,
+        }),
+        s,
+    ))
+}
