@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod config;
 pub mod evict;
+pub mod metrics;
 pub mod owner;
 pub mod prefault;
 pub mod server;
@@ -211,7 +212,9 @@ pub fn run(args: Args) -> Result<(), StartError> {
         startup_ms = t.elapsed().as_millis() as u64,
         "pegaflow-owner ready"
     );
-    let _ = metrics_addr;
+    if let Some(addr) = metrics_addr {
+        metrics::start(addr, owner.clone(), &args.name)?;
+    }
     let srv = server::Server::new(owner.clone(), listener, socket, access);
     let server_thread = std::thread::Builder::new()
         .name("pegaflow-socket".into())
