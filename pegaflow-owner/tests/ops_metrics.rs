@@ -135,6 +135,8 @@ fn scrape_matches_engine_traffic() {
         10.0
     );
 
+    assert_metrics_documented(&t);
+
     // B leaves: its series go, the node totals keep its counts.
     drop(b);
     let t = owner.scrape_until("B gone", |t| {
@@ -242,4 +244,37 @@ fn metrics_bind_failure_is_a_clear_start_error_and_empty_disables() {
     assert!(text.contains("pegaflow-owner ready"), "{text}");
     assert!(!text.contains("serving Prometheus"), "{text}");
     drop(taken);
+}
+
+/// docs/operations.md lists exactly the metrics a scrape with clients shows.
+fn assert_metrics_documented(scrape: &str) {
+    let doc_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let scraped: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("pegaflow_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for name in &scraped {
+        assert!(
+            doc.contains(&format!("`{name}`")) || doc.contains(&format!("`{name}{{")),
+            "{name} is served but not documented in docs/operations.md"
+        );
+    }
+    let documented: std::collections::BTreeSet<String> = doc
+        .match_indices("pegaflow_")
+        .map(|(i, _)| {
+            doc[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|n| !n.ends_with('_'))
+        .collect();
+    for name in &documented {
+        assert!(
+            scraped.contains(name.as_str()),
+            "docs/operations.md documents {name}, which /metrics does not serve"
+        );
+    }
 }

@@ -98,3 +98,39 @@ fn unit_passes_systemd_analyze_verify() {
         .collect();
     assert!(ours.is_empty(), "systemd-analyze verify warnings: {ours:?}");
 }
+
+/// The flag table of docs/operations.md is `pegaflow-owner --help`.
+#[test]
+fn operations_md_lists_every_owner_flag() {
+    let help = Command::new(OWNER).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let flags = |text: &str, prefix: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.trim_start().strip_prefix(prefix))
+            .filter_map(|l| {
+                let i = l.find("--")?;
+                let f: String = l[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                    .collect();
+                Some(f)
+            })
+            .collect()
+    };
+    let from_help = flags(&help, "");
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"),
+    )
+    .unwrap();
+    let table = doc
+        .split("## Reference: owner flags")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("flag table section");
+    let from_doc = flags(table, "| `");
+    assert!(from_help.len() >= 15, "{from_help:?}");
+    assert_eq!(
+        from_doc, from_help,
+        "docs/operations.md flag table vs --help"
+    );
+}
