@@ -291,6 +291,8 @@ impl Cache {
                 warn!(
                     client = client.index,
                     pid = client.entry.pid.load(Ordering::Relaxed),
+                    label = %client.entry.label(),
+                    namespace = format!("{:#018x}", client.entry.namespace.load(Ordering::Relaxed)),
                     error = %e,
                     "ignored a bad request from an engine"
                 );
@@ -423,7 +425,13 @@ impl Cache {
                 if let Some(c) = self.class_of_slot(slot) {
                     self.classes[c].free.push(slot);
                 }
-                warn!(slot, "index full; commit dropped");
+                warn!(
+                    slot,
+                    client = client.index,
+                    pid = client.entry.pid.load(Ordering::Relaxed),
+                    namespace = format!("{:#018x}", key.namespace),
+                    "index full; commit dropped"
+                );
                 return Ok(());
             }
         }
@@ -437,7 +445,13 @@ impl Cache {
     /// zero its pins and clear its entry. Returns slots freed.
     pub fn reclaim(&mut self, client: &ClientView<'_>) -> u64 {
         if let Err(e) = self.drain(client) {
-            warn!(client = client.index, error = %e, "request ring of a dead client is corrupt; discarded");
+            warn!(
+                client = client.index,
+                pid = client.entry.pid.load(Ordering::Relaxed),
+                namespace = format!("{:#018x}", client.entry.namespace.load(Ordering::Relaxed)),
+                error = %e,
+                "request ring of a dead client is corrupt; discarded"
+            );
         }
         let mut freed = 0;
         for slot in 0..self.seg.geometry().num_slots() as u32 {
@@ -468,6 +482,12 @@ impl Cache {
     pub fn adopt(seg: Arc<ControlSegment>, admission: bool) -> (Cache, AdoptReport) {
         let started = std::time::Instant::now();
         let g = *seg.geometry();
+        info!(
+            slabs = g.num_slabs(),
+            slots = g.num_slots(),
+            clients = g.max_clients,
+            "re-adopting segment: rebuilding the index and LRU from the slot table"
+        );
         let mut cache = Cache::new(seg.clone(), admission);
         cache.free_slabs.clear();
         let mut report = AdoptReport::default();
@@ -484,6 +504,7 @@ impl Cache {
                     if stride != 0 {
                         warn!(
                             slab,
+                            first_slot = slab as u64 * g.slots_per_slab(),
                             stride,
                             bytes,
                             "slab with an inconsistent geometry; discarding its slots"
@@ -555,7 +576,11 @@ impl Cache {
                             class.free.push(slot);
                         }
                         None => {
-                            warn!(slot, "garbage slot state; freeing the slot");
+                            warn!(
+                                slot,
+                                state = format!("{:#018x}", entry.state.load(Ordering::Relaxed)),
+                                "garbage slot state; freeing the slot"
+                            );
                             entry.free(SlotState::FREE);
                             class.free.push(slot);
                         }

@@ -132,7 +132,12 @@ pub fn run(args: Args) -> Result<(), StartError> {
         discard_existing: args.discard_existing || !pool_intact,
     })?;
     if opened == Opened::Created && existing_pool.is_some() && !pool_intact {
-        tracing::warn!(path = %pool_path.display(), "pool file has another size than requested; starting with an empty cache");
+        tracing::warn!(
+            path = %pool_path.display(),
+            found = existing_pool.unwrap_or(0),
+            requested = pool_bytes,
+            "pool file has another size than requested; starting with an empty cache"
+        );
     }
     let seg = Arc::new(seg);
     let header = seg.header();

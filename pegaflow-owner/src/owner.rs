@@ -247,6 +247,8 @@ impl Owner {
                     error!(
                         client = i,
                         pid = c.entry.pid.load(Ordering::Relaxed),
+                        label = %c.entry.label(),
+                        namespace = format!("{:#018x}", c.entry.namespace.load(Ordering::Relaxed)),
                         error = %e,
                         "engine corrupted its request ring; disconnecting it (other engines are unaffected)"
                     );

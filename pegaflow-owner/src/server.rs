@@ -216,7 +216,7 @@ impl Server {
                 return;
             }
             Err(e) => {
-                warn!(pid = conn.pid, error = %e, "malformed message from an engine; disconnecting it");
+                warn!(pid = conn.pid, client = ?conn.client, error = %e, "malformed message from an engine; disconnecting it");
                 self.hang_up(fd, "sent a malformed message");
                 return;
             }
@@ -264,7 +264,7 @@ impl Server {
             };
             let rejected = matches!(reply, OwnerMsg::Rejected { .. });
             if let Err(e) = proto::send(&mut conn.stream, &reply) {
-                warn!(pid = conn.pid, error = %e, "cannot answer an engine; disconnecting it");
+                warn!(pid = conn.pid, client = ?conn.client, error = %e, "cannot answer an engine; disconnecting it");
                 self.hang_up(fd, "stopped reading");
             } else if rejected {
                 self.hang_up(fd, "was rejected");
@@ -276,8 +276,10 @@ impl Server {
         if hello.abi_version != pegaflow_shm::ABI_VERSION {
             warn!(
                 pid,
+                label = hello.label,
                 found = hello.abi_version,
-                "engine speaks another shm ABI version"
+                expected = pegaflow_shm::ABI_VERSION,
+                "engine speaks another shm ABI version; rejected"
             );
             return reject(
                 RejectReason::AbiMismatch,
@@ -301,7 +303,14 @@ impl Server {
         match self.owner.admit(pid as u32, hello) {
             Ok(w) => OwnerMsg::Welcome(w),
             Err((reason, message)) => {
-                warn!(pid, label = hello.label, %message, "engine rejected");
+                warn!(
+                    pid,
+                    label = hello.label,
+                    namespace = format!("{:#018x}", hello.namespace),
+                    slot_bytes = hello.slot_bytes,
+                    %message,
+                    "engine rejected"
+                );
                 reject(reason, message)
             }
         }
