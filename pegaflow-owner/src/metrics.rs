@@ -188,6 +188,8 @@ impl MetricsServer {
 
 /// Bind `addr` and serve `/metrics` and `/health` from a background thread
 /// until shutdown.
+// StartError is the owner's one start-up error type (see `run`).
+#[allow(clippy::result_large_err)]
 pub fn start(addr: SocketAddr, owner: Arc<Owner>, name: &str) -> Result<MetricsServer, StartError> {
     let listener = TcpListener::bind(addr).map_err(|e| {
         StartError::Metrics(format!(

@@ -41,7 +41,10 @@ use pegaflow_shm::SegmentError;
 #[derive(Debug)]
 pub enum InspectError {
     /// Missing file, wrong magic or ABI, truncated...
-    Open { path: PathBuf, source: SegmentError },
+    Open {
+        path: PathBuf,
+        source: Box<SegmentError>,
+    },
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -53,7 +56,7 @@ impl std::fmt::Display for InspectError {
         match self {
             InspectError::Open { path, source } => {
                 write!(f, "cannot read {}: {source}", path.display())?;
-                if let SegmentError::Io { source: e, .. } = source {
+                if let SegmentError::Io { source: e, .. } = source.as_ref() {
                     if e.kind() == std::io::ErrorKind::NotFound {
                         write!(
                             f,
@@ -87,7 +90,7 @@ impl Target {
     pub fn open(path: &Path) -> Result<Target, InspectError> {
         let seg = ControlSegment::open_read_only(path).map_err(|source| InspectError::Open {
             path: path.into(),
-            source,
+            source: Box::new(source),
         })?;
         let file = File::open(path).map_err(|source| InspectError::Io {
             path: path.into(),

@@ -494,16 +494,15 @@ impl Buckets {
     /// Whether a reader starting at `key`'s home bucket reaches `at` before
     /// an empty bucket or the probe limit.
     fn reachable(&self, key: &BlockKey, at: usize, mask: u64) -> bool {
-        let mut i = home(key, mask);
-        for _ in 0..MAX_PROBES {
-            let b = (i & mask) as usize;
+        let h = home(key, mask);
+        for k in 0..MAX_PROBES as u64 {
+            let b = (h.wrapping_add(k) & mask) as usize;
             if b == at {
                 return true;
             }
             if self.all[b] == BucketRead::Empty {
                 return false;
             }
-            i += 1;
         }
         false
     }
