@@ -2,13 +2,16 @@
 //! on it when idle, so an idle owner burns no CPU.
 //!
 //! The sleeper announces itself in `sleeping` (SeqCst), re-checks for work,
-//! then waits on the word's value read *before* that check. A ringer bumps
-//! the word (SeqCst) and wakes only if it sees `sleeping`. Either the ringer
-//! sees the flag, or the sleeper's re-check sees the work: no lost wake-up.
+//! then waits on the word's value read *before* that check. A ringer, after
+//! publishing its work, issues a SeqCst fence and looks at `sleeping`; only
+//! if it is set does it bump the word and wake. The fence and the sleeper's
+//! SeqCst store/load make this a Dekker pair: either the ringer sees the
+//! flag, or the sleeper's re-check sees the work. No lost wake-up, and an
+//! awake owner costs a ringer one fence, not a contended cache line.
 
 use std::time::Duration;
 
-use crate::sync::{AtomicU32, Ordering};
+use crate::sync::{fence, AtomicU32, Ordering};
 
 pub struct Doorbell<'a> {
     pub word: &'a AtomicU32,
@@ -16,10 +19,12 @@ pub struct Doorbell<'a> {
 }
 
 impl Doorbell<'_> {
-    /// Producer side. A syscall only when the owner sleeps.
+    /// Producer side, after publishing work. Touches the shared word and
+    /// makes a syscall only when the consumer sleeps.
     pub fn ring(&self) {
-        self.word.fetch_add(1, Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) != 0 {
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) != 0 {
+            self.word.fetch_add(1, Ordering::SeqCst);
             futex_wake(self.word);
         }
     }
@@ -29,6 +34,9 @@ impl Doorbell<'_> {
     pub fn wait(&self, timeout: Duration, has_work: impl FnOnce() -> bool) {
         let seen = self.word.load(Ordering::SeqCst);
         self.sleeping.store(1, Ordering::SeqCst);
+        // Pairs with the ringer's fence: the work check below cannot be
+        // ordered before the flag store.
+        fence(Ordering::SeqCst);
         if !has_work() {
             futex_wait(self.word, seen, timeout);
         }
