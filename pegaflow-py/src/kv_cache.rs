@@ -1,0 +1,584 @@
+//! `KvCache`: one engine's KV cache bound to the owner's pool.
+//!
+//! Saves are split in three so a connector can copy layer by layer while
+//! the forward pass runs, and commit only after the copies completed:
+//!
+//! ```text
+//!   h = begin_save(gpu_blocks, hashes)   reserve slots (fewer under pressure)
+//!   save_layers(h, l, l + 1, stream)     copy layer l of those blocks (per layer)
+//!   end_save(h)                          no more layers for h
+//!   poll_saves(wait)                     commit every ended save whose copies completed
+//! ```
+//!
+//! Loads copy from slots the scheduler pinned (`Engine.lookup`), layer by
+//! layer, and `wait_layer(l)` blocks until layer `l` arrived.
+//!
+//! Invariants: a reserved slot is committed only after `save_done` (its
+//! bytes are complete) and aborted only after it (no copy still writes it);
+//! the torch tensors behind the layout are kept alive by `keepalive`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use pegaflow_core::copy::{make_backend, CopyBackend, CopyBackendKind};
+use pegaflow_core::cuda::{
+    register_pool_background, CudaDevice, HostRegistration, PendingRegistration, StreamRef,
+};
+use pegaflow_core::layout::{namespace_fingerprint as core_fingerprint, KvKind, KvLayout, PieceOrder};
+use pegaflow_core::transfer::KvTransfer;
+use pegaflow_core::{BlockKey, Engine, EngineConfig, Reservation};
+use pegaflow_shm::segment::PoolSegment;
+use pyo3::prelude::*;
+
+use crate::errors::{copy_err, engine_err, transfer_err, ConfigError, LayoutError, OwnerUnavailable, TransferError};
+use crate::{to_hashes, PyEngine};
+
+fn parse_kind(s: &str) -> PyResult<KvKind> {
+    match s.to_ascii_lowercase().as_str() {
+        "split_kv" | "split" => Ok(KvKind::SplitKv),
+        "mla" => Ok(KvKind::Mla),
+        "cross_layer" => Ok(KvKind::CrossLayer),
+        _ => Err(LayoutError::new_err(format!(
+            "unknown KV kind {s:?}; expected split_kv, mla or cross_layer"
+        ))),
+    }
+}
+
+fn parse_order(s: &str) -> PyResult<PieceOrder> {
+    match s.to_ascii_lowercase().as_str() {
+        "nhd" => Ok(PieceOrder::Nhd),
+        "hnd" => Ok(PieceOrder::Hnd),
+        "opaque" => Ok(PieceOrder::Opaque),
+        _ => Err(LayoutError::new_err(format!(
+            "unknown piece order {s:?}; expected nhd, hnd or opaque"
+        ))),
+    }
+}
+
+/// The namespace a KV cache of this shape saves into; computable without
+/// the tensors (the scheduler has none). Same inputs as `KvCache`.
+#[pyfunction]
+#[pyo3(signature = (*, model, dtype, kind, order, num_layers, num_segments, piece_bytes, block_tokens, dtype_size, tp_size, tp_rank))]
+#[allow(clippy::too_many_arguments)]
+pub fn namespace_fingerprint(
+    model: &str,
+    dtype: &str,
+    kind: &str,
+    order: &str,
+    num_layers: usize,
+    num_segments: usize,
+    piece_bytes: usize,
+    block_tokens: usize,
+    dtype_size: usize,
+    tp_size: u32,
+    tp_rank: Option<u32>,
+) -> PyResult<u64> {
+    let l = KvLayout {
+        kind: parse_kind(kind)?,
+        order: parse_order(order)?,
+        segment_bases: vec![0; num_segments],
+        num_layers,
+        num_blocks: 1,
+        block_tokens,
+        block_stride: piece_bytes,
+        kv_stride: 0,
+        piece_bytes,
+        dtype_size,
+    };
+    Ok(fingerprint(model, dtype, &l, tp_size, tp_rank))
+}
+
+fn fingerprint(model: &str, dtype: &str, l: &KvLayout, tp_size: u32, tp_rank: Option<u32>) -> u64 {
+    // 0 means "no namespace" to the engine client; remap the 2^-64 case.
+    match core_fingerprint(model, dtype, l, tp_size, tp_rank) {
+        0 => 1,
+        v => v,
+    }
+}
+
+/// A pool mapping and its CUDA registration. Field order matters: the
+/// registration is dropped (unregistered) before the mapping it covers.
+struct PoolBinding {
+    reg: Option<Arc<HostRegistration>>,
+    pending: Option<PendingRegistration>,
+    pool: Arc<PoolSegment>,
+}
+
+struct PendingSave {
+    reservation: Reservation,
+    keys: Vec<BlockKey>,
+    gpu_blocks: Vec<u32>,
+    slots: Vec<usize>,
+    ended: bool,
+    started: Instant,
+}
+
+struct State {
+    transfer: KvTransfer,
+    binding: Option<PoolBinding>,
+    saves: BTreeMap<u64, PendingSave>,
+    next_handle: u64,
+}
+
+#[pyclass(name = "KvCache", module = "pegaflow._native", frozen)]
+pub struct PyKvCache {
+    engine: Py<PyEngine>,
+    core: Engine,
+    layout: KvLayout,
+    backend: Arc<dyn CopyBackend>,
+    device: Option<Arc<CudaDevice>>,
+    namespace: u64,
+    state: Mutex<State>,
+    _keepalive: Option<Py<PyAny>>,
+}
+
+impl PyKvCache {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes sure GPU copies target the current pool mapping, registered
+    /// with CUDA. Returns false when they cannot run now (owner away, or the
+    /// registration still running and `wait` is false).
+    fn ensure_pool(&self, st: &mut State, wait: bool) -> PyResult<bool> {
+        let Some(device) = &self.device else {
+            return Ok(self.core.is_connected());
+        };
+        let Some(pool) = self.core.pool() else {
+            return Ok(false);
+        };
+        let same = st
+            .binding
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(&b.pool, &pool));
+        if !same {
+            // The owner came back on a new mapping: finish copies into the
+            // old one before its registration goes.
+            let _ = st.transfer.save_done(true);
+            st.binding = None;
+            // SAFETY: the mapping stays alive as long as the binding holds
+            // `pool`, and the binding drops the registration first.
+            let pending = unsafe { register_pool_background(device, pool.as_ptr(), pool.len()) };
+            st.binding = Some(PoolBinding {
+                reg: None,
+                pending: Some(pending),
+                pool,
+            });
+        }
+        let b = st.binding.as_mut().expect("binding set above");
+        if b.reg.is_none() {
+            let pending = b.pending.as_ref().expect("pending until registered").clone();
+            let r = if wait {
+                Some(pending.wait())
+            } else {
+                pending.try_get()
+            };
+            match r {
+                None => return Ok(false),
+                Some(Err(e)) => {
+                    st.binding = None;
+                    return Err(TransferError::new_err(format!(
+                        "registering the pool with CUDA failed: {e}"
+                    )));
+                }
+                Some(Ok(reg)) => {
+                    b.reg = Some(reg.clone());
+                    b.pending = None;
+                    st.transfer = KvTransfer::new(
+                        self.layout.clone(),
+                        self.backend.clone(),
+                        self.device.clone(),
+                    )
+                    .map_err(transfer_err)?
+                    .with_pool(reg);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn segments(&self, start: usize, end: Option<usize>) -> PyResult<std::ops::Range<usize>> {
+        let n = self.layout.num_segments();
+        let end = end.unwrap_or(n);
+        if start > end || end > n {
+            return Err(ConfigError::new_err(format!(
+                "layer range {start}..{end} out of range (the cache has {n} segments)"
+            )));
+        }
+        Ok(start..end)
+    }
+
+    fn commit_done(&self, st: &mut State, wait: bool) -> PyResult<Vec<(u64, usize)>> {
+        if !st.saves.values().any(|s| s.ended) {
+            return Ok(Vec::new());
+        }
+        if !st.transfer.save_done(wait).map_err(transfer_err)? {
+            return Ok(Vec::new());
+        }
+        let ended: Vec<u64> = st
+            .saves
+            .iter()
+            .filter(|(_, s)| s.ended)
+            .map(|(h, _)| *h)
+            .collect();
+        let len = self.layout.slot_bytes() as u64;
+        let mut out = Vec::with_capacity(ended.len());
+        for h in ended {
+            let s = st.saves.remove(&h).expect("listed above");
+            let mut n = 0;
+            for (i, key) in s.keys.iter().enumerate() {
+                if self.core.commit(&s.reservation, i, *key, len) {
+                    n += 1;
+                }
+            }
+            self.core
+                .note_save(len * s.keys.len() as u64, s.started.elapsed());
+            out.push((h, n));
+        }
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl PyKvCache {
+    /// See `pegaflow/_native.pyi`.
+    #[new]
+    #[pyo3(signature = (*, kind, order, segment_bases, num_layers, num_blocks, block_tokens, block_stride, kv_stride, piece_bytes, dtype_size, model, dtype, tp_size=1, tp_rank=None, namespace=None, name=None, socket=None, label=String::new(), backend="auto", device=None, keepalive=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        kind: &str,
+        order: &str,
+        segment_bases: Vec<u64>,
+        num_layers: usize,
+        num_blocks: usize,
+        block_tokens: usize,
+        block_stride: usize,
+        kv_stride: usize,
+        piece_bytes: usize,
+        dtype_size: usize,
+        model: &str,
+        dtype: &str,
+        tp_size: u32,
+        tp_rank: Option<u32>,
+        namespace: Option<u64>,
+        name: Option<String>,
+        socket: Option<std::path::PathBuf>,
+        label: String,
+        backend: &str,
+        device: Option<i32>,
+        keepalive: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
+        let layout = KvLayout {
+            kind: parse_kind(kind)?,
+            order: parse_order(order)?,
+            segment_bases,
+            num_layers,
+            num_blocks,
+            block_tokens,
+            block_stride,
+            kv_stride,
+            piece_bytes,
+            dtype_size,
+        };
+        layout.validate().map_err(crate::errors::layout_err)?;
+        let kind_b: CopyBackendKind = backend.parse().map_err(copy_err)?;
+        let device = match device {
+            None => None,
+            Some(ord) => Some(
+                py.detach(|| CudaDevice::open(ord))
+                    .map_err(|e| TransferError::new_err(format!("CUDA device {ord}: {e}")))?,
+            ),
+        };
+        let backend = make_backend(kind_b, device.as_ref()).map_err(copy_err)?;
+        let transfer = KvTransfer::new(layout.clone(), backend.clone(), device.clone())
+            .map_err(transfer_err)?;
+        // An explicit namespace wins: the vLLM scheduler, which has no
+        // tensors, computes it from the config and the workers must agree.
+        let namespace = match namespace {
+            Some(0) => return Err(ConfigError::new_err("namespace 0 is reserved (no namespace)")),
+            Some(ns) => ns,
+            None => fingerprint(model, dtype, &layout, tp_size, tp_rank),
+        };
+        let mut cfg = EngineConfig::default();
+        if let Some(n) = name {
+            cfg.name = n;
+        }
+        if socket.is_some() {
+            cfg.socket = socket;
+        }
+        cfg.label = label;
+        cfg.namespace = namespace;
+        cfg.slot_bytes = layout.slot_bytes() as u64;
+        let core = py.detach(|| Engine::connect(cfg)).map_err(engine_err)?;
+        let engine = Py::new(py, PyEngine { inner: core.clone() })?;
+        let this = PyKvCache {
+            engine,
+            core,
+            layout,
+            backend,
+            device,
+            namespace,
+            state: Mutex::new(State {
+                transfer,
+                binding: None,
+                saves: BTreeMap::new(),
+                next_handle: 1,
+            }),
+            _keepalive: keepalive,
+        };
+        if this.device.is_some() {
+            // Start the (slow) CUDA registration now, not at the first copy.
+            let mut st = this.lock();
+            let _ = this.ensure_pool(&mut st, false);
+        }
+        Ok(this)
+    }
+
+    #[getter]
+    fn engine(&self, py: Python<'_>) -> Py<PyEngine> {
+        self.engine.clone_ref(py)
+    }
+
+    #[getter]
+    fn namespace(&self) -> u64 {
+        self.namespace
+    }
+
+    #[getter]
+    fn slot_bytes(&self) -> usize {
+        self.layout.slot_bytes()
+    }
+
+    #[getter]
+    fn num_segments(&self) -> usize {
+        self.layout.num_segments()
+    }
+
+    #[getter]
+    fn num_blocks(&self) -> usize {
+        self.layout.num_blocks
+    }
+
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Reserves slots for saving `gpu_blocks[i]` under `hashes[i]`. Returns
+    /// `(handle, n)`: the first `n` blocks will be saved (fewer than asked
+    /// under pool pressure, 0 while the owner is away: those are dropped).
+    fn begin_save(&self, gpu_blocks: Vec<u32>, hashes: Vec<Vec<u8>>) -> PyResult<(u64, usize)> {
+        if gpu_blocks.len() != hashes.len() {
+            return Err(ConfigError::new_err(format!(
+                "begin_save: {} blocks but {} hashes",
+                gpu_blocks.len(),
+                hashes.len()
+            )));
+        }
+        if let Some(&b) = gpu_blocks.iter().find(|&&b| b as usize >= self.layout.num_blocks) {
+            return Err(ConfigError::new_err(format!(
+                "begin_save: block id {b} out of range (the cache has {} blocks)",
+                self.layout.num_blocks
+            )));
+        }
+        let hashes = to_hashes(&hashes)?;
+        let mut st = self.lock();
+        if gpu_blocks.is_empty() || !self.ensure_pool(&mut st, false)? {
+            return Ok((0, 0));
+        }
+        let r = self.core.reserve(gpu_blocks.len());
+        let need = self.layout.slot_bytes();
+        let mut slots = Vec::with_capacity(r.len());
+        for i in 0..r.len() {
+            match r.slot(i) {
+                Some((p, cap)) if cap >= need => slots.push(p as usize),
+                other => {
+                    for j in 0..r.len() {
+                        self.core.abort(&r, j);
+                    }
+                    return Err(TransferError::new_err(format!(
+                        "reserved slot {i} is unusable ({:?} bytes, need {need}); was the owner restarted with another geometry?",
+                        other.map(|o| o.1)
+                    )));
+                }
+            }
+        }
+        let n = slots.len();
+        if n == 0 {
+            return Ok((0, 0));
+        }
+        let h = st.next_handle;
+        st.next_handle += 1;
+        st.saves.insert(
+            h,
+            PendingSave {
+                keys: hashes[..n]
+                    .iter()
+                    .map(|k| BlockKey::new(self.namespace, *k))
+                    .collect(),
+                gpu_blocks: gpu_blocks[..n].to_vec(),
+                slots,
+                reservation: r,
+                ended: false,
+                started: Instant::now(),
+            },
+        );
+        Ok((h, n))
+    }
+
+    /// Copies layers `start..end` of the blocks of save `handle` (queued on
+    /// `stream` for GPU backends, done at once for the host backend).
+    #[pyo3(signature = (handle, start=0, end=None, stream=0))]
+    fn save_layers(&self, py: Python<'_>, handle: u64, start: usize, end: Option<usize>, stream: u64) -> PyResult<()> {
+        let range = self.segments(start, end)?;
+        py.detach(|| {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let Some(s) = st.saves.get(&handle) else {
+                return Err(ConfigError::new_err(format!("unknown save handle {handle}")));
+            };
+            if s.ended {
+                return Err(ConfigError::new_err(format!("save {handle} already ended")));
+            }
+            // SAFETY: the slots come from this engine's reservation (ours to
+            // write until commit/abort, which wait for save_done); the KV
+            // tensors are kept alive by `keepalive` for our lifetime; block
+            // ids were range-checked in begin_save.
+            unsafe {
+                st.transfer
+                    .save(range, &s.gpu_blocks, &s.slots, StreamRef(stream))
+            }
+            .map_err(transfer_err)
+        })
+    }
+
+    /// No more layers for `handle`; it commits at the next `poll_saves`
+    /// after its copies completed.
+    fn end_save(&self, handle: u64) -> PyResult<()> {
+        let mut st = self.lock();
+        match st.saves.get_mut(&handle) {
+            Some(s) => {
+                s.ended = true;
+                Ok(())
+            }
+            None => Err(ConfigError::new_err(format!("unknown save handle {handle}"))),
+        }
+    }
+
+    /// Commits ended saves whose copies completed (with `wait`, waits for
+    /// them). Returns `[(handle, committed_blocks)]`.
+    #[pyo3(signature = (wait=false))]
+    fn poll_saves(&self, py: Python<'_>, wait: bool) -> PyResult<Vec<(u64, usize)>> {
+        py.detach(|| {
+            let mut st = self.lock();
+            self.commit_done(&mut st, wait)
+        })
+    }
+
+    /// Gives the slots of `handle` back uncommitted (after any copy into
+    /// them completed).
+    fn abort_save(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+        py.detach(|| {
+            let mut st = self.lock();
+            let Some(s) = st.saves.remove(&handle) else {
+                return Ok(());
+            };
+            let _ = st.transfer.save_done(true);
+            for i in 0..s.reservation.len() {
+                self.core.abort(&s.reservation, i);
+            }
+            Ok(())
+        })
+    }
+
+    /// Saves in flight (not yet committed or aborted).
+    fn pending_saves(&self) -> usize {
+        self.lock().saves.len()
+    }
+
+    /// One-shot save of every layer; returns the number of blocks committed.
+    #[pyo3(signature = (gpu_blocks, hashes, stream=0))]
+    fn save(&self, py: Python<'_>, gpu_blocks: Vec<u32>, hashes: Vec<Vec<u8>>, stream: u64) -> PyResult<usize> {
+        let (h, n) = self.begin_save(gpu_blocks, hashes)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        if let Err(e) = self.save_layers(py, h, 0, None, stream) {
+            self.abort_save(py, h)?;
+            return Err(e);
+        }
+        self.end_save(h)?;
+        let done = self.poll_saves(py, true)?;
+        Ok(done.iter().find(|(x, _)| *x == h).map_or(0, |d| d.1))
+    }
+
+    /// Copies layers `start..end` of pinned `slots[i]` into `gpu_blocks[i]`.
+    /// Raises OwnerUnavailable when the owner is away (report the blocks as
+    /// failed; vLLM recomputes them).
+    #[pyo3(signature = (slots, gpu_blocks, start=0, end=None, stream=0))]
+    fn load(&self, py: Python<'_>, slots: Vec<u32>, gpu_blocks: Vec<u32>, start: usize, end: Option<usize>, stream: u64) -> PyResult<()> {
+        let range = self.segments(start, end)?;
+        if slots.len() != gpu_blocks.len() {
+            return Err(ConfigError::new_err(format!(
+                "load: {} slots but {} blocks",
+                slots.len(),
+                gpu_blocks.len()
+            )));
+        }
+        py.detach(|| {
+            let mut st = self.lock();
+            if !self.ensure_pool(&mut st, true)? {
+                return Err(OwnerUnavailable::new_err("the owner is not connected; nothing loaded"));
+            }
+            let need = self.layout.slot_bytes();
+            let mut addrs = Vec::with_capacity(slots.len());
+            for &s in &slots {
+                match self.core.slot_ptr(s) {
+                    Some((p, cap)) if cap >= need => addrs.push(p as usize),
+                    Some((_, cap)) => {
+                        return Err(TransferError::new_err(format!(
+                            "slot {s} holds {cap} bytes but a block of this cache is {need}"
+                        )))
+                    }
+                    None => {
+                        return Err(OwnerUnavailable::new_err(format!(
+                            "slot {s} is not reachable (owner away or id out of range)"
+                        )))
+                    }
+                }
+            }
+            // SAFETY: the slots are pinned by the scheduler's lookup until it
+            // releases them after this load finished; the KV tensors are
+            // kept alive by `keepalive`; ids are range-checked by the plan.
+            unsafe {
+                st.transfer
+                    .load(range, &gpu_blocks, &addrs, StreamRef(stream))
+            }
+            .map_err(transfer_err)
+        })
+    }
+
+    /// Blocks until the loads of `layer` arrived.
+    fn wait_layer(&self, py: Python<'_>, layer: usize) -> PyResult<()> {
+        py.detach(|| self.lock().transfer.wait_layer(layer).map_err(transfer_err))
+    }
+
+    /// True once the loads of `layer` arrived.
+    fn layer_ready(&self, layer: usize) -> PyResult<bool> {
+        self.lock().transfer.layer_ready(layer).map_err(transfer_err)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "KvCache(kind={:?}, layers={}, blocks={}, slot_bytes={}, namespace={:#018x}, backend={})",
+            self.layout.kind,
+            self.layout.num_layers,
+            self.layout.num_blocks,
+            self.layout.slot_bytes(),
+            self.namespace,
+            self.backend.name()
+        )
+    }
+}

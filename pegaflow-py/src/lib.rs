@@ -1,0 +1,213 @@
+//! `pegaflow._native`: the PyO3 layer over pegaflow-core.
+//!
+//! Deliberately thin: two classes mirror the core API one to one.
+//!
+//! * [`PyEngine`] (`Engine`): the owner client (lookups, pins, releases,
+//!   stats). Never raises because the owner is away: lookups miss.
+//! * [`PyKvCache`] (`KvCache`): an engine's KV cache described as a
+//!   [`KvLayout`] plus a copy backend; layer-wise saves (reserve, copy,
+//!   commit after the copy completed) and loads from pinned slots.
+//!
+//! Everything that can wait (connecting, waiting for a copy or a layer,
+//! CUDA registration) runs with the GIL released (`Python::detach`).
+//! Errors become the exception classes of `pegaflow.exceptions`.
+
+mod errors;
+mod kv_cache;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pegaflow_core::{Engine, EngineConfig, PinnedBlock};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use errors::{engine_err, ConfigError};
+
+/// A block hash as the owner keys it: up to 32 bytes, zero-padded.
+pub(crate) fn to_hash(b: &[u8]) -> PyResult<[u8; 32]> {
+    if b.len() > 32 {
+        return Err(ConfigError::new_err(format!(
+            "block hash of {} bytes; at most 32 are supported (vLLM's sha256 block hashes are 32)",
+            b.len()
+        )));
+    }
+    let mut h = [0u8; 32];
+    h[..b.len()].copy_from_slice(b);
+    Ok(h)
+}
+
+pub(crate) fn to_hashes(v: &[Vec<u8>]) -> PyResult<Vec<[u8; 32]>> {
+    v.iter().map(|b| to_hash(b)).collect()
+}
+
+/// Connection to a `pegaflow-owner` (see `pegaflow._native.pyi`).
+#[pyclass(name = "Engine", module = "pegaflow._native", frozen)]
+pub struct PyEngine {
+    pub(crate) inner: Engine,
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (name=None, socket=None, namespace=0, slot_bytes=0, label=String::new(), reconnect_interval=0.2))]
+    fn new(
+        py: Python<'_>,
+        name: Option<String>,
+        socket: Option<PathBuf>,
+        namespace: u64,
+        slot_bytes: u64,
+        label: String,
+        reconnect_interval: f64,
+    ) -> PyResult<Self> {
+        init_logging();
+        let mut cfg = EngineConfig::default();
+        if let Some(n) = name {
+            cfg.name = n;
+        }
+        if socket.is_some() {
+            cfg.socket = socket;
+        }
+        cfg.namespace = namespace;
+        cfg.slot_bytes = slot_bytes;
+        cfg.label = label;
+        if !(reconnect_interval.is_finite() && reconnect_interval > 0.0) {
+            return Err(ConfigError::new_err(format!(
+                "reconnect_interval must be a positive number of seconds, got {reconnect_interval}"
+            )));
+        }
+        cfg.reconnect_interval = Duration::from_secs_f64(reconnect_interval);
+        let inner = py.detach(|| Engine::connect(cfg)).map_err(engine_err)?;
+        Ok(PyEngine { inner })
+    }
+
+    /// True while a live session with the owner exists.
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    /// Waits up to `timeout` seconds for a session; returns whether one exists.
+    fn wait_connected(&self, py: Python<'_>, timeout: f64) -> bool {
+        let t = Duration::from_secs_f64(timeout.max(0.0));
+        let e = self.inner.clone();
+        py.detach(move || e.wait_connected(t))
+    }
+
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.config().name.clone()
+    }
+
+    #[getter]
+    fn socket(&self) -> PathBuf {
+        self.inner.config().socket_path()
+    }
+
+    #[getter]
+    fn namespace(&self) -> u64 {
+        self.inner.config().namespace
+    }
+
+    #[getter]
+    fn slot_bytes(&self) -> u64 {
+        self.inner.config().slot_bytes
+    }
+
+    /// Leading hits of `hashes` in `namespace`, without pinning.
+    fn count_hits(&self, namespace: u64, hashes: Vec<Vec<u8>>) -> PyResult<usize> {
+        Ok(self.inner.count_hits(namespace, &to_hashes(&hashes)?))
+    }
+
+    /// Leading hits, pinned: a list of `(slot, generation)`. Pins hold until
+    /// `release`.
+    fn lookup(&self, namespace: u64, hashes: Vec<Vec<u8>>) -> PyResult<Vec<(u32, u32)>> {
+        let p = self.inner.lookup(namespace, &to_hashes(&hashes)?);
+        Ok(p.blocks.iter().map(|b| (b.slot, b.gen)).collect())
+    }
+
+    /// Drops pins taken by `lookup` of this engine.
+    fn release(&self, blocks: Vec<(u32, u32)>) {
+        let b: Vec<PinnedBlock> = blocks
+            .into_iter()
+            .map(|(slot, gen)| PinnedBlock { slot, gen })
+            .collect();
+        self.inner.release_blocks(&b);
+    }
+
+    /// Bytes of a slot (tests and tools): `None` when the owner is away or
+    /// the id is out of range.
+    fn read_slot<'py>(
+        &self,
+        py: Python<'py>,
+        slot: u32,
+        length: usize,
+    ) -> Option<Bound<'py, pyo3::types::PyBytes>> {
+        let (ptr, cap) = self.inner.slot_ptr(slot)?;
+        let n = length.min(cap);
+        // SAFETY: ptr..ptr+cap lies in the pool mapping of the live session
+        // (slot_ptr bounds-checked it); the bytes are copied out at once.
+        // A concurrent writer can only make the copy stale, not unsound.
+        let s = unsafe { std::slice::from_raw_parts(ptr as *const u8, n) };
+        Some(pyo3::types::PyBytes::new(py, s))
+    }
+
+    /// Counters this process keeps (also while disconnected).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("connected", s.connected)?;
+        d.set_item("epoch", s.epoch)?;
+        d.set_item("reconnects", s.reconnects)?;
+        d.set_item("lookups", s.lookups)?;
+        d.set_item("hit_blocks", s.hit_blocks)?;
+        d.set_item("miss_blocks", s.miss_blocks)?;
+        d.set_item("saved_blocks", s.saved_blocks)?;
+        d.set_item("save_dropped_blocks", s.save_dropped_blocks)?;
+        d.set_item("save_skipped_blocks", s.save_skipped_blocks)?;
+        d.set_item("loaded_blocks", s.loaded_blocks)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Engine(name={:?}, socket={:?}, connected={})",
+            self.inner.config().name,
+            self.inner.config().socket_path(),
+            self.inner.is_connected()
+        )
+    }
+}
+
+fn init_logging() {
+    use std::sync::Once;
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // PEGAFLOW_LOG (or RUST_LOG) picks the level; warnings by default so
+        // the engine's log is not flooded. A host that installed its own
+        // subscriber keeps it.
+        let filter = tracing_subscriber::EnvFilter::try_from_env("PEGAFLOW_LOG")
+            .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    });
+}
+
+/// Whether a CUDA driver can be loaded in this process.
+#[pyfunction]
+fn cuda_driver_present() -> bool {
+    pegaflow_core::cuda::driver_present()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<PyEngine>()?;
+    m.add_class::<kv_cache::PyKvCache>()?;
+    m.add_function(wrap_pyfunction!(kv_cache::namespace_fingerprint, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
+    errors::register(m)?;
+    Ok(())
+}
