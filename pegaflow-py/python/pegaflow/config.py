@@ -1,0 +1,105 @@
+"""Connector configuration from vLLM's ``kv_connector_extra_config``.
+
+Every key is documented in docs/vllm.md. Unknown ``pegaflow.*`` keys are an
+error (a typo must not silently disable the cache); the original PegaFlow's
+``pegaflow.host`` / ``pegaflow.port`` are accepted with a warning, since the
+owner is reached through a Unix socket now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from pegaflow.exceptions import ConfigError
+
+logger = logging.getLogger("pegaflow")
+
+_BACKENDS = ("auto", "host", "dma", "kernel")
+_LEGACY = ("pegaflow.host", "pegaflow.port")
+
+
+def _bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int,)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be a boolean (true/false), got {v!r}")
+
+
+@dataclass(frozen=True)
+class PegaflowConfig:
+    #: Owner instance name (``pegaflow-owner --name``); default "default" or $PEGAFLOW_NAME.
+    name: Optional[str] = None
+    #: Owner socket path; default derived from the name (as the owner does) or $PEGAFLOW_SOCKET.
+    socket: Optional[str] = None
+    #: Copy backend for CUDA caches: auto | dma | kernel | host (CPU tensors always use host).
+    copy_backend: str = "auto"
+    #: Save computed blocks into the pool.
+    save: bool = True
+    #: Load hits from the pool.
+    load: bool = True
+    #: Model identity in the namespace; default: vLLM's model name/path.
+    model_id: Optional[str] = None
+    #: Seconds between reconnect attempts while the owner is away.
+    reconnect_interval: float = 0.2
+
+    @classmethod
+    def from_extra_config(cls, extra: Optional[Mapping[str, Any]]) -> "PegaflowConfig":
+        extra = dict(extra or {})
+        known = {
+            "pegaflow.name": "name",
+            "pegaflow.socket": "socket",
+            "pegaflow.copy_backend": "copy_backend",
+            "pegaflow.save": "save",
+            "pegaflow.load": "load",
+            "pegaflow.model_id": "model_id",
+            "pegaflow.reconnect_interval": "reconnect_interval",
+        }
+        kw: dict[str, Any] = {}
+        for key, value in extra.items():
+            if not str(key).startswith("pegaflow."):
+                continue  # other connectors' keys (MultiConnector) are not ours
+            if key in _LEGACY:
+                logger.warning(
+                    "kv_connector_extra_config[%r] is ignored: PegaFlow now talks to "
+                    "pegaflow-owner over a Unix socket on this node; use pegaflow.socket "
+                    "or pegaflow.name instead (see docs/vllm.md)",
+                    key,
+                )
+                continue
+            if key not in known:
+                raise ConfigError(
+                    f"unknown PegaFlow config key {key!r}; known keys: "
+                    + ", ".join(sorted(known) + list(_LEGACY))
+                )
+            kw[known[key]] = value
+        if "copy_backend" in kw:
+            b = str(kw["copy_backend"]).strip().lower()
+            if b not in _BACKENDS:
+                raise ConfigError(
+                    f"pegaflow.copy_backend must be one of {', '.join(_BACKENDS)}, got {kw['copy_backend']!r}"
+                )
+            kw["copy_backend"] = b
+        for b in ("save", "load"):
+            if b in kw:
+                kw[b] = _bool(f"pegaflow.{b}", kw[b])
+        if "reconnect_interval" in kw:
+            try:
+                kw["reconnect_interval"] = float(kw["reconnect_interval"])
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"pegaflow.reconnect_interval must be seconds, got {kw['reconnect_interval']!r}"
+                ) from None
+            if not kw["reconnect_interval"] > 0:
+                raise ConfigError("pegaflow.reconnect_interval must be > 0")
+        for s in ("name", "socket", "model_id"):
+            if s in kw and kw[s] is not None:
+                kw[s] = os.fspath(kw[s]) if s == "socket" else str(kw[s])
+        return cls(**kw)

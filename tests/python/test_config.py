@@ -1,0 +1,50 @@
+"""kv_connector_extra_config parsing (docs/vllm.md lists every key)."""
+
+import logging
+
+import pytest
+
+from pegaflow.config import PegaflowConfig
+from pegaflow.exceptions import ConfigError
+
+
+def test_defaults():
+    c = PegaflowConfig.from_extra_config(None)
+    assert (c.name, c.socket, c.copy_backend, c.save, c.load) == (None, None, "auto", True, True)
+
+
+def test_all_keys():
+    c = PegaflowConfig.from_extra_config(
+        {
+            "pegaflow.name": "n1",
+            "pegaflow.socket": "/tmp/x.sock",
+            "pegaflow.copy_backend": "DMA",
+            "pegaflow.save": "false",
+            "pegaflow.load": 1,
+            "pegaflow.model_id": "llama-8b",
+            "pegaflow.reconnect_interval": "0.5",
+            "other.connector.key": 3,
+        }
+    )
+    assert c == PegaflowConfig("n1", "/tmp/x.sock", "dma", False, True, "llama-8b", 0.5)
+
+
+def test_legacy_host_port_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="pegaflow"):
+        c = PegaflowConfig.from_extra_config({"pegaflow.host": "http://127.0.0.1", "pegaflow.port": 50055})
+    assert c == PegaflowConfig()
+    assert sum("ignored" in r.message and "Unix socket" in r.message for r in caplog.records) == 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"pegaflow.sokcet": "/x"},
+        {"pegaflow.copy_backend": "nvlink"},
+        {"pegaflow.save": "maybe"},
+        {"pegaflow.reconnect_interval": 0},
+    ],
+)
+def test_bad_values(extra):
+    with pytest.raises(ConfigError):
+        PegaflowConfig.from_extra_config(extra)
