@@ -188,7 +188,9 @@ def test_request_finishing_while_its_save_is_in_flight(tiny_model_dir, owner):
 def test_preemption_resumes_from_the_pool(tiny_model_dir, owner):
     # 12 blocks (11 usable): two requests growing to 6 blocks each must
     # preempt one; it resumes with its saved blocks loaded from PegaFlow
-    a = make_instance(tiny_model_dir, owner, num_blocks=12, max_batched=512)
+    # vLLM's own prefix cache off: the resumed request can only get its
+    # blocks back from PegaFlow
+    a = make_instance(tiny_model_dir, owner, num_blocks=12, max_batched=512, prefix_caching=False)
     wait_ready(a)
     p1 = list(range(10, 10 + 3 * BLOCK))
     p2 = list(range(300, 300 + 3 * BLOCK))
@@ -203,6 +205,11 @@ def test_preemption_resumes_from_the_pool(tiny_model_dir, owner):
         so = step(a)
         if so.preempted_req_ids:
             preempted = True
+        # every running request's KV is exactly what its prefix produces,
+        # including blocks that came back from the pool after preemption
+        for r in (r1, r2):
+            if r.request_id in a.scheduler.requests and r.status == RequestStatus.RUNNING:
+                verify_blocks(a, r, r.num_computed_tokens)
     assert preempted, "the scenario must preempt"
     assert "p1" not in a.scheduler.requests and "p2" not in a.scheduler.requests
     assert a.connector.get_scheduler_stats()["hit_blocks"] > 0, "resume did not use the pool"

@@ -63,6 +63,7 @@ def make_vllm_config(
     max_seqs: int = 16,
     policy: str = "recompute",
     num_blocks: int = 64,
+    prefix_caching: bool = True,
 ) -> VllmConfig:
     model = ModelConfig(
         model=model_dir,
@@ -72,7 +73,7 @@ def make_vllm_config(
         max_model_len=1024,
         seed=0,
     )
-    cache = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=True)
+    cache = CacheConfig(block_size=BLOCK, gpu_memory_utilization=0.9, cache_dtype="auto", enable_prefix_caching=prefix_caching)
     cache.num_gpu_blocks = num_blocks
     sched = SchedulerConfig(
         max_num_seqs=max_seqs,
