@@ -40,7 +40,19 @@ struct ClientSlot {
 struct State {
     cache: Cache,
     clients: Vec<ClientSlot>,
+    /// Entries not FREE, so a pass does not scan the whole client table.
+    active: Vec<u32>,
     kicked: Vec<u32>,
+}
+
+impl State {
+    fn refresh_active(&mut self, seg: &ControlSegment) {
+        self.active.clear();
+        self.active.extend((0..seg.max_clients()).filter(|&i| {
+            seg.client(i)
+                .is_some_and(|c| c.entry.state() != client_state::FREE)
+        }));
+    }
 }
 
 pub struct Owner {
@@ -58,6 +70,7 @@ impl Owner {
             state: Mutex::new(State {
                 cache,
                 clients: vec![ClientSlot::default(); n],
+                active: Vec::new(),
                 kicked: Vec::new(),
             }),
             seg,
@@ -78,6 +91,7 @@ impl Owner {
                         .flatten();
                 }
             }
+            st.refresh_active(&owner.seg);
         }
         owner
     }
@@ -196,6 +210,7 @@ impl Owner {
     /// class), at most the ring. Engines that need more say so
     /// (`stash_want`) and get up to half the class.
     fn retarget(st: &mut State, seg: &ControlSegment) {
+        st.refresh_active(seg);
         let cap = seg.geometry().stash_ring_cap;
         let mut per_class: std::collections::HashMap<usize, u64> = Default::default();
         for c in st.clients.iter().filter_map(|c| c.class) {
@@ -235,10 +250,10 @@ impl Owner {
         let mut st = self.state.lock();
         let st = &mut *st;
         let mut work = 0;
-        for i in 0..self.seg.max_clients() {
+        for k in 0..st.active.len() {
+            let i = st.active[k];
             let c = self.seg.client(i).expect("in range");
-            let state = c.entry.state();
-            if state == client_state::FREE || st.clients[i as usize].kicked {
+            if st.clients[i as usize].kicked {
                 continue;
             }
             match st.cache.drain(&c) {
@@ -291,12 +306,11 @@ impl Owner {
     }
 
     fn has_work(&self) -> bool {
-        (0..self.seg.max_clients())
-            .filter_map(|i| self.seg.client(i))
-            .any(|c| {
-                c.entry.state() != client_state::FREE
-                    && (!c.requests.is_empty() || c.entry.stash_low.load(Ordering::Relaxed) != 0)
-            })
+        let st = self.state.lock();
+        st.active
+            .iter()
+            .filter_map(|&i| self.seg.client(i))
+            .any(|c| !c.requests.is_empty() || c.entry.stash_low.load(Ordering::Relaxed) != 0)
     }
 
     /// The request loop; returns on shutdown.

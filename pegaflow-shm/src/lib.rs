@@ -34,3 +34,71 @@ pub use error::{DecodeError, GeometryError, ProtoError, SegmentError};
 pub use geometry::Geometry;
 pub use header::ABI_VERSION;
 pub use slot_table::{BlockKey, SlotKind, SlotState};
+
+/// The byte offsets docs/abi.md promises. A failure here means the ABI
+/// changed: bump `ABI_VERSION` and update the document.
+#[cfg(all(test, not(loom)))]
+mod abi_layout {
+    use std::mem::{offset_of, size_of};
+
+    use crate::client::ClientEntry;
+    use crate::header::Header;
+    use crate::index::Bucket;
+    use crate::ring::RingHeader;
+    use crate::slot_table::{SlabEntry, SlotEntry};
+
+    #[test]
+    fn offsets_match_docs_abi_md() {
+        assert_eq!(
+            [
+                offset_of!(Header, abi_version),
+                offset_of!(Header, geometry),
+                offset_of!(Header, segment_id),
+                offset_of!(Header, owner_state),
+                offset_of!(Header, owner_pid),
+                offset_of!(Header, owner_epoch),
+                offset_of!(Header, doorbell),
+                offset_of!(Header, owner_sleeping),
+                offset_of!(Header, owner_tick),
+                offset_of!(Header, pool_path),
+                offset_of!(Header, hugepages),
+                size_of::<Header>(),
+            ],
+            [8, 16, 72, 88, 92, 96, 104, 108, 112, 120, 376, 512]
+        );
+        assert_eq!(
+            [
+                offset_of!(SlotEntry, namespace),
+                offset_of!(SlotEntry, hash),
+                offset_of!(SlotEntry, len),
+                offset_of!(SlotEntry, last_access),
+            ],
+            [8, 16, 48, 56]
+        );
+        assert_eq!([offset_of!(SlabEntry, slot_bytes), offset_of!(SlabEntry, nslots)], [8, 16]);
+        assert_eq!(
+            [offset_of!(Bucket, slot_plus_one), offset_of!(Bucket, namespace), offset_of!(Bucket, hash)],
+            [4, 8, 16]
+        );
+        assert_eq!(
+            [
+                offset_of!(ClientEntry, pid),
+                offset_of!(ClientEntry, start_time),
+                offset_of!(ClientEntry, token),
+                offset_of!(ClientEntry, namespace),
+                offset_of!(ClientEntry, slot_bytes),
+                offset_of!(ClientEntry, epoch),
+                offset_of!(ClientEntry, stash_target),
+                offset_of!(ClientEntry, stash_low),
+                offset_of!(ClientEntry, uid),
+                offset_of!(ClientEntry, stash_want),
+                offset_of!(ClientEntry, label),
+                offset_of!(ClientEntry, engine_counters),
+                offset_of!(ClientEntry, owner_counters),
+                size_of::<ClientEntry>(),
+            ],
+            [4, 8, 16, 24, 32, 40, 48, 52, 56, 60, 64, 128, 256, 384]
+        );
+        assert_eq!([offset_of!(RingHeader, tail), size_of::<RingHeader>()], [128, 256]);
+    }
+}

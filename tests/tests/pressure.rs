@@ -45,16 +45,17 @@ fn full_pool_drops_and_counts_saves_without_blocking() {
     let pinned = w.lookup(NS, &hashes);
     assert_eq!(pinned.len(), first);
 
-    // Drain whatever the stash still holds, then every further save must
-    // be dropped: nothing is evictable.
-    let _ = save(2, 64);
+    // Take (and hold) every slot the owner can still hand out: the rest of
+    // the pool is pinned, so further saves must be dropped.
+    let held = w.reserve(64);
+    assert!(first + held.len() <= 16, "more slots than the pool has");
     let dropped_before = w.stats().save_dropped_blocks;
     let t = Instant::now();
     let saved = save(3, 32);
     let took = t.elapsed();
     assert_eq!(
         saved, 0,
-        "a save succeeded although every slot is pinned or stashed"
+        "a save succeeded although every slot is pinned or reserved"
     );
     assert!(w.stats().save_dropped_blocks >= dropped_before + 32);
     // Bounded by reserve_wait (50 ms here), never an indefinite wait.
@@ -66,6 +67,9 @@ fn full_pool_drops_and_counts_saves_without_blocking() {
     assert_eq!(a.committed as usize, first, "{a:?}");
 
     // Release: the pool makes room by evicting the coldest blocks.
+    for i in 0..held.len() {
+        assert!(w.abort(&held, i));
+    }
     w.release(&pinned);
     assert!(
         pegaflow_tests::eventually(Duration::from_secs(3), || save(4, 4) == 4),
