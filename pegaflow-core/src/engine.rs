@@ -404,21 +404,29 @@ impl Engine {
         // Short, or below half the target: tell the owner how much we need
         // and ring it now rather than at its next pass.
         let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed));
-        if slots.len() < n || client.stash.len() * 2 < target {
+        let asked = if slots.len() < n || client.stash.len() * 2 < target {
             let want = u32::try_from(n).unwrap_or(u32::MAX);
             if client.entry.stash_want.load(Ordering::Relaxed) < want {
                 client.entry.stash_want.store(want, Ordering::Relaxed);
             }
-            client.entry.stash_low.store(1, Ordering::Relaxed);
+            let asked = client
+                .entry
+                .refill_asked
+                .fetch_add(1, Ordering::SeqCst)
+                .wrapping_add(1);
             s.ring_owner();
-        }
+            asked
+        } else {
+            0
+        };
         if slots.len() < n {
             let deadline = Instant::now() + self.inner.cfg.reserve_wait;
             while slots.len() < n && Instant::now() < deadline {
                 std::hint::spin_loop();
                 pop_all(&mut slots);
-                if client.stash.is_empty() && client.entry.stash_low.load(Ordering::Relaxed) == 0 {
-                    // The owner refilled what it could and still came short:
+                let done = client.entry.refill_done.load(Ordering::Acquire);
+                if done.wrapping_sub(asked) as i32 >= 0 {
+                    // The owner served our request and we are still short:
                     // the pool is under pressure. Don't wait any longer.
                     pop_all(&mut slots);
                     break;

@@ -232,10 +232,14 @@ impl Cache {
 
     /// Top up a client's stash to its target. Free slots are handed out
     /// freely; committed blocks are evicted for it only when the engine
-    /// asked (`stash_low`), so an idle stash never flushes the cache.
+    /// asked (`refill_asked` ahead of `refill_done`), so an idle stash never
+    /// flushes the cache.
     /// Returns slots added.
     pub fn refill(&mut self, client: &ClientView<'_>, class: usize) -> u32 {
-        let may_evict = client.entry.stash_low.load(Ordering::Relaxed) != 0;
+        // Read the request before working, publish it as served after: a
+        // request made meanwhile stays pending for the next pass.
+        let asked = client.entry.refill_asked.load(Ordering::Acquire);
+        let may_evict = asked != client.entry.refill_done.load(Ordering::Relaxed);
         let want = u64::from(client.entry.stash_want.load(Ordering::Relaxed));
         let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed))
             .max(want.min(self.class_capacity(class) / 2))
@@ -270,7 +274,9 @@ impl Cache {
                 .entry
                 .add_owner(OwnerCounter::SlotsStashed, u64::from(added));
         }
-        client.entry.stash_low.store(0, Ordering::Relaxed);
+        if may_evict {
+            client.entry.refill_done.store(asked, Ordering::Release);
+        }
         added
     }
 

@@ -310,7 +310,11 @@ impl Owner {
         st.active
             .iter()
             .filter_map(|&i| self.seg.client(i))
-            .any(|c| !c.requests.is_empty() || c.entry.stash_low.load(Ordering::Relaxed) != 0)
+            .any(|c| {
+                !c.requests.is_empty()
+                    || c.entry.refill_asked.load(Ordering::Relaxed)
+                        != c.entry.refill_done.load(Ordering::Relaxed)
+            })
     }
 
     /// The request loop; returns on shutdown.

@@ -100,7 +100,7 @@ impl World {
             Op::Want(c, n) => {
                 let v = seg.client(c).unwrap();
                 v.entry.stash_want.store(n, Ordering::Relaxed);
-                v.entry.stash_low.store(1, Ordering::Relaxed);
+                v.entry.refill_asked.fetch_add(1, Ordering::SeqCst);
             }
             Op::Refill(c) => {
                 self.cache.refill(&seg.client(c).unwrap(), self.class);

@@ -6,7 +6,7 @@
 //! Ownership of fields:
 //! - the owner writes the identity fields (`state`, `pid`, `token`, ...)
 //!   and the `owner_counters`;
-//! - the engine writes `engine_counters`, `stash_low` and `stash_want` only.
+//! - the engine writes `engine_counters`, `refill_asked` and `stash_want` only.
 //!
 //! Owner counters have one writer, so a `Relaxed` load+store increments
 //! them; engine counters use `fetch_add` since an engine counts from several
@@ -81,8 +81,9 @@ pub struct ClientEntry {
     pub epoch: AtomicU64,
     /// Free slots the owner tries to keep in this engine's stash.
     pub stash_target: AtomicU32,
-    /// Set by the engine when its stash ran dry; cleared by the owner.
-    pub stash_low: AtomicU32,
+    /// Engine: bumped (wrapping) each time it needs its stash refilled now.
+    /// The owner serves a request by running one refill that may evict.
+    pub refill_asked: AtomicU32,
     pub uid: AtomicU32,
     /// Largest reservation the engine asked for recently; the owner keeps
     /// the stash at least this full (up to the ring).
@@ -90,7 +91,11 @@ pub struct ClientEntry {
     pub label: [AtomicU64; LABEL_BYTES / 8],
     pub engine_counters: [AtomicU64; 16],
     pub owner_counters: [AtomicU64; 8],
-    pub _reserved: [u64; 8],
+    /// Owner: the `refill_asked` value its last finished refill started
+    /// from. `refill_done == refill_asked` means every request was served.
+    pub refill_done: AtomicU32,
+    pub _reserved0: u32,
+    pub _reserved: [u64; 7],
 }
 
 #[cfg(not(loom))]
@@ -166,7 +171,8 @@ impl ClientEntry {
         for f in [
             &self.pid,
             &self.stash_target,
-            &self.stash_low,
+            &self.refill_asked,
+            &self.refill_done,
             &self.uid,
             &self.stash_want,
         ] {

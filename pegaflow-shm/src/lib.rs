@@ -75,9 +75,19 @@ mod abi_layout {
             ],
             [8, 16, 48, 56]
         );
-        assert_eq!([offset_of!(SlabEntry, slot_bytes), offset_of!(SlabEntry, nslots)], [8, 16]);
         assert_eq!(
-            [offset_of!(Bucket, slot_plus_one), offset_of!(Bucket, namespace), offset_of!(Bucket, hash)],
+            [
+                offset_of!(SlabEntry, slot_bytes),
+                offset_of!(SlabEntry, nslots)
+            ],
+            [8, 16]
+        );
+        assert_eq!(
+            [
+                offset_of!(Bucket, slot_plus_one),
+                offset_of!(Bucket, namespace),
+                offset_of!(Bucket, hash)
+            ],
             [4, 8, 16]
         );
         assert_eq!(
@@ -89,16 +99,20 @@ mod abi_layout {
                 offset_of!(ClientEntry, slot_bytes),
                 offset_of!(ClientEntry, epoch),
                 offset_of!(ClientEntry, stash_target),
-                offset_of!(ClientEntry, stash_low),
+                offset_of!(ClientEntry, refill_asked),
                 offset_of!(ClientEntry, uid),
                 offset_of!(ClientEntry, stash_want),
                 offset_of!(ClientEntry, label),
                 offset_of!(ClientEntry, engine_counters),
                 offset_of!(ClientEntry, owner_counters),
+                offset_of!(ClientEntry, refill_done),
                 size_of::<ClientEntry>(),
             ],
-            [4, 8, 16, 24, 32, 40, 48, 52, 56, 60, 64, 128, 256, 384]
+            [4, 8, 16, 24, 32, 40, 48, 52, 56, 60, 64, 128, 256, 320, 384]
         );
-        assert_eq!([offset_of!(RingHeader, tail), size_of::<RingHeader>()], [128, 256]);
+        assert_eq!(
+            [offset_of!(RingHeader, tail), size_of::<RingHeader>()],
+            [128, 256]
+        );
     }
 }

@@ -253,7 +253,7 @@ pub fn clients(t: &Target) -> Result<(Value, String), InspectError> {
             "stash": {
                 "head": sh, "tail": st, "depth": st.wrapping_sub(sh),
                 "capacity": c.stash.capacity(), "target": target,
-                "low": e.stash_low.load(Ordering::Relaxed) != 0,
+                "refill_pending": e.refill_asked.load(Ordering::Relaxed) != e.refill_done.load(Ordering::Relaxed),
             },
             "pinned_slots": pinned,
             "engine_counters": engine,
