@@ -98,7 +98,7 @@ fn commit(c: &mut Criterion) {
                 let ks: Vec<BlockKey> = keys(NS, seed, 0, BATCH as u64);
                 // Reserving (and the evictions it causes) is not timed.
                 let r = e.reserve(BATCH);
-                assert_eq!(r.len(), BATCH, "stash could not supply a batch");
+                assert_eq!(r.len(), BATCH, "stash could not supply a batch: got {} ({:?})", r.len(), e.stats());
                 let last = ks[BATCH - 1].hash;
                 let t = Instant::now();
                 for (i, k) in ks.iter().enumerate() {

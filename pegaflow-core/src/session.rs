@@ -55,13 +55,17 @@ impl Session {
             }),
             ..hello
         };
-        proto::send(&mut stream, &ClientMsg::Hello(hello))?;
-        let welcome = match proto::recv::<OwnerMsg>(&mut stream)? {
-            OwnerMsg::Welcome(w) => w,
-            OwnerMsg::Rejected { reason, message } => {
+        // The owner may refuse us before reading our hello (credentials) and
+        // close; its answer is then already waiting even if our send failed.
+        let sent = proto::send(&mut stream, &ClientMsg::Hello(hello));
+        let reply = proto::recv::<OwnerMsg>(&mut stream);
+        let welcome = match (reply, sent) {
+            (Ok(OwnerMsg::Rejected { reason, message }), _) => {
                 return Err(EngineError::Rejected { reason, message })
             }
-            other => {
+            (_, Err(e)) | (Err(e), Ok(())) => return Err(e.into()),
+            (Ok(OwnerMsg::Welcome(w)), Ok(())) => w,
+            (Ok(other), Ok(())) => {
                 return Err(EngineError::Config(format!(
                     "unexpected reply to hello: {other:?}"
                 )))
