@@ -64,6 +64,8 @@ pub struct Cache {
     free_slabs: Vec<u32>,
     lfu: TinyLfu,
     admission: bool,
+    /// See [`Cache::set_pin_holders`].
+    pin_holders: Vec<u32>,
     tick: u64,
     pub stats: CacheStats,
 }
@@ -105,6 +107,7 @@ impl Cache {
             free_slabs: (0..g.num_slabs() as u32).rev().collect(),
             lfu: TinyLfu::new(g.num_slots().min(1 << 24) as usize),
             admission,
+            pin_holders: (0..seg.max_clients()).collect(),
             tick: seg.header().owner_tick.load(Ordering::Relaxed),
             stats: CacheStats::default(),
             seg,
@@ -173,40 +176,56 @@ impl Cache {
         true
     }
 
+    /// The client entries that can hold pins: every entry not `FREE`. A free
+    /// entry's counters were zeroed when it was reclaimed and it can only
+    /// pin after being admitted, which happens under the owner's lock and
+    /// updates this list; so the eviction check reads only these.
+    pub fn set_pin_holders(&mut self, clients: &[u32]) {
+        self.pin_holders.clear();
+        self.pin_holders.extend_from_slice(clients);
+    }
+
     /// Evict the coldest unpinned committed slot of `class`; returns it, now `Free`.
     fn evict_one(&mut self, class: usize) -> Option<u32> {
-        let seg = self.seg.clone();
-        let slots = seg.slots();
-        let candidates: Vec<u32> = self.classes[class]
+        let seg = &self.seg;
+        let holders = &self.pin_holders;
+        let mut stale = Vec::new();
+        let mut pinned_skips = 0;
+        let victim = self.classes[class]
             .lru
             .iter_cold()
             .take(EVICT_SCAN)
-            .collect();
-        for slot in candidates {
-            let entry = &slots[slot as usize];
-            let Some(st) = entry.begin_evict() else {
-                // Not committed: our LRU is stale for this slot; drop it.
-                self.classes[class].lru.remove(slot);
-                continue;
-            };
-            let pinned = any_pinned(
-                (0..seg.max_clients())
-                    .filter_map(|i| seg.client(i))
-                    .map(|c| &c.pins[slot as usize]),
-            );
-            if pinned {
-                entry.abort_evict(st);
-                self.stats.evict_pinned_skips += 1;
-                continue;
-            }
-            let key = entry.key();
-            seg.index().remove(&key, slot);
+            .find_map(|slot| {
+                let entry = &seg.slots()[slot as usize];
+                let Some(st) = entry.begin_evict() else {
+                    // Not committed: our LRU is stale for this slot.
+                    stale.push(slot);
+                    return None;
+                };
+                let pinned = any_pinned(
+                    holders
+                        .iter()
+                        .filter_map(|&c| seg.client(c))
+                        .map(|c| &c.pins[slot as usize]),
+                );
+                if pinned {
+                    entry.abort_evict(st);
+                    pinned_skips += 1;
+                    return None;
+                }
+                Some((slot, st))
+            });
+        self.stats.evict_pinned_skips += pinned_skips;
+        for slot in stale {
             self.classes[class].lru.remove(slot);
-            entry.free(st);
-            self.stats.evictions += 1;
-            return Some(slot);
         }
-        None
+        let (slot, st) = victim?;
+        let entry = &self.seg.slots()[slot as usize];
+        self.seg.index().remove(&entry.key(), slot);
+        self.classes[class].lru.remove(slot);
+        entry.free(st);
+        self.stats.evictions += 1;
+        Some(slot)
     }
 
     /// A free slot of `class`: from its free list, a new slab, or (only if
@@ -280,18 +299,14 @@ impl Cache {
         added
     }
 
-    /// Apply every queued request of one client. Returns how many it applied.
+    /// Apply the queued requests of one client, at most `DRAIN_BATCH` so
+    /// one busy engine cannot starve the others. Returns how many.
     pub fn drain(
         &mut self,
         client: &ClientView<'_>,
     ) -> Result<usize, pegaflow_shm::ring::RingError> {
-        let mut n = 0;
-        while n < DRAIN_BATCH {
-            let Some(words) = client.requests.pop()? else {
-                break;
-            };
-            n += 1;
-            if let Err(e) = self.apply(client, &words) {
+        client.requests.consume(DRAIN_BATCH, |words| {
+            if let Err(e) = self.apply(client, words) {
                 self.stats.bad_requests += 1;
                 client.entry.add_owner(OwnerCounter::BadRequests, 1);
                 warn!(
@@ -303,8 +318,7 @@ impl Cache {
                     "ignored a bad request from an engine"
                 );
             }
-        }
-        Ok(n)
+        })
     }
 
     fn writing_slot(&self, client: &ClientView<'_>, slot: u32) -> Result<SlotState, RequestError> {

@@ -52,6 +52,7 @@ impl State {
             seg.client(i)
                 .is_some_and(|c| c.entry.state() != client_state::FREE)
         }));
+        self.cache.set_pin_holders(&self.active);
     }
 }
 
