@@ -153,9 +153,12 @@ impl KernelBackend {
             unsafe { sys::cuModuleUnload(module) };
             return Err(e.into());
         }
-        // Four 512-thread blocks fill an SM (2048 threads); more would only
-        // queue.
-        let max_ctas = device.sm_count()?.max(1) * 4;
+        // One 512-thread block per SM: a quarter of the GPU's thread slots.
+        // Still far more bytes in flight than PCIe needs (132 x 512 x 64 B
+        // on an H200), and it leaves room for a second copy kernel (save and
+        // load at once) and for the forward pass. A full-GPU grid (4 per SM)
+        // made concurrent save and load kernels run one after the other.
+        let max_ctas = device.sm_count()?.max(1);
         Ok(KernelBackend {
             device: device.clone(),
             module,

@@ -450,16 +450,26 @@ impl DeviceBuffer {
         self.len == 0
     }
 
-    /// Synchronous byte fill.
+    /// Byte fill; returns once the bytes are on the device.
+    ///
+    /// `cuMemsetD8` is asynchronous on the legacy stream, which our
+    /// non-blocking streams do not wait for, so we synchronize the context:
+    /// otherwise a copy queued right after could see the old bytes.
     pub fn memset(&self, byte: u8) -> Result<(), CudaError> {
         self.device.bind()?;
         // SAFETY: [ptr, ptr+len) is our allocation.
         check("cuMemsetD8", unsafe {
             sys::cuMemsetD8_v2(self.ptr, byte, self.len)
-        })
+        })?;
+        // SAFETY: context bound above.
+        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
     }
 
-    /// Synchronous copy of `src` to `offset`.
+    /// Copy of `src` to `offset`; returns once the bytes are on the device.
+    ///
+    /// A "synchronous" `cuMemcpyHtoD` from pageable memory returns when the
+    /// source is staged, before the DMA lands, hence the context sync (same
+    /// reason as [`DeviceBuffer::memset`]).
     pub fn write(&self, offset: usize, src: &[u8]) -> Result<(), CudaError> {
         self.bounds(offset, src.len())?;
         self.device.bind()?;
@@ -470,7 +480,9 @@ impl DeviceBuffer {
                 src.as_ptr() as *const c_void,
                 src.len(),
             )
-        })
+        })?;
+        // SAFETY: context bound above.
+        check("cuCtxSynchronize", unsafe { sys::cuCtxSynchronize() })
     }
 
     /// Synchronous copy from `offset` into `dst`.
