@@ -74,7 +74,7 @@ if want bench; then
   pages=$(huge_setup 6400)
   echo "hugepages reserved: $pages (need 6400 for the 12.5 GiB pool)"
   # shellcheck disable=SC2086
-  if timeout 420 "$C/transfer_bench" --huge-dir "$HUGE" --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; then
+  if timeout 560 "$C/transfer_bench" --huge-dir "$HUGE" --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; then
     ok "transfer_bench (every byte verified)"
   else
     bad "transfer_bench"
