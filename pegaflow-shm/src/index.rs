@@ -86,14 +86,32 @@ impl Bucket {
     }
 }
 
-/// The bucket a key starts probing at. Block hashes are already uniform, so
-/// mixing one word with the namespace is enough.
+/// The bucket a key starts probing at: a mix of all 32 hash bytes and the
+/// namespace. Engines' hashes are usually uniform already, but an engine may
+/// hand in structured ones (short or zero-padded hashes, text): those must
+/// not pile up on one bucket.
 #[inline]
 pub fn home(key: &BlockKey, mask: u64) -> u64 {
-    let w = u64::from_le_bytes(key.hash[..8].try_into().expect("32-byte hash"));
-    (w ^ key.namespace.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xFF51_AFD7_ED55_8CCD) >> 7
-        & mask
+    let w = key.words();
+    let mut h = key.namespace.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for (i, x) in w.iter().enumerate() {
+        h = (h ^ x.wrapping_mul(MIX[i])).rotate_left(29);
+    }
+    // fmix64 (MurmurHash3's finaliser): every input bit reaches every output bit.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    h ^= h >> 33;
+    h & mask
 }
+
+const MIX: [u64; 4] = [
+    0xA076_1D64_78BD_642F,
+    0xE703_7ED1_A0B4_28DB,
+    0x8EBC_6AF0_9C88_C6E3,
+    0x5899_65CC_7537_4CC3,
+];
 
 /// A view of the index over `buckets` (length a power of two).
 pub struct Index<'a> {
@@ -279,6 +297,28 @@ mod tests {
         assert!(!idx.remove(&k, 6), "wrong slot must not remove");
         assert!(idx.remove(&k, 5));
         assert_eq!(idx.get(&k), None);
+    }
+
+    #[test]
+    fn structured_hashes_spread_over_the_table() {
+        // Text keys sharing their first 8 bytes, zero-padded: these used to
+        // share one home bucket.
+        let b = buckets(2048);
+        let idx = Index::new(&b);
+        let keys: Vec<_> = (0..1024)
+            .map(|i| {
+                let mut h = [0u8; 32];
+                let t = format!("v025-0-{i}");
+                h[..t.len()].copy_from_slice(t.as_bytes());
+                BlockKey::new(5, h)
+            })
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(idx.insert(k, i as u32), Ok(()), "key {i}");
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(idx.get(k), Some(i as u32));
+        }
     }
 
     #[test]
