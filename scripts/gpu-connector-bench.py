@@ -56,7 +56,7 @@ class Owner:
         self.log = open(os.path.join(self.dir, "owner.log"), "wb")
         self.proc = subprocess.Popen(
             [binary, "--name", self.name, "--socket", self.socket, "--pool-size", pool,
-             "--metrics-addr", "", "--log-level", "warn"],
+             "--metrics-addr", "", "--log-level", "info"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 300  # prefaulting a large pool takes a while
@@ -66,6 +66,12 @@ class Owner:
             if time.monotonic() > deadline:
                 sys.exit("pegaflow-owner did not come up")
             time.sleep(0.05)
+
+    def dump_log(self, lines: int = 40) -> None:
+        self.log.flush()
+        with open(os.path.join(self.dir, "owner.log"), "rb") as f:
+            tail = f.read().decode(errors="replace").splitlines()[-lines:]
+        print("--- owner log (tail) ---", *tail, sep="\n", file=sys.stderr)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -166,7 +172,11 @@ def run_layout(torch, pegaflow, a, owner: Owner, layout: str, it_seed: int) -> d
         deadline = time.monotonic() + 10
         while kv.engine.count_hits(kv.namespace, hashes[:saved]) < saved:
             if time.monotonic() > deadline:
-                sys.exit("saved blocks never became visible")
+                hits = kv.engine.count_hits(kv.namespace, hashes[:saved])
+                print(f"saved blocks never became visible: {hits} of {saved} hit; "
+                      f"engine stats {kv.engine.stats()}", file=sys.stderr)
+                owner.dump_log()
+                sys.exit(1)
             time.sleep(0.001)
         pins = kv.engine.lookup(kv.namespace, hashes[:saved])
         bd = 1 if layout == "v025" else 0

@@ -32,10 +32,8 @@ if [[ -f pegaflow-shm/tests/loom.rs ]]; then
 fi
 
 if [[ "${PEGAFLOW_SKIP_PYTHON:-0}" != 1 ]]; then
-    log "Python environment (venv, pinned vLLM, pegaflow-py)"
-    scripts/py-env.sh
-    log "Python tests"
-    .venv/bin/python -m pytest tests/python -q -ra
+    log "Python: venv with the pinned vLLM versions, pegaflow-py, tests per version"
+    scripts/py-test.sh -ra
 fi
 
 log "all tests passed in $((SECONDS - t0)) s"
