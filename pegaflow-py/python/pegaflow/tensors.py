@@ -178,7 +178,8 @@ def kv_cache_from_tensors(
     """A :class:`KvCache` over ``tensors`` (kept alive by it).
 
     CPU tensors use the host copy backend; CUDA tensors the configured GPU
-    backend (``auto``: DMA for large pieces, the copy kernel for small ones).
+    backend (``auto``: batched DMA for loads, the copy kernel for saves unless
+    loads are in flight, DMA for large pieces; see docs/benchmarks.md).
     """
     lay = describe_kv_tensors(tensors, num_blocks, block_tokens, num_heads)
     kw: dict[str, Any] = dict(
