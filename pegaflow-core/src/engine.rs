@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel_lite::Slot as ReplySlot;
+use mailbox::Mailbox as ReplySlot;
 use parking_lot::RwLock;
 use pegaflow_shm::client::EngineCounter;
 use pegaflow_shm::proto::{self, ClientMsg, Hello, OwnerMsg};
@@ -739,26 +739,26 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
 }
 
 /// A tiny one-value mailbox with a timeout (replies to IPC fetches).
-mod crossbeam_channel_lite {
+mod mailbox {
     use std::time::Duration;
 
     use parking_lot::{Condvar, Mutex};
 
-    pub struct Slot<T> {
+    pub struct Mailbox<T> {
         value: Mutex<Option<T>>,
         ready: Condvar,
     }
 
-    impl<T> Default for Slot<T> {
+    impl<T> Default for Mailbox<T> {
         fn default() -> Self {
-            Slot {
+            Mailbox {
                 value: Mutex::new(None),
                 ready: Condvar::new(),
             }
         }
     }
 
-    impl<T> Slot<T> {
+    impl<T> Mailbox<T> {
         pub fn put(&self, v: T) {
             *self.value.lock() = Some(v);
             self.ready.notify_all();

@@ -201,7 +201,7 @@ impl Owner {
             segment_id: header.segment_id,
             control_path: seg.path().display().to_string(),
             pool_path: self.pool.path().display().to_string(),
-            geometry: (*seg.geometry()).into(),
+            geometry: *seg.geometry(),
             resumed: resumed.is_some(),
         })
     }

@@ -26,7 +26,7 @@ pub const REQUEST_BYTES: u64 = 64;
 
 /// What the owner chose at creation; stored verbatim in the header.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Geometry {
     /// Bytes of KV data in the pool segment; a multiple of `slab_bytes`.
     pub pool_bytes: u64,

@@ -65,49 +65,9 @@ pub struct Welcome {
     pub segment_id: u64,
     pub control_path: String,
     pub pool_path: String,
-    pub geometry: GeometryWire,
+    pub geometry: Geometry,
     /// True when the owner resumed the entry named in `Hello::resume`.
     pub resumed: bool,
-}
-
-/// [`Geometry`] in a serde-friendly form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GeometryWire {
-    pub pool_bytes: u64,
-    pub slab_bytes: u64,
-    pub granule_bytes: u64,
-    pub max_clients: u64,
-    pub request_ring_cap: u64,
-    pub stash_ring_cap: u64,
-    pub index_buckets: u64,
-}
-
-impl From<Geometry> for GeometryWire {
-    fn from(g: Geometry) -> Self {
-        GeometryWire {
-            pool_bytes: g.pool_bytes,
-            slab_bytes: g.slab_bytes,
-            granule_bytes: g.granule_bytes,
-            max_clients: g.max_clients,
-            request_ring_cap: g.request_ring_cap,
-            stash_ring_cap: g.stash_ring_cap,
-            index_buckets: g.index_buckets,
-        }
-    }
-}
-
-impl From<GeometryWire> for Geometry {
-    fn from(g: GeometryWire) -> Self {
-        Geometry {
-            pool_bytes: g.pool_bytes,
-            slab_bytes: g.slab_bytes,
-            granule_bytes: g.granule_bytes,
-            max_clients: g.max_clients,
-            request_ring_cap: g.request_ring_cap,
-            stash_ring_cap: g.stash_ring_cap,
-            index_buckets: g.index_buckets,
-        }
-    }
 }
 
 /// Why the owner turned an engine away.

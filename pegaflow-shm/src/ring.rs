@@ -92,28 +92,9 @@ impl<'a, const N: usize> Ring<'a, N> {
 
     /// Consumer: the oldest entry, if any.
     pub fn pop(&self) -> Result<Option<[u64; N]>, RingError> {
-        let head = self.hdr.head.value.load(Ordering::Relaxed);
-        let tail = self.hdr.tail.value.load(Ordering::Acquire);
-        let len = tail.wrapping_sub(head);
-        if len > self.cap {
-            return Err(RingError {
-                head,
-                tail,
-                cap: self.cap,
-            });
-        }
-        if len == 0 {
-            return Ok(None);
-        }
-        let mut out = [0u64; N];
-        for (o, w) in out.iter_mut().zip(self.entry(head)) {
-            *o = w.load(Ordering::Relaxed);
-        }
-        self.hdr
-            .head
-            .value
-            .store(head.wrapping_add(1), Ordering::Release);
-        Ok(Some(out))
+        let mut out = None;
+        self.consume(1, |e| out = Some(*e))?;
+        Ok(out)
     }
 
     /// Consumer: hand up to `max` queued entries to `f`, oldest first,
