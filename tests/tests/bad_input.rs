@@ -211,6 +211,7 @@ fn unsafe_tail<'a>(
 
 #[test]
 fn peer_with_other_credentials_is_refused() {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIPPED: needs root to run a client as another user");
         return;
