@@ -333,7 +333,7 @@ impl KvLayout {
         if !matches!(self.dtype_size, 1 | 2 | 4 | 8) {
             return Err(LayoutError::DtypeSize(self.dtype_size));
         }
-        if self.piece_bytes % self.dtype_size != 0 {
+        if !self.piece_bytes.is_multiple_of(self.dtype_size) {
             return Err(LayoutError::DtypeMismatch {
                 piece_bytes: self.piece_bytes,
                 dtype_size: self.dtype_size,
@@ -359,7 +359,7 @@ impl KvLayout {
         }
         let align = Self::ALIGN as u64;
         let check_align = |field, v: u64| {
-            if v % align != 0 {
+            if !v.is_multiple_of(align) {
                 Err(LayoutError::Misaligned {
                     field,
                     value: v,

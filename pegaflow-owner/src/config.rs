@@ -123,7 +123,7 @@ fn meminfo(key: &str) -> Option<u64> {
 fn statvfs_free(path: &std::path::Path) -> Option<u64> {
     nix::sys::statvfs::statvfs(path)
         .ok()
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available() * s.fragment_size())
 }
 
 /// The default pool size, and why.

@@ -10,7 +10,7 @@ pub enum GeometryError {
     #[error("invalid pool geometry: {what} (got {geometry:?})")]
     Invalid {
         what: &'static str,
-        geometry: Geometry,
+        geometry: Box<Geometry>,
     },
 }
 
@@ -57,8 +57,8 @@ pub enum SegmentError {
     )]
     GeometryMismatch {
         path: PathBuf,
-        found: Geometry,
-        expected: Geometry,
+        found: Box<Geometry>,
+        expected: Box<Geometry>,
     },
 
     #[error("{path} is {actual} bytes but its header describes {expected} bytes: the segment is truncated or corrupt")]

@@ -90,17 +90,17 @@ impl Geometry {
         let bad = |what: &'static str| {
             Err(GeometryError::Invalid {
                 what,
-                geometry: *self,
+                geometry: Box::new(*self),
             })
         };
-        if self.slab_bytes == 0 || self.slab_bytes % SLAB_ALIGN != 0 {
+        if self.slab_bytes == 0 || !self.slab_bytes.is_multiple_of(SLAB_ALIGN) {
             return bad("slab size must be a non-zero multiple of 2 MiB");
         }
-        if self.pool_bytes < self.slab_bytes || self.pool_bytes % self.slab_bytes != 0 {
+        if self.pool_bytes < self.slab_bytes || !self.pool_bytes.is_multiple_of(self.slab_bytes) {
             return bad("pool size must be a non-zero multiple of the slab size");
         }
         if self.granule_bytes < REGION_ALIGN
-            || self.granule_bytes % REGION_ALIGN != 0
+            || !self.granule_bytes.is_multiple_of(REGION_ALIGN)
             || self.granule_bytes > self.slab_bytes
         {
             return bad("minimum slot size must be a multiple of 4 KiB, at most one slab");

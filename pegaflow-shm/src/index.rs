@@ -152,8 +152,8 @@ impl<'a> Index<'a> {
     /// Reader: the slot holding `key`, if the index has it.
     pub fn get(&self, key: &BlockKey) -> Option<u32> {
         let words = key.words();
-        let mut i = home(key, self.mask);
-        for _ in 0..MAX_PROBES {
+        let start = home(key, self.mask);
+        for i in start..start + MAX_PROBES as u64 {
             let b = self.bucket(i).read();
             if b.slot_plus_one == 0 {
                 return None;
@@ -161,7 +161,6 @@ impl<'a> Index<'a> {
             if b.namespace == key.namespace && b.hash == words {
                 return Some(b.slot_plus_one - 1);
             }
-            i += 1;
         }
         None
     }
@@ -169,8 +168,8 @@ impl<'a> Index<'a> {
     /// Owner: map `key` to `slot`.
     pub fn insert(&self, key: &BlockKey, slot: u32) -> Result<(), InsertError> {
         let words = key.words();
-        let mut i = home(key, self.mask);
-        for _ in 0..MAX_PROBES.min(self.buckets.len()) {
+        let start = home(key, self.mask);
+        for i in start..start + MAX_PROBES.min(self.buckets.len()) as u64 {
             let bucket = self.bucket(i);
             let b = bucket.read();
             if b.slot_plus_one == 0 {
@@ -184,7 +183,6 @@ impl<'a> Index<'a> {
             if b.namespace == key.namespace && b.hash == words {
                 return Err(InsertError::Duplicate(b.slot_plus_one - 1));
             }
-            i += 1;
         }
         Err(InsertError::Full)
     }
@@ -192,9 +190,9 @@ impl<'a> Index<'a> {
     /// Owner: unmap `key` if it maps to `slot`. Returns whether it did.
     pub fn remove(&self, key: &BlockKey, slot: u32) -> bool {
         let words = key.words();
-        let mut i = home(key, self.mask);
+        let start = home(key, self.mask);
         let mut found = None;
-        for _ in 0..MAX_PROBES.min(self.buckets.len()) {
+        for i in start..start + MAX_PROBES.min(self.buckets.len()) as u64 {
             let b = self.bucket(i).read();
             if b.slot_plus_one == 0 {
                 break;
@@ -203,13 +201,14 @@ impl<'a> Index<'a> {
                 found = Some(i);
                 break;
             }
-            i += 1;
         }
         let Some(mut hole) = found else { return false };
         // Backward-shift: pull later members of the probe run into the hole
         // as long as that does not move them before their home bucket.
+        // At most one lap: a completely full table has no empty bucket to
+        // stop at (the owner keeps it at most half full, but never trust it).
         let mut j = hole;
-        loop {
+        for _ in 1..self.buckets.len() {
             j += 1;
             let b = self.bucket(j).read();
             if b.slot_plus_one == 0 {
@@ -263,15 +262,14 @@ impl<'a> Index<'a> {
     /// Whether `key`, found in bucket `at`, is reachable by a reader (no
     /// empty bucket between its home and `at`).
     pub fn reachable(&self, key: &BlockKey, at: usize) -> bool {
-        let mut i = home(key, self.mask);
-        for _ in 0..MAX_PROBES {
+        let start = home(key, self.mask);
+        for i in start..start + MAX_PROBES as u64 {
             if (i & self.mask) as usize == at {
                 return true;
             }
             if self.bucket(i).read().slot_plus_one == 0 {
                 return false;
             }
-            i += 1;
         }
         false
     }
@@ -319,6 +317,23 @@ mod tests {
         for (i, k) in keys.iter().enumerate() {
             assert_eq!(idx.get(k), Some(i as u32));
         }
+    }
+
+    #[test]
+    fn remove_from_a_completely_full_table_terminates() {
+        let b = buckets(8);
+        let idx = Index::new(&b);
+        let keys: Vec<_> = (0..8u8).map(|i| BlockKey::new(1, [i; 32])).collect();
+        for (i, k) in keys.iter().enumerate() {
+            idx.insert(k, i as u32).unwrap();
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert!(idx.remove(k, i as u32));
+            for (j, other) in keys.iter().enumerate().skip(i + 1) {
+                assert_eq!(idx.get(other), Some(j as u32), "after removing {i}");
+            }
+        }
+        assert_eq!(idx.entries().count(), 0);
     }
 
     #[test]

@@ -169,8 +169,8 @@ impl ControlSegment {
             if seg.geometry != opts.geometry {
                 return Err(SegmentError::GeometryMismatch {
                     path,
-                    found: seg.geometry,
-                    expected: opts.geometry,
+                    found: Box::new(seg.geometry),
+                    expected: Box::new(opts.geometry),
                 });
             }
             return Ok((seg, Opened::Adopted));

@@ -145,10 +145,17 @@ impl BatchApi {
         while start < dsts.len() {
             let end = (start + BATCH_MAX).min(dsts.len());
             let n = end - start;
-            let mut attr = MemcpyAttributes { src_access_order: SRC_ACCESS_ORDER_STREAM, ..Default::default() };
+            let mut attr = MemcpyAttributes {
+                src_access_order: SRC_ACCESS_ORDER_STREAM,
+                ..Default::default()
+            };
             // One attribute set applies from index 0 to the end.
             let mut attr_idx = 0usize;
-            let (d, sr, sz) = (dsts[start..end].as_mut_ptr(), srcs[start..end].as_mut_ptr(), sizes[start..end].as_mut_ptr());
+            let (d, sr, sz) = (
+                dsts[start..end].as_mut_ptr(),
+                srcs[start..end].as_mut_ptr(),
+                sizes[start..end].as_mut_ptr(),
+            );
             // SAFETY: arrays are live for the call (the driver reads them
             // before returning); the caller guarantees the ranges (see
             // # Safety).
