@@ -10,6 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 C=.carry
+export PEGAFLOW_OWNER_BIN="$PWD/$C/pegaflow-owner"
 OUT=${OUT:-/tmp/pegaflow-gpu-out}
 mkdir -p "$OUT"
 steps=("$@")

@@ -6,14 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -p pegaflow-benches --bin transfer_bench
+# The IPC tests broker handles through a real owner.
+cargo build --release -p pegaflow-owner --bin pegaflow-owner
 test_bin=$(cargo test --release -p pegaflow-tests --test gpu --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep '/gpu-' | tail -n 1)
 [ -n "$test_bin" ] || { echo "could not find the gpu test binary" >&2; exit 1; }
 mkdir -p .carry
 cp "$test_bin" .carry/gpu-tests
 cp "$CARGO_TARGET_DIR/release/transfer_bench" .carry/transfer_bench
+cp "$CARGO_TARGET_DIR/release/pegaflow-owner" .carry/pegaflow-owner
 # Debug info is not needed there; keeps .carry well under the 64 MiB limit.
-strip .carry/gpu-tests .carry/transfer_bench 2>/dev/null || true
+strip .carry/gpu-tests .carry/transfer_bench .carry/pegaflow-owner 2>/dev/null || true
 du -sh .carry
 cat <<'RUN'
 Now call the device tool. The full benchmark alone takes ~7.5 minutes, so

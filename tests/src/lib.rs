@@ -27,8 +27,13 @@ pub fn target_bin(name: &str) -> PathBuf {
     path
 }
 
+/// The owner binary: `$PEGAFLOW_OWNER_BIN`, else next to the test binary
+/// (GPU machines get it carried in, without a cargo target directory).
 pub fn owner_bin() -> PathBuf {
-    target_bin("pegaflow-owner")
+    match std::env::var_os("PEGAFLOW_OWNER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => target_bin("pegaflow-owner"),
+    }
 }
 
 /// A unique instance name per test and process.

@@ -294,7 +294,9 @@ fn gpu_child_entry() {
         return;
     };
     let parts: Vec<&str> = spec.split('|').collect();
-    let d = CudaDevice::open(0).expect("child: open GPU");
+    let ordinal = std::env::var("PEGAFLOW_GPU_CHILD_DEVICE")
+        .map_or(0, |v| v.parse().expect("device ordinal"));
+    let d = CudaDevice::open(ordinal).expect("child: open GPU");
     match parts[0] {
         "load" => child_load(&d, &parts[1..]),
         "ipc" => child_ipc(&d, &parts[1..]),
@@ -401,13 +403,30 @@ fn two_processes_share_blocks_through_the_pool_file() {
     }
 }
 
-/// Child: import the parent's KV memory and save event, wait for the event
-/// on its stream, pull blocks into its own cache, verify, then push its own
-/// blocks into the parent's cache.
+/// Child: fetch the parent's KV memory and save-event handles from the
+/// owner, wait for the event on its stream, pull blocks into its own cache,
+/// verify, then push its own blocks into the parent's cache.
 fn child_ipc(d: &Arc<CudaDevice>, args: &[&str]) {
-    let export = ipc::KvIpcExport::decode(&std::fs::read(args[0]).expect("read export"))
-        .expect("decode export");
-    let ev_bytes = std::fs::read(args[1]).expect("read event");
+    let (socket, name) = (args[0], args[1]);
+    let engine = pegaflow_core::Engine::connect(pegaflow_core::EngineConfig {
+        name: name.into(),
+        socket: Some(socket.into()),
+        label: "gpu ipc child".into(),
+        ..Default::default()
+    })
+    .expect("child: connect to the owner");
+    assert!(
+        engine.wait_connected(std::time::Duration::from_secs(10)),
+        "child: owner not reachable"
+    );
+    let fetch = |key: &str| {
+        engine
+            .fetch_ipc(key, std::time::Duration::from_secs(10))
+            .expect("fetch from the owner")
+            .unwrap_or_else(|| panic!("the owner has no handle under {key}"))
+    };
+    let export = ipc::KvIpcExport::decode(&fetch("gpu-test/kv")).expect("decode export");
+    let ev_bytes = fetch("gpu-test/save-event");
     let ev_handle: [u8; 64] = ev_bytes
         .as_slice()
         .try_into()
@@ -463,7 +482,31 @@ fn child_ipc(d: &Arc<CudaDevice>, args: &[&str]) {
 
 #[test]
 fn ipc_kv_memory_and_event_between_two_processes() {
+    ipc_through_the_owner(0);
+}
+
+/// Two engines on two GPUs of one host: the second pulls and pushes blocks
+/// over the GPUs' peer link (NVLink or PCIe peer-to-peer).
+#[test]
+fn ipc_between_two_gpus_of_one_host() {
+    if device().is_none() {
+        return;
+    }
+    if cuda::device_count() < 2 {
+        eprintln!("SKIPPED: needs two GPUs (run on the nvidia-h200-x2 device kind)");
+        return;
+    }
+    ipc_through_the_owner(1);
+}
+
+/// The parent publishes its KV memory and save event with the owner; a
+/// child engine on GPU `child_device` fetches them from the owner.
+fn ipc_through_the_owner(child_device: i32) {
     let Some(d) = device() else { return };
+    let owner = pegaflow_tests::OwnerProc::start("gpu-ipc");
+    let engine =
+        pegaflow_core::Engine::connect(owner.engine_config(0, 0)).expect("connect to the owner");
+    assert!(engine.wait_connected(std::time::Duration::from_secs(10)));
     let mut m = GpuMemory::new(&d).unwrap();
     let cache = TestCache::new(
         &mut m,
@@ -481,13 +524,17 @@ fn ipc_kv_memory_and_event_between_two_processes() {
     );
     let ev = cuda::Event::interprocess(&d).unwrap();
     ev.record(m.stream()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (ep, vp) = (dir.path().join("export"), dir.path().join("event"));
-    std::fs::write(&ep, export.encode()).unwrap();
-    std::fs::write(&vp, ipc::export_event(&ev).unwrap()).unwrap();
-    let out = spawn_child("ipc", &[ep.display().to_string(), vp.display().to_string()])
-        .output()
-        .expect("spawn child");
+    engine.publish_ipc("gpu-test/kv", &export.encode()).unwrap();
+    engine
+        .publish_ipc("gpu-test/save-event", &ipc::export_event(&ev).unwrap())
+        .unwrap();
+    let out = spawn_child(
+        "ipc",
+        &[owner.socket.display().to_string(), owner.name.clone()],
+    )
+    .env("PEGAFLOW_GPU_CHILD_DEVICE", child_device.to_string())
+    .output()
+    .expect("spawn child");
     let so = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && so.contains("CHILD-OK"),
