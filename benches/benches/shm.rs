@@ -2,8 +2,8 @@
 //! `pegaflow-owner` process (build it first: `cargo build --release --bins`).
 //!
 //! - `lookup_625`: prefix lookup of a 625-block chain (one 10K-token vLLM
-//!   request), all hits: count only, and lookup + pin + release.
-//!   Target <= 10 us median.
+//!   request), all hits: count only, the pinned lookup the API returns, and
+//!   lookup + pin + release. Target <= 10 us median.
 //! - `commit`: commits per second through one owner, from push to visible
 //!   in the index (target >= 1 M/s); and the latency of one commit to an
 //!   idle owner until it is visible to other engines (target <= 1 ms).
@@ -57,6 +57,19 @@ fn lookup(c: &mut Criterion) {
     g.throughput(Throughput::Elements(625));
     g.bench_function("count_hits", |b| {
         b.iter(|| assert_eq!(e.count_hits(NS, &hashes), 625))
+    });
+    g.bench_function("lookup_pinned", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                let p = e.lookup(NS, &hashes);
+                total += t.elapsed();
+                assert_eq!(p.len(), 625);
+                e.release(&p);
+            }
+            total
+        })
     });
     g.bench_function("lookup_pin_release", |b| {
         b.iter(|| {

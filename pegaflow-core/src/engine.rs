@@ -29,8 +29,8 @@ use pegaflow_shm::client::EngineCounter;
 use pegaflow_shm::proto::{self, ClientMsg, Hello, OwnerMsg};
 use pegaflow_shm::request::{Request, TOUCH_MAX};
 use pegaflow_shm::segment::{default_socket_path, PoolSegment};
-use pegaflow_shm::slot_table::BlockKey;
-use pegaflow_shm::sync::Ordering;
+use pegaflow_shm::slot_table::{announce_pin, withdraw_pin, BlockKey};
+use pegaflow_shm::sync::{fence, Ordering};
 use tracing::{info, warn};
 
 use crate::error::EngineError;
@@ -167,6 +167,10 @@ struct Inner {
     stop: AtomicBool,
     local: Local,
     ipc_reply: ReplySlot<OwnerMsg>,
+    /// Serialises writes to our pin counters, which have a single writer.
+    /// Per engine, not per session: pins taken before a reconnect are
+    /// released into the same (resumed) client entry as new ones.
+    pin_lock: parking_lot::Mutex<()>,
 }
 
 /// A connection to the owner; cheap to clone, safe to share across threads.
@@ -194,6 +198,7 @@ impl Engine {
             stop: AtomicBool::new(false),
             local: Local::default(),
             ipc_reply: ReplySlot::default(),
+            pin_lock: parking_lot::Mutex::new(()),
         });
         let first = match Session::connect(&inner.socket, inner.hello(), None, None) {
             Ok((s, reader)) => Some((Arc::new(s), reader)),
@@ -285,20 +290,36 @@ impl Engine {
         let client = s.client();
         let index = s.ctl.index();
         let slots = s.ctl.slots();
-        let mut blocks = Vec::with_capacity(hashes.len());
-        for h in hashes {
-            let key = BlockKey::new(namespace, *h);
-            let Some(slot) = index.get(&key) else { break };
-            // The index said so; the slot table decides (see slot_table.rs).
-            let (Some(entry), Some(pin)) =
-                (slots.get(slot as usize), client.pins.get(slot as usize))
-            else {
-                break;
-            };
-            let Some(gen) = entry.try_pin(pin, &key) else {
-                break;
-            };
-            blocks.push(PinnedBlock { slot, gen });
+        // [a] The index: the leading run of keys it maps to a slot id that
+        // exists. No writes, so the loads of successive keys overlap.
+        let found: Vec<u32> = hashes
+            .iter()
+            .map_while(|h| index.get(&BlockKey::new(namespace, *h)))
+            .take_while(|&slot| (slot as usize) < slots.len().min(client.pins.len()))
+            .collect();
+        let mut blocks = Vec::with_capacity(found.len());
+        {
+            // This client's pin counters have one writer at a time.
+            let _g = self.inner.pin_lock.lock();
+            // [b] Announce every pin, [c] one fence, [d] validate in chain
+            // order against the slot table (which decides, not the index);
+            // the first failure ends the hit run and withdraws the rest.
+            let announced = found
+                .iter()
+                .take_while(|&&slot| announce_pin(&client.pins[slot as usize]))
+                .count();
+            fence(Ordering::SeqCst);
+            for (i, &slot) in found[..announced].iter().enumerate() {
+                match slots[slot as usize].validate(&BlockKey::new(namespace, hashes[i])) {
+                    Some(gen) => blocks.push(PinnedBlock { slot, gen }),
+                    None => {
+                        for &rest in &found[i..announced] {
+                            withdraw_pin(&client.pins[rest as usize]);
+                        }
+                        break;
+                    }
+                }
+            }
         }
         let hits = blocks.len() as u64;
         let misses = hashes.len() as u64 - hits;
@@ -329,20 +350,31 @@ impl Engine {
         if blocks.is_empty() {
             return;
         }
+        // Tail first: the chain's first blocks end up most recent, so under
+        // pressure a chain is evicted from its end and shared prefixes (the
+        // blocks most chains hit) last.
+        let slots: Vec<u32> = blocks.iter().rev().map(|b| b.slot).collect();
+        let reqs: Vec<[u64; 8]> = slots
+            .chunks(TOUCH_MAX)
+            .map(|chunk| {
+                let mut ids = [0u32; TOUCH_MAX];
+                ids[..chunk.len()].copy_from_slice(chunk);
+                Request::Touch {
+                    count: chunk.len() as u32,
+                    slots: ids,
+                }
+                .encode()
+            })
+            .collect();
         let client = s.client();
-        let _g = s.request_lock.lock();
-        for chunk in blocks.chunks(TOUCH_MAX) {
-            let mut slots = [0u32; TOUCH_MAX];
-            for (d, b) in slots.iter_mut().zip(chunk) {
-                *d = b.slot;
-            }
-            let req = Request::Touch {
-                count: chunk.len() as u32,
-                slots,
-            };
-            if !client.requests.push(&req.encode()) {
-                client.entry.add_engine(EngineCounter::TouchDropped, 1);
-            }
+        let queued = {
+            let _g = s.request_lock.lock();
+            client.requests.push_many(&reqs)
+        };
+        if queued < reqs.len() {
+            client
+                .entry
+                .add_engine(EngineCounter::TouchDropped, (reqs.len() - queued) as u64);
         }
     }
 
@@ -368,9 +400,10 @@ impl Engine {
             return;
         }
         let pins = s.client().pins;
+        let _g = self.inner.pin_lock.lock();
         for slot in slots {
             if let Some(p) = pins.get(slot as usize) {
-                let _ = p.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+                withdraw_pin(p);
             }
         }
     }
@@ -459,6 +492,53 @@ impl Engine {
         self.push(r, Request::Commit { slot, len, key }, true)
     }
 
+    /// Publish several reserved slots whose copies have completed: `items`
+    /// are (index in the reservation, key, length). One ring transfer and
+    /// one doorbell for the batch; if the ring fills, waits at most
+    /// `reserve_wait` for the owner to make room. Returns how many were
+    /// queued; out-of-range indices are skipped.
+    pub fn commit_many(&self, r: &Reservation, items: &[(usize, BlockKey, u64)]) -> usize {
+        let Some(s) = &r.session else { return 0 };
+        if !s.is_alive() && !self.same_entry(s) {
+            return 0;
+        }
+        let reqs: Vec<[u64; 8]> = items
+            .iter()
+            .filter_map(|&(i, key, len)| {
+                r.slots
+                    .get(i)
+                    .map(|&slot| Request::Commit { slot, len, key }.encode())
+            })
+            .collect();
+        let client = s.client();
+        let deadline = Instant::now() + self.inner.cfg.reserve_wait;
+        let mut queued = 0;
+        loop {
+            queued += {
+                let _g = s.request_lock.lock();
+                client.requests.push_many(&reqs[queued..])
+            };
+            s.ring_owner();
+            if queued == reqs.len() || Instant::now() >= deadline {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        client
+            .entry
+            .add_engine(EngineCounter::SaveBlocks, queued as u64);
+        self.inner
+            .local
+            .saved_blocks
+            .fetch_add(queued as u64, AtomicOrdering::Relaxed);
+        if queued < reqs.len() {
+            client
+                .entry
+                .add_engine(EngineCounter::CommitRingFull, (reqs.len() - queued) as u64);
+        }
+        queued
+    }
+
     /// Give reserved slot `i` back unused.
     pub fn abort(&self, r: &Reservation, i: usize) -> bool {
         let Some(&slot) = r.slots.get(i) else {
@@ -511,7 +591,7 @@ impl Engine {
     ) -> usize {
         let r = self.reserve(keys.len());
         let start = Instant::now();
-        let mut done = 0;
+        let mut items = Vec::with_capacity(r.len());
         let mut bytes = 0;
         for (i, key) in keys.iter().enumerate().take(r.len()) {
             let Some((ptr, cap)) = r.slot(i) else {
@@ -523,10 +603,9 @@ impl Engine {
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr, cap) };
             let len = fill(i, dst).min(cap);
             bytes += len as u64;
-            if self.commit(&r, i, *key, len as u64) {
-                done += 1;
-            }
+            items.push((i, *key, len as u64));
         }
+        let done = self.commit_many(&r, &items);
         if let Some(s) = &r.session {
             let e = s.client().entry;
             e.add_engine(EngineCounter::SaveBytes, bytes);

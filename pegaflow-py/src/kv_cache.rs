@@ -25,13 +25,17 @@ use pegaflow_core::copy::{make_backend, CopyBackend, CopyBackendKind};
 use pegaflow_core::cuda::{
     register_pool_background, CudaDevice, HostRegistration, PendingRegistration, StreamRef,
 };
-use pegaflow_core::layout::{namespace_fingerprint as core_fingerprint, KvKind, KvLayout, PieceOrder};
+use pegaflow_core::layout::{
+    namespace_fingerprint as core_fingerprint, KvKind, KvLayout, PieceOrder,
+};
 use pegaflow_core::transfer::KvTransfer;
 use pegaflow_core::{BlockKey, Engine, EngineConfig, Reservation};
 use pegaflow_shm::segment::PoolSegment;
 use pyo3::prelude::*;
 
-use crate::errors::{copy_err, engine_err, transfer_err, ConfigError, LayoutError, OwnerUnavailable, TransferError};
+use crate::errors::{
+    copy_err, engine_err, transfer_err, ConfigError, LayoutError, OwnerUnavailable, TransferError,
+};
 use crate::{to_hashes, PyEngine};
 
 fn parse_kind(s: &str) -> PyResult<KvKind> {
@@ -168,7 +172,11 @@ impl PyKvCache {
         }
         let b = st.binding.as_mut().expect("binding set above");
         if b.reg.is_none() {
-            let pending = b.pending.as_ref().expect("pending until registered").clone();
+            let pending = b
+                .pending
+                .as_ref()
+                .expect("pending until registered")
+                .clone();
             let r = if wait {
                 Some(pending.wait())
             } else {
@@ -226,12 +234,13 @@ impl PyKvCache {
         let mut out = Vec::with_capacity(ended.len());
         for h in ended {
             let s = st.saves.remove(&h).expect("listed above");
-            let mut n = 0;
-            for (i, key) in s.keys.iter().enumerate() {
-                if self.core.commit(&s.reservation, i, *key, len) {
-                    n += 1;
-                }
-            }
+            let items: Vec<_> = s
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (i, *k, len))
+                .collect();
+            let n = self.core.commit_many(&s.reservation, &items);
             self.core
                 .note_save(len * s.keys.len() as u64, s.started.elapsed());
             out.push((h, n));
@@ -297,7 +306,11 @@ impl PyKvCache {
         // An explicit namespace wins: the vLLM scheduler, which has no
         // tensors, computes it from the config and the workers must agree.
         let namespace = match namespace {
-            Some(0) => return Err(ConfigError::new_err("namespace 0 is reserved (no namespace)")),
+            Some(0) => {
+                return Err(ConfigError::new_err(
+                    "namespace 0 is reserved (no namespace)",
+                ))
+            }
             Some(ns) => ns,
             None => fingerprint(model, dtype, &layout, tp_size, tp_rank),
         };
@@ -312,7 +325,12 @@ impl PyKvCache {
         cfg.namespace = namespace;
         cfg.slot_bytes = layout.slot_bytes() as u64;
         let core = py.detach(|| Engine::connect(cfg)).map_err(engine_err)?;
-        let engine = Py::new(py, PyEngine { inner: core.clone() })?;
+        let engine = Py::new(
+            py,
+            PyEngine {
+                inner: core.clone(),
+            },
+        )?;
         let this = PyKvCache {
             engine,
             core,
@@ -377,7 +395,10 @@ impl PyKvCache {
                 hashes.len()
             )));
         }
-        if let Some(&b) = gpu_blocks.iter().find(|&&b| b as usize >= self.layout.num_blocks) {
+        if let Some(&b) = gpu_blocks
+            .iter()
+            .find(|&&b| b as usize >= self.layout.num_blocks)
+        {
             return Err(ConfigError::new_err(format!(
                 "begin_save: block id {b} out of range (the cache has {} blocks)",
                 self.layout.num_blocks
@@ -431,13 +452,22 @@ impl PyKvCache {
     /// Copies layers `start..end` of the blocks of save `handle` (queued on
     /// `stream` for GPU backends, done at once for the host backend).
     #[pyo3(signature = (handle, start=0, end=None, stream=0))]
-    fn save_layers(&self, py: Python<'_>, handle: u64, start: usize, end: Option<usize>, stream: u64) -> PyResult<()> {
+    fn save_layers(
+        &self,
+        py: Python<'_>,
+        handle: u64,
+        start: usize,
+        end: Option<usize>,
+        stream: u64,
+    ) -> PyResult<()> {
         let range = self.segments(start, end)?;
         py.detach(|| {
             let mut st = self.lock();
             let st = &mut *st;
             let Some(s) = st.saves.get(&handle) else {
-                return Err(ConfigError::new_err(format!("unknown save handle {handle}")));
+                return Err(ConfigError::new_err(format!(
+                    "unknown save handle {handle}"
+                )));
             };
             if s.ended {
                 return Err(ConfigError::new_err(format!("save {handle} already ended")));
@@ -463,7 +493,9 @@ impl PyKvCache {
                 s.ended = true;
                 Ok(())
             }
-            None => Err(ConfigError::new_err(format!("unknown save handle {handle}"))),
+            None => Err(ConfigError::new_err(format!(
+                "unknown save handle {handle}"
+            ))),
         }
     }
 
@@ -500,7 +532,13 @@ impl PyKvCache {
 
     /// One-shot save of every layer; returns the number of blocks committed.
     #[pyo3(signature = (gpu_blocks, hashes, stream=0))]
-    fn save(&self, py: Python<'_>, gpu_blocks: Vec<u32>, hashes: Vec<Vec<u8>>, stream: u64) -> PyResult<usize> {
+    fn save(
+        &self,
+        py: Python<'_>,
+        gpu_blocks: Vec<u32>,
+        hashes: Vec<Vec<u8>>,
+        stream: u64,
+    ) -> PyResult<usize> {
         let (h, n) = self.begin_save(gpu_blocks, hashes)?;
         if n == 0 {
             return Ok(0);
@@ -518,7 +556,15 @@ impl PyKvCache {
     /// Raises OwnerUnavailable when the owner is away (report the blocks as
     /// failed; vLLM recomputes them).
     #[pyo3(signature = (slots, gpu_blocks, start=0, end=None, stream=0))]
-    fn load(&self, py: Python<'_>, slots: Vec<u32>, gpu_blocks: Vec<u32>, start: usize, end: Option<usize>, stream: u64) -> PyResult<()> {
+    fn load(
+        &self,
+        py: Python<'_>,
+        slots: Vec<u32>,
+        gpu_blocks: Vec<u32>,
+        start: usize,
+        end: Option<usize>,
+        stream: u64,
+    ) -> PyResult<()> {
         let range = self.segments(start, end)?;
         if slots.len() != gpu_blocks.len() {
             return Err(ConfigError::new_err(format!(
@@ -530,7 +576,9 @@ impl PyKvCache {
         py.detach(|| {
             let mut st = self.lock();
             if !self.ensure_pool(&mut st, true)? {
-                return Err(OwnerUnavailable::new_err("the owner is not connected; nothing loaded"));
+                return Err(OwnerUnavailable::new_err(
+                    "the owner is not connected; nothing loaded",
+                ));
             }
             let need = self.layout.slot_bytes();
             let mut addrs = Vec::with_capacity(slots.len());
@@ -567,7 +615,10 @@ impl PyKvCache {
 
     /// True once the loads of `layer` arrived.
     fn layer_ready(&self, layer: usize) -> PyResult<bool> {
-        self.lock().transfer.layer_ready(layer).map_err(transfer_err)
+        self.lock()
+            .transfer
+            .layer_ready(layer)
+            .map_err(transfer_err)
     }
 
     fn __repr__(&self) -> String {

@@ -90,6 +90,27 @@ impl<'a, const N: usize> Ring<'a, N> {
         true
     }
 
+    /// Producer: append as many of `entries` as fit, loading `head` and
+    /// storing `tail` once for the whole batch. Returns how many were queued.
+    pub fn push_many(&self, entries: &[[u64; N]]) -> usize {
+        let tail = self.hdr.tail.value.load(Ordering::Relaxed);
+        let head = self.hdr.head.value.load(Ordering::Acquire);
+        let free = self.cap.saturating_sub(tail.wrapping_sub(head)) as usize;
+        let n = entries.len().min(free);
+        for (k, e) in entries[..n].iter().enumerate() {
+            for (dst, w) in self.entry(tail.wrapping_add(k as u64)).iter().zip(e) {
+                dst.store(*w, Ordering::Relaxed);
+            }
+        }
+        if n > 0 {
+            self.hdr
+                .tail
+                .value
+                .store(tail.wrapping_add(n as u64), Ordering::Release);
+        }
+        n
+    }
+
     /// Consumer: the oldest entry, if any.
     pub fn pop(&self) -> Result<Option<[u64; N]>, RingError> {
         let mut out = None;
@@ -212,6 +233,20 @@ mod tests {
         for i in 0..8 {
             assert!(r.push(&[i]), "space must be free again");
         }
+    }
+
+    #[test]
+    fn push_many_fills_what_fits_in_order() {
+        let hdr = RingHeader::default();
+        let w = words(4);
+        let r: Ring<'_, 1> = Ring::new(&hdr, &w);
+        assert!(r.push(&[100]));
+        assert_eq!(r.push_many(&[[1], [2], [3], [4], [5]]), 3, "only three fit");
+        assert_eq!(r.push_many(&[[6]]), 0);
+        let mut seen = Vec::new();
+        r.consume(10, |e| seen.push(e[0])).unwrap();
+        assert_eq!(seen, [100, 1, 2, 3]);
+        assert_eq!(r.push_many(&[]), 0);
     }
 
     #[test]

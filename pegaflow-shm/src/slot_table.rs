@@ -15,13 +15,15 @@
 //!
 //! ## Why pins need no locks (Dekker)
 //!
-//! An engine pins by `[1]` incrementing its own counter, then `[2]` reading
-//! the slot state. The owner evicts by `[3]` swapping the state from
-//! `Committed` to `Evicting`, then `[4]` reading every live client's counter.
-//! All four are `SeqCst`, so they are totally ordered: if `[2]` comes before
-//! `[3]`, then `[1]` precedes `[4]` and the owner sees the pin and backs
-//! off; if `[3]` comes before `[2]`, the engine sees `Evicting` and unpins.
-//! Either way no slot is reused under a pin. `tests/loom.rs` checks this.
+//! An engine pins by `[1]` incrementing its own counter (it is the only
+//! writer), a SeqCst fence, then `[2]` reading the slot state. The owner
+//! evicts by `[3]` swapping the state from `Committed` to `Evicting` (SeqCst),
+//! a SeqCst fence, then `[4]` reading every live client's counter. The two
+//! fences are totally ordered: if the engine's comes first, `[4]` sees the
+//! pin and the owner backs off; if the owner's comes first, `[2]` sees
+//! `Evicting` and the engine unpins. Either way no slot is reused under a
+//! pin, and an engine pinning 625 blocks pays one fence, not 625 locked
+//! instructions. `tests/loom.rs` checks this.
 //!
 //! A committed slot's key is written before the `Release` store that makes it
 //! `Committed`, and is not rewritten until the slot has gone through
@@ -29,7 +31,7 @@
 //! same `Committed` state word before and after reading the key read a
 //! stable key.
 
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Client ids are 12 bits wide in the state word's client field.
 pub const MAX_CLIENTS: u32 = 4096;
@@ -184,34 +186,46 @@ impl SlotEntry {
             .store(prev.with_kind(SlotKind::Committed).pack(), Ordering::SeqCst);
     }
 
-    /// Engine side: pin this slot if it holds `key`, returning its generation.
+    /// Engine side: pin this slot if it holds `key`, returning its
+    /// generation: [`announce_pin`], a SeqCst fence, [`SlotEntry::validate`].
+    /// Engines pinning many blocks announce them all, fence once, then
+    /// validate each (see `Engine::lookup`).
     ///
-    /// `my_pin` is the calling client's counter for this slot. On failure the
-    /// counter is back where it was.
+    /// `my_pin` is the calling client's counter for this slot, which only one
+    /// thread at a time may write. On failure the counter is back where it was.
     pub fn try_pin(&self, my_pin: &AtomicU32, key: &BlockKey) -> Option<u32> {
-        // [1] announce the pin before looking at the state.
-        let before = my_pin.fetch_add(1, Ordering::SeqCst);
-        if before == u32::MAX {
-            // Saturated (a bug in the caller); treat as a miss.
-            my_pin.fetch_sub(1, Ordering::SeqCst);
+        if !announce_pin(my_pin) {
             return None;
         }
-        // [2] the state the owner's begin_evict races with.
-        let s1 = self.state.load(Ordering::SeqCst);
-        let ok = match SlotState::unpack(s1) {
-            Some(st) if st.kind == SlotKind::Committed => {
-                let same_key = self.key() == *key;
-                // The key is only stable while the state word is unchanged.
-                same_key && self.state.load(Ordering::SeqCst) == s1
-            }
-            _ => false,
-        };
-        if ok {
-            Some((s1 >> 32) as u32)
-        } else {
-            my_pin.fetch_sub(1, Ordering::SeqCst);
-            None
+        fence(Ordering::SeqCst);
+        let gen = self.validate(key);
+        if gen.is_none() {
+            withdraw_pin(my_pin);
         }
+        gen
+    }
+
+    /// Engine side, step [2], after the announcement and a SeqCst fence:
+    /// the slot's generation if it is committed under `key`.
+    pub fn validate(&self, key: &BlockKey) -> Option<u32> {
+        let s1 = self.state.load(Ordering::SeqCst);
+        let st = SlotState::unpack(s1)?;
+        if st.kind != SlotKind::Committed || !self.holds(key) {
+            return None;
+        }
+        // The key is only stable while the state word is unchanged.
+        (self.state.load(Ordering::SeqCst) == s1).then_some(st.gen)
+    }
+
+    /// Whether the stored key is `key`, word by word (no byte shuffling: this
+    /// runs once per block of every lookup).
+    fn holds(&self, key: &BlockKey) -> bool {
+        self.namespace.load(Ordering::Relaxed) == key.namespace
+            && self
+                .hash
+                .iter()
+                .zip(key.words())
+                .all(|(w, k)| w.load(Ordering::Relaxed) == k)
     }
 
     /// Owner side: `Committed(gen)` -> `Evicting(gen)`. Returns the state it
@@ -262,9 +276,36 @@ impl SlotEntry {
     }
 }
 
+/// Engine side, step [1]: count one more pin of this client on the slot.
+///
+/// A pin counter has a single writer, its client, and the engine
+/// serialises its own threads, so a plain load and store suffice; the
+/// SeqCst fence the caller issues before validating orders it against the
+/// owner's eviction. `false` if the counter is saturated (a caller bug).
+pub fn announce_pin(my_pin: &AtomicU32) -> bool {
+    let v = my_pin.load(Ordering::Relaxed);
+    if v == u32::MAX {
+        return false;
+    }
+    my_pin.store(v + 1, Ordering::Relaxed);
+    true
+}
+
+/// Engine side: drop one pin (release, or a failed validation). A counter
+/// already at zero (a double release) stays at zero.
+pub fn withdraw_pin(my_pin: &AtomicU32) {
+    let v = my_pin.load(Ordering::Relaxed);
+    if v > 0 {
+        my_pin.store(v - 1, Ordering::Release);
+    }
+}
+
 /// [4] of the handshake: does any of these pin counters hold the slot?
+/// The fence pairs with the one engines issue between announcing and
+/// validating: either this sees their pin, or they see `Evicting`.
 pub fn any_pinned<'a>(pins: impl IntoIterator<Item = &'a AtomicU32>) -> bool {
-    pins.into_iter().any(|p| p.load(Ordering::SeqCst) != 0)
+    fence(Ordering::SeqCst);
+    pins.into_iter().any(|p| p.load(Ordering::Relaxed) != 0)
 }
 
 #[cfg(all(test, not(loom)))]
