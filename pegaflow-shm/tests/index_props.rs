@@ -23,19 +23,31 @@ use pegaflow_shm::sync::AtomicU64;
 // Index
 // ---------------------------------------------------------------------------
 
-/// Keys drawn from a small universe, so sequences revisit keys: two
-/// namespaces, four values of the first hash word (all keys with the same
-/// namespace and first word share a home bucket) and four of the rest, which
-/// only the full comparison tells apart.
-fn arb_key() -> impl Strategy<Value = BlockKey> {
-    (1u64..=2, 0u64..4, 0u64..4, any::<bool>()).prop_map(|(ns, first, rest, flip)| {
-        let mut w = [first * 0x9e37_79b9, rest, rest ^ 0x55, 0];
-        if flip {
-            // Differs only in the last word.
-            w[3] = 1;
+/// A universe of 48 keys for a table of `nbuckets`: 16 each homed at the
+/// first, second and last bucket, so probe runs are long, collide and wrap
+/// around the end of the table. Keys come in pairs that differ only in
+/// their last hash word, and span two namespaces.
+fn universe(nbuckets: usize) -> Vec<BlockKey> {
+    let mask = nbuckets as u64 - 1;
+    let mut u = Vec::new();
+    for want in [0, 1.min(mask), mask] {
+        let mut n = 0;
+        for i in 0u64.. {
+            let k = BlockKey::from_words(1 + (i & 1), [i >> 1, 7, 7, 0]);
+            if home(&k, mask) == want && !u.contains(&k) {
+                u.push(k);
+                n += 1;
+                if n == 16 {
+                    break;
+                }
+            }
         }
-        BlockKey::from_words(ns, w)
-    })
+    }
+    u
+}
+
+fn arb_key(nbuckets: usize) -> impl Strategy<Value = BlockKey> {
+    proptest::sample::select(universe(nbuckets))
 }
 
 #[derive(Clone, Debug)]
@@ -47,12 +59,12 @@ enum IndexOp {
     Get(BlockKey),
 }
 
-fn arb_index_op() -> impl Strategy<Value = IndexOp> {
+fn arb_index_op(nbuckets: usize) -> impl Strategy<Value = IndexOp> {
     prop_oneof![
-        4 => (arb_key(), 0u32..1000).prop_map(|(k, s)| IndexOp::Insert(k, s)),
-        2 => arb_key().prop_map(IndexOp::Remove),
-        1 => arb_key().prop_map(IndexOp::RemoveWrongSlot),
-        1 => arb_key().prop_map(IndexOp::Get),
+        4 => (arb_key(nbuckets), 0u32..1000).prop_map(|(k, s)| IndexOp::Insert(k, s)),
+        2 => arb_key(nbuckets).prop_map(IndexOp::Remove),
+        1 => arb_key(nbuckets).prop_map(IndexOp::RemoveWrongSlot),
+        1 => arb_key(nbuckets).prop_map(IndexOp::Get),
     ]
 }
 
@@ -84,27 +96,10 @@ fn check_index(idx: &Index<'_>, model: &HashMap<BlockKey, u32>, universe: &[Bloc
     assert_eq!(n, model.len(), "entry count");
 }
 
-fn universe() -> Vec<BlockKey> {
-    let mut u = Vec::new();
-    for ns in 1..=2 {
-        for first in 0..4u64 {
-            for rest in 0..4u64 {
-                for last in 0..2 {
-                    u.push(BlockKey::from_words(
-                        ns,
-                        [first * 0x9e37_79b9, rest, rest ^ 0x55, last],
-                    ));
-                }
-            }
-        }
-    }
-    u
-}
-
 fn run_index_model(nbuckets: usize, ops: &[IndexOp]) {
     let mem: Vec<Bucket> = (0..nbuckets).map(|_| Bucket::default()).collect();
     let idx = Index::new(&mem);
-    let universe = universe();
+    let universe = universe(nbuckets);
     let mut model: HashMap<BlockKey, u32> = HashMap::new();
     for op in ops {
         match *op {
@@ -144,35 +139,38 @@ proptest! {
     /// A 16-bucket table with heavy collisions, probe runs that wrap around
     /// the end, and up to 15 entries.
     #[test]
-    fn index_matches_a_hashmap(ops in proptest::collection::vec(arb_index_op(), 1..120)) {
+    fn index_matches_a_hashmap(ops in proptest::collection::vec(arb_index_op(16), 1..120)) {
         run_index_model(16, &ops);
     }
 
     /// The smallest legal table.
     #[test]
-    fn index_tiny_table(ops in proptest::collection::vec(arb_index_op(), 1..40)) {
+    fn index_tiny_table(ops in proptest::collection::vec(arb_index_op(2), 1..40)) {
         run_index_model(2, &ops);
     }
 
-    /// A table where everything shares few homes.
+    /// A larger table, still with few homes.
     #[test]
-    fn index_wide_table(ops in proptest::collection::vec(arb_index_op(), 1..200)) {
+    fn index_wide_table(ops in proptest::collection::vec(arb_index_op(64), 1..200)) {
         run_index_model(64, &ops);
     }
 }
 
-/// The keys of `universe()` do collide on their homes (so the properties
-/// above exercise probing, wrap-around and backward shifts).
+/// The universes do collide on their homes (so the properties above
+/// exercise probing, wrap-around and backward shifts).
 #[test]
-fn the_key_universe_collides() {
-    let u = universe();
-    let homes: HashSet<u64> = u.iter().map(|k| home(k, 15)).collect();
-    assert!(
-        homes.len() <= 8,
-        "{} homes for {} keys",
-        homes.len(),
-        u.len()
-    );
+fn the_key_universes_collide() {
+    for n in [2usize, 16, 64] {
+        let u = universe(n);
+        let homes: HashSet<u64> = u.iter().map(|k| home(k, n as u64 - 1)).collect();
+        assert_eq!(u.len(), 48);
+        assert!(
+            homes.len() <= 3,
+            "{} homes for {} keys",
+            homes.len(),
+            u.len()
+        );
+    }
 }
 
 /// `remove` from a completely full table. `Geometry::validate` accepts

@@ -449,20 +449,19 @@ fn two_engines_plain_bytes_no_data_race() {
 // Index seqlock
 // ---------------------------------------------------------------------------
 
-/// A key in namespace `ns` whose first hash word is `first` and whose other
-/// words are `rest`.
-fn ikey(ns: u64, first: u64, rest: u64) -> BlockKey {
-    let mut w = [rest; 4];
-    w[0] = first;
-    BlockKey::from_words(ns, w)
+/// Keys of namespace 1, the first three words `w`, then `rest`.
+fn ikey(w: u64, rest: u64) -> BlockKey {
+    BlockKey::from_words(1, [w, w, w, rest])
 }
 
-/// The first word (>= `from`) that sends namespace-1 keys to bucket `want`
-/// of a table of `mask + 1` buckets.
-fn first_word_homed_at(want: u64, mask: u64, from: u64) -> u64 {
-    (from..)
-        .find(|&w| home(&ikey(1, w, 0), mask) == want)
-        .expect("some word hashes there")
+/// The first three keys (searching `rest` upwards) whose home is bucket 0 of
+/// a table of `mask + 1` buckets. They differ only in their last word, so a
+/// reader that mixed the words of two lives of a bucket would match.
+fn homed_at_zero(mask: u64) -> [BlockKey; 3] {
+    let mut found = (0u64..)
+        .map(|r| ikey(0x1234_5678, r))
+        .filter(|k| home(k, mask) == 0);
+    [(); 3].map(|_| found.next().expect("some key hashes there"))
 }
 
 fn buckets(n: usize) -> Arc<Vec<Bucket>> {
@@ -473,9 +472,9 @@ fn buckets(n: usize) -> Arc<Vec<Bucket>> {
     Arc::new(v)
 }
 
-/// Keys `a` and `b` share a home bucket (same first word) and differ only in
-/// their last three words, so a reader that mixed the words of the two
-/// buckets' lives would match the wrong one.
+/// Keys `a` and `b` share a home bucket and differ only in their last word,
+/// so a reader that mixed the words of the two buckets' lives would match
+/// the wrong one.
 struct Colliding {
     a: BlockKey,
     b: BlockKey,
@@ -484,12 +483,8 @@ struct Colliding {
 }
 
 fn colliding(mask: u64) -> Colliding {
-    let w = first_word_homed_at(0, mask, 1);
-    Colliding {
-        a: ikey(1, w, 0xa),
-        b: ikey(1, w, 0xb),
-        absent: ikey(1, w, 0xc),
-    }
+    let [a, b, absent] = homed_at_zero(mask);
+    Colliding { a, b, absent }
 }
 
 const SLOT_A: u32 = 10;
