@@ -42,7 +42,9 @@ use loom::thread;
 
 use pegaflow_shm::index::{home, Bucket, Index};
 use pegaflow_shm::ring::{Ring, RingHeader};
-use pegaflow_shm::slot_table::{any_pinned, BlockKey, SlotEntry, SlotKind, SlotState};
+use pegaflow_shm::slot_table::{
+    any_pinned, withdraw_pin, BlockKey, SlotEntry, SlotKind, SlotState,
+};
 use pegaflow_shm::sync::{AtomicU32, AtomicU64, Ordering};
 
 std::thread_local! {
@@ -335,7 +337,7 @@ fn engine<D: Data>(w: &PinWorld<D>, e: usize, k: u8) -> bool {
         data_for(k, gen),
         "pinned slot's bytes reused"
     );
-    pin.fetch_sub(1, Ordering::SeqCst);
+    withdraw_pin(pin);
     true
 }
 

@@ -21,7 +21,7 @@ use pegaflow_shm::doorbell::Doorbell;
 use pegaflow_shm::geometry::Geometry;
 use pegaflow_shm::request::Request;
 use pegaflow_shm::segment::{ControlSegment, CreateOptions, PoolSegment};
-use pegaflow_shm::slot_table::{any_pinned, BlockKey, SlotKind, SlotState};
+use pegaflow_shm::slot_table::{any_pinned, withdraw_pin, BlockKey, SlotKind, SlotState};
 
 /// One temporary directory (on tmpfs when there is one) for every segment
 /// of this test binary, exported as `PEGAFLOW_SHM_DIR` before any is made.
@@ -306,7 +306,7 @@ fn pins_against_eviction_across_processes() {
                     {
                         return FREED_WHILE_PINNED;
                     }
-                    pin.fetch_sub(1, Ordering::SeqCst);
+                    withdraw_pin(pin);
                 }
                 view.entry.engine_counters[0].store(pins, Ordering::SeqCst);
                 0
