@@ -303,9 +303,17 @@ pub fn withdraw_pin(my_pin: &AtomicU32) {
 /// [4] of the handshake: does any of these pin counters hold the slot?
 /// The fence pairs with the one engines issue between announcing and
 /// validating: either this sees their pin, or they see `Evicting`.
+///
+/// A clean scan ends with an Acquire fence, pairing with the Release store
+/// of [`withdraw_pin`]: an engine's last reads of the slot's pool bytes
+/// happen before the owner reuses the slot (found by the loom models).
 pub fn any_pinned<'a>(pins: impl IntoIterator<Item = &'a AtomicU32>) -> bool {
     fence(Ordering::SeqCst);
-    pins.into_iter().any(|p| p.load(Ordering::Relaxed) != 0)
+    let pinned = pins.into_iter().any(|p| p.load(Ordering::Relaxed) != 0);
+    if !pinned {
+        fence(Ordering::Acquire);
+    }
+    pinned
 }
 
 #[cfg(all(test, not(loom)))]
