@@ -5,12 +5,12 @@
 //!   through shared memory; reconnects by itself);
 //! - [`layout`], [`copy`], [`transfer`], [`cuda`]: the data path between an
 //!   engine's KV cache (GPU or host) and the pool.
-pub mod engine;
-pub mod error;
-mod session;
 pub mod copy;
 pub mod cuda;
+pub mod engine;
+pub mod error;
 pub mod layout;
+mod session;
 pub mod transfer;
 
 pub use engine::{Engine, EngineConfig, EngineStats, Pinned, PinnedBlock, Reservation};

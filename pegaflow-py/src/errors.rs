@@ -17,8 +17,18 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(_native, PegaflowError, PyException, "Base class of every PegaFlow error.");
-create_exception!(_native, ConfigError, PegaflowError, "Invalid argument or configuration.");
+create_exception!(
+    _native,
+    PegaflowError,
+    PyException,
+    "Base class of every PegaFlow error."
+);
+create_exception!(
+    _native,
+    ConfigError,
+    PegaflowError,
+    "Invalid argument or configuration."
+);
 create_exception!(
     _native,
     OwnerUnavailable,

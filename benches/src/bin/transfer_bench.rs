@@ -51,7 +51,11 @@ fn main() {
         println!("SKIPPED: no CUDA driver (libcuda) or no GPU on this machine");
         return;
     }
-    let r = if args.first().map(String::as_str) == Some("register") { register_mode(&args[1..]) } else { bench_mode(&args) };
+    let r = if args.first().map(String::as_str) == Some("register") {
+        register_mode(&args[1..])
+    } else {
+        bench_mode(&args)
+    };
     if let Err(e) = r {
         eprintln!("transfer_bench: {e}");
         std::process::exit(1);
@@ -59,11 +63,17 @@ fn main() {
 }
 
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
 }
 
 fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).min(32)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(4)
+        .min(32)
 }
 
 // ------------------------------------------------------------ pool file
@@ -83,7 +93,9 @@ unsafe impl Sync for Pool {}
 unsafe impl Send for Pool {}
 
 fn hugetlbfs_mounted(dir: &Path) -> bool {
-    let Ok(m) = std::fs::read_to_string("/proc/mounts") else { return false };
+    let Ok(m) = std::fs::read_to_string("/proc/mounts") else {
+        return false;
+    };
     let d = dir.to_string_lossy();
     m.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -94,7 +106,11 @@ fn hugetlbfs_mounted(dir: &Path) -> bool {
 fn huge_pages_free() -> usize {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -105,17 +121,40 @@ impl Pool {
         let page = if huge { 2 * MIB } else { 4 * KIB };
         let len = len.next_multiple_of(2 * MIB);
         if huge && huge_pages_free() * 2 * MIB < len {
-            return Err(format!("only {} free 2 MiB hugepages, need {}", huge_pages_free(), len / (2 * MIB)));
+            return Err(format!(
+                "only {} free 2 MiB hugepages, need {}",
+                huge_pages_free(),
+                len / (2 * MIB)
+            ));
         }
         let path = dir.join(format!("pegaflow-bench-{}", std::process::id()));
         let t = Instant::now();
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(|e| format!("create {path:?}: {e}"))?;
-        f.set_len(len as u64).map_err(|e| format!("size {path:?}: {e}"))?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| format!("create {path:?}: {e}"))?;
+        f.set_len(len as u64)
+            .map_err(|e| format!("size {path:?}: {e}"))?;
         // SAFETY: shared mapping of a file we own, no fixed address.
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
         if base == libc::MAP_FAILED {
             let _ = std::fs::remove_file(&path);
-            return Err(format!("mmap {path:?}: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "mmap {path:?}: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         let base = base as *mut u8;
         let n = threads();
@@ -134,7 +173,13 @@ impl Pool {
                 });
             }
         });
-        Ok(Pool { path, base, len, page, create_touch: t.elapsed() })
+        Ok(Pool {
+            path,
+            base,
+            len,
+            page,
+            create_touch: t.elapsed(),
+        })
     }
 
     fn slot(&self, slot_bytes: usize, i: usize) -> usize {
@@ -154,14 +199,20 @@ impl Drop for Pool {
 // ------------------------------------------------------- registration
 
 fn register_mode(args: &[String]) -> Res<()> {
-    let gib: usize = arg(args, "--gib").unwrap_or("64").parse().map_err(|e| format!("--gib: {e}"))?;
+    let gib: usize = arg(args, "--gib")
+        .unwrap_or("64")
+        .parse()
+        .map_err(|e| format!("--gib: {e}"))?;
     let dir = PathBuf::from(arg(args, "--dir").unwrap_or("/dev/shm"));
     let huge = hugetlbfs_mounted(&dir);
     let d = CudaDevice::open(0).map_err(|e| e.to_string())?;
     let pool = match Pool::create(&dir, gib * GIB, huge) {
         Ok(p) => p,
         Err(e) => {
-            println!("REGISTER {{\"backing\":\"{}\",\"gib\":{gib},\"skipped\":\"{e}\"}}", if huge { "hugetlbfs" } else { "shm" });
+            println!(
+                "REGISTER {{\"backing\":\"{}\",\"gib\":{gib},\"skipped\":\"{e}\"}}",
+                if huge { "hugetlbfs" } else { "shm" }
+            );
             return Ok(());
         }
     };
@@ -193,7 +244,9 @@ fn register_mode(args: &[String]) -> Res<()> {
 /// so a misplaced or stale piece cannot pass verification.
 #[inline]
 fn word(tag: u64, w: usize) -> u64 {
-    tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (w as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0x0123_4567_89AB_CDEF
+    tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (w as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+        ^ 0x0123_4567_89AB_CDEF
 }
 
 fn fill_piece(buf: &mut [u8], tag: u64) {
@@ -203,7 +256,9 @@ fn fill_piece(buf: &mut [u8], tag: u64) {
 }
 
 fn piece_ok(buf: &[u8], tag: u64) -> bool {
-    buf.chunks_exact(8).enumerate().all(|(w, c)| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) == word(tag, w))
+    buf.chunks_exact(8)
+        .enumerate()
+        .all(|(w, c)| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) == word(tag, w))
 }
 
 // ---------------------------------------------------------------- cache
@@ -227,7 +282,10 @@ enum Shape {
 impl Shape {
     fn name(&self) -> String {
         match self {
-            Shape::PerLayer { layers, block_tokens } => format!("per-layer L{layers} bt{block_tokens}"),
+            Shape::PerLayer {
+                layers,
+                block_tokens,
+            } => format!("per-layer L{layers} bt{block_tokens}"),
             Shape::BlockLeading { layers } => format!("block-leading L{layers}"),
             Shape::CrossLayer { layers } => format!("cross-layer L{layers}"),
         }
@@ -241,22 +299,67 @@ impl Cache {
     fn new(d: &Arc<CudaDevice>, shape: Shape, num_blocks: usize) -> Res<Cache> {
         let e = |e: cuda::CudaError| e.to_string();
         let (layout, bufs) = match shape {
-            Shape::PerLayer { layers, block_tokens } => {
+            Shape::PerLayer {
+                layers,
+                block_tokens,
+            } => {
                 let piece = block_tokens * TOKEN_BYTES;
-                let bufs = (0..layers).map(|_| DeviceBuffer::new(d, 2 * num_blocks * piece)).collect::<Result<Vec<_>, _>>().map_err(e)?;
+                let bufs = (0..layers)
+                    .map(|_| DeviceBuffer::new(d, 2 * num_blocks * piece))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(e)?;
                 let bases = bufs.iter().map(|b| b.ptr()).collect();
-                (KvLayout::split_kv(bases, num_blocks, block_tokens, piece, num_blocks * piece, piece, 2, PieceOrder::Nhd), bufs)
+                (
+                    KvLayout::split_kv(
+                        bases,
+                        num_blocks,
+                        block_tokens,
+                        piece,
+                        num_blocks * piece,
+                        piece,
+                        2,
+                        PieceOrder::Nhd,
+                    ),
+                    bufs,
+                )
             }
             Shape::BlockLeading { layers } => {
                 let piece = 16 * TOKEN_BYTES;
-                let bufs = (0..layers).map(|_| DeviceBuffer::new(d, 2 * num_blocks * piece)).collect::<Result<Vec<_>, _>>().map_err(e)?;
+                let bufs = (0..layers)
+                    .map(|_| DeviceBuffer::new(d, 2 * num_blocks * piece))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(e)?;
                 let bases = bufs.iter().map(|b| b.ptr()).collect();
-                (KvLayout::split_kv(bases, num_blocks, 16, 2 * piece, piece, piece, 2, PieceOrder::Nhd), bufs)
+                (
+                    KvLayout::split_kv(
+                        bases,
+                        num_blocks,
+                        16,
+                        2 * piece,
+                        piece,
+                        piece,
+                        2,
+                        PieceOrder::Nhd,
+                    ),
+                    bufs,
+                )
             }
             Shape::CrossLayer { layers } => {
                 let piece = layers * 2 * 16 * TOKEN_BYTES;
                 let buf = DeviceBuffer::new(d, num_blocks * piece).map_err(e)?;
-                (KvLayout::cross_layer(buf.ptr(), layers, num_blocks, 16, piece, piece, 2, PieceOrder::Nhd), vec![buf])
+                (
+                    KvLayout::cross_layer(
+                        buf.ptr(),
+                        layers,
+                        num_blocks,
+                        16,
+                        piece,
+                        piece,
+                        2,
+                        PieceOrder::Nhd,
+                    ),
+                    vec![buf],
+                )
             }
         };
         layout.validate().map_err(|e| e.to_string())?;
@@ -284,7 +387,12 @@ impl Cache {
     /// Every piece of block `b`: (segment buffer offset, tag).
     fn pieces_of(&self, s: usize, b: u32) -> impl Iterator<Item = (usize, u64)> + '_ {
         let l = &self.layout;
-        (0..l.pieces_per_segment()).map(move |p| ((l.device_addr(s, b, p) - l.segment_bases[s]) as usize, piece_tag(s, b, p)))
+        (0..l.pieces_per_segment()).map(move |p| {
+            (
+                (l.device_addr(s, b, p) - l.segment_bases[s]) as usize,
+                piece_tag(s, b, p),
+            )
+        })
     }
 
     /// Runs `f` over every chunk on all cores.
@@ -298,13 +406,21 @@ impl Cache {
                     sc.spawn(move || -> Res<()> {
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some(&(s, lo, hi)) = items.get(i) else { return Ok(()) };
+                            let Some(&(s, lo, hi)) = items.get(i) else {
+                                return Ok(());
+                            };
                             f(s, lo, hi)?;
                         }
                     })
                 })
                 .collect();
-            hs.into_iter().filter_map(|h| h.join().unwrap_or(Err("worker thread panicked".into())).err()).collect()
+            hs.into_iter()
+                .filter_map(|h| {
+                    h.join()
+                        .unwrap_or(Err("worker thread panicked".into()))
+                        .err()
+                })
+                .collect()
         });
         errs.into_iter().next().map_or(Ok(()), Err)
     }
@@ -360,7 +476,9 @@ impl Cache {
                 for (off, tag) in self.pieces_of(s, b) {
                     if off >= lo && off < hi {
                         if !piece_ok(&img[off - lo..off - lo + pb], tag) {
-                            return Err(format!("load verify: segment {s} block {b} piece at {off:#x} is wrong"));
+                            return Err(format!(
+                                "load verify: segment {s} block {b} piece at {off:#x} is wrong"
+                            ));
                         }
                         covered[(off - lo) / pb] = true;
                     }
@@ -368,7 +486,10 @@ impl Cache {
             }
             for (i, c) in img.chunks(pb).enumerate() {
                 if !covered[i] && c.iter().any(|&x| x != 0) {
-                    return Err(format!("load verify: segment {s} bytes at {:#x} written but not loaded", lo + i * pb));
+                    return Err(format!(
+                        "load verify: segment {s} bytes at {:#x} written but not loaded",
+                        lo + i * pb
+                    ));
                 }
             }
             Ok(())
@@ -402,7 +523,13 @@ fn verify_saved(l: &KvLayout, blocks: &[u32], slots: &[usize]) -> Res<()> {
                 })
             })
             .collect();
-        hs.into_iter().filter_map(|h| h.join().unwrap_or(Err("verify thread panicked".into())).err()).collect()
+        hs.into_iter()
+            .filter_map(|h| {
+                h.join()
+                    .unwrap_or(Err("verify thread panicked".into()))
+                    .err()
+            })
+            .collect()
     });
     errs.into_iter().next().map_or(Ok(()), Err)
 }
@@ -467,7 +594,11 @@ fn measure_ceilings(d: &Arc<CudaDevice>, pool: &Pool, reps: usize) -> Res<Ceilin
     }
     let dev = DeviceBuffer::new(d, 2 * n).map_err(e)?;
     let (a, b) = (Stream::new(d).map_err(e)?, Stream::new(d).map_err(e)?);
-    let (t0, t1, t2) = (Event::timing(d).map_err(e)?, Event::timing(d).map_err(e)?, Event::timing(d).map_err(e)?);
+    let (t0, t1, t2) = (
+        Event::timing(d).map_err(e)?,
+        Event::timing(d).map_err(e)?,
+        Event::timing(d).map_err(e)?,
+    );
     let one = |dir: u8| -> Res<f64> {
         let mut best = 0f64;
         for _ in 0..reps {
@@ -497,13 +628,15 @@ fn measure_ceilings(d: &Arc<CudaDevice>, pool: &Pool, reps: usize) -> Res<Ceilin
         // SAFETY: disjoint halves of the pool and of the device buffer.
         unsafe {
             cuda::memcpy_htod_async(d, dev.ptr(), pool.base, n, a.as_ref()).map_err(e)?;
-            cuda::memcpy_dtoh_async(d, pool.base.add(n), dev.ptr() + n as u64, n, b.as_ref()).map_err(e)?;
+            cuda::memcpy_dtoh_async(d, pool.base.add(n), dev.ptr() + n as u64, n, b.as_ref())
+                .map_err(e)?;
         }
         t1.record(a.as_ref()).map_err(e)?;
         t2.record(b.as_ref()).map_err(e)?;
         t1.synchronize().map_err(e)?;
         t2.synchronize().map_err(e)?;
-        let ms = (t1.elapsed_ms_since(&t0).map_err(e)? as f64).max(t2.elapsed_ms_since(&t0).map_err(e)? as f64);
+        let ms = (t1.elapsed_ms_since(&t0).map_err(e)? as f64)
+            .max(t2.elapsed_ms_since(&t0).map_err(e)? as f64);
         bidir = bidir.max(2.0 * n as f64 / (ms * 1e-3) / 1e9);
     }
     Ok(Ceilings { h2d, d2h, bidir })
@@ -544,27 +677,53 @@ struct Ctx<'a> {
 }
 
 /// All three operations for one shape and backend; rows appended to `out`.
-fn run_shape_backend(cx: &Ctx, cache: &Cache, backend: &Arc<dyn CopyBackend>, label: &str, out: &mut Vec<Row>) -> Res<()> {
+fn run_shape_backend(
+    cx: &Ctx,
+    cache: &Cache,
+    backend: &Arc<dyn CopyBackend>,
+    label: &str,
+    out: &mut Vec<Row>,
+) -> Res<()> {
     let e = |e: pegaflow_core::transfer::TransferError| e.to_string();
     let l = &cache.layout;
     let sb = l.slot_bytes();
     let total = REQUESTS * BLOCKS_PER_REQUEST;
     if total * sb > cx.pool.len {
-        return Err(format!("pool of {} bytes too small for {total} slots of {sb}", cx.pool.len));
+        return Err(format!(
+            "pool of {} bytes too small for {total} slots of {sb}",
+            cx.pool.len
+        ));
     }
     // vLLM hands out scattered block ids; the owner hands out scattered slots.
-    let gpu: Vec<u32> = shuffled(l.num_blocks, 1).into_iter().take(total).map(|b| b as u32).collect();
+    let gpu: Vec<u32> = shuffled(l.num_blocks, 1)
+        .into_iter()
+        .take(total)
+        .map(|b| b as u32)
+        .collect();
     let slot_ids = shuffled(cx.pool.len / sb, 2);
-    let slots: Vec<usize> = slot_ids.iter().take(total).map(|&i| cx.pool.slot(sb, i)).collect();
+    let slots: Vec<usize> = slot_ids
+        .iter()
+        .take(total)
+        .map(|&i| cx.pool.slot(sb, i))
+        .collect();
     let req = |r: usize| r * BLOCKS_PER_REQUEST..(r + 1) * BLOCKS_PER_REQUEST;
     let save_stream = Stream::new(cx.d).map_err(|e| e.to_string())?;
     let load_stream = Stream::new(cx.d).map_err(|e| e.to_string())?;
-    let mut saver = KvTransfer::new(l.clone(), backend.clone(), Some(cx.d.clone())).map_err(e)?.with_pool(cx.reg.clone());
-    let mut loader = KvTransfer::new(l.clone(), backend.clone(), Some(cx.d.clone())).map_err(e)?.with_pool(cx.reg.clone());
+    let mut saver = KvTransfer::new(l.clone(), backend.clone(), Some(cx.d.clone()))
+        .map_err(e)?
+        .with_pool(cx.reg.clone());
+    let mut loader = KvTransfer::new(l.clone(), backend.clone(), Some(cx.d.clone()))
+        .map_err(e)?
+        .with_pool(cx.reg.clone());
     let slow = backend.name() == "dma-loop";
     let piece_kib = l.piece_bytes / KIB;
     let segs = l.num_segments();
-    let mk = |op: &'static str, bytes: usize, times: &[f64], ceiling: f64, pieces: usize, note: String| Row {
+    let mk = |op: &'static str,
+              bytes: usize,
+              times: &[f64],
+              ceiling: f64,
+              pieces: usize,
+              note: String| Row {
         backing: cx.backing.into(),
         shape: String::new(),
         op,
@@ -598,7 +757,14 @@ fn run_shape_backend(cx: &Ctx, cache: &Cache, backend: &Arc<dyn CopyBackend>, la
     }
     verify_saved(l, &gpu, &slots)?;
     let pieces = l.plan(&gpu, &slots, 0..1).map_err(|e| e.to_string())?.len();
-    out.push(mk("save 8 req", total * sb, &times, cx.ceil.d2h, pieces, String::new()));
+    out.push(mk(
+        "save 8 req",
+        total * sb,
+        &times,
+        cx.ceil.d2h,
+        pieces,
+        String::new(),
+    ));
 
     // ---- load one request (all layers, per-layer events, wait last).
     cache.clear()?;
@@ -616,7 +782,14 @@ fn run_shape_backend(cx: &Ctx, cache: &Cache, backend: &Arc<dyn CopyBackend>, la
     }
     cache.verify_loaded(g0)?;
     let pieces = l.plan(g0, s0, 0..1).map_err(|e| e.to_string())?.len();
-    out.push(mk("load 1 req", BLOCKS_PER_REQUEST * sb, &times, cx.ceil.h2d, pieces, String::new()));
+    out.push(mk(
+        "load 1 req",
+        BLOCKS_PER_REQUEST * sb,
+        &times,
+        cx.ceil.h2d,
+        pieces,
+        String::new(),
+    ));
 
     // ---- save 4 requests while loading 4 others, layer-interleaved.
     if slow {
@@ -624,8 +797,14 @@ fn run_shape_backend(cx: &Ctx, cache: &Cache, backend: &Arc<dyn CopyBackend>, la
         return Ok(());
     }
     cache.fill()?;
-    let (gl, sl) = (&gpu[0..4 * BLOCKS_PER_REQUEST], &slots[0..4 * BLOCKS_PER_REQUEST]);
-    let (gs, ss) = (&gpu[4 * BLOCKS_PER_REQUEST..], &slots[4 * BLOCKS_PER_REQUEST..]);
+    let (gl, sl) = (
+        &gpu[0..4 * BLOCKS_PER_REQUEST],
+        &slots[0..4 * BLOCKS_PER_REQUEST],
+    );
+    let (gs, ss) = (
+        &gpu[4 * BLOCKS_PER_REQUEST..],
+        &slots[4 * BLOCKS_PER_REQUEST..],
+    );
     // Slots of requests 0..4 hold the saved blocks from above; loading
     // rewrites the same pattern, so clear the destination blocks first by
     // clearing the whole cache and refilling only the save side.
@@ -638,8 +817,12 @@ fn run_shape_backend(cx: &Ctx, cache: &Cache, backend: &Arc<dyn CopyBackend>, la
         for s in 0..segs {
             // SAFETY: disjoint blocks and slots on the two streams.
             unsafe {
-                saver.save(s..s + 1, gs, ss, save_stream.as_ref()).map_err(e)?;
-                loader.load(s..s + 1, gl, sl, load_stream.as_ref()).map_err(e)?;
+                saver
+                    .save(s..s + 1, gs, ss, save_stream.as_ref())
+                    .map_err(e)?;
+                loader
+                    .load(s..s + 1, gl, sl, load_stream.as_ref())
+                    .map_err(e)?;
             }
         }
         saver.save_done(true).map_err(e)?;
@@ -654,7 +837,14 @@ fn run_shape_backend(cx: &Ctx, cache: &Cache, backend: &Arc<dyn CopyBackend>, la
     all.extend_from_slice(gs);
     cache.verify_loaded(&all)?;
     let bytes = (gl.len() + gs.len()) * sb;
-    out.push(mk("save+load 4+4", bytes, &times, cx.ceil.bidir, 0, String::new()));
+    out.push(mk(
+        "save+load 4+4",
+        bytes,
+        &times,
+        cx.ceil.bidir,
+        0,
+        String::new(),
+    ));
     Ok(())
 }
 
@@ -675,13 +865,20 @@ fn bench_mode(args: &[String]) -> Res<()> {
     let d = CudaDevice::open(0).map_err(|e| e.to_string())?;
     let version = cuda::driver_version().map_err(|e| e.to_string())?;
     let batch = pegaflow_core::copy::dma::BatchApi::load().map_err(|e| e.to_string())?;
-    println!("device 0, driver {version}, SMs {}, batch copy: {:?}", d.sm_count().map_err(|e| e.to_string())?, batch);
+    println!(
+        "device 0, driver {version}, SMs {}, batch copy: {:?}",
+        d.sm_count().map_err(|e| e.to_string())?,
+        batch
+    );
 
     let mut rows: Vec<Row> = Vec::new();
     let mut ceilings_json = String::new();
     let mut notes: Vec<String> = Vec::new();
     let pool_bytes = REQUESTS * BLOCKS_PER_REQUEST * 2 * MIB + GIB; // 10.5 GB of slots + margin
-    let backings: Vec<(&str, PathBuf, bool)> = vec![("shm", shm_dir, false), ("hugetlbfs", huge_dir.clone(), true)];
+    let backings: Vec<(&str, PathBuf, bool)> = vec![
+        ("shm", shm_dir, false),
+        ("hugetlbfs", huge_dir.clone(), true),
+    ];
     for (backing, dir, huge) in backings {
         if only_backing.is_some_and(|b| b != backing) {
             continue;
@@ -707,14 +904,26 @@ fn bench_mode(args: &[String]) -> Res<()> {
         let pending = unsafe { cuda::register_pool_background(&d, pool.base, pool.len) };
         let shapes: Vec<Shape> = if backing == "shm" && !quick {
             vec![
-                Shape::PerLayer { layers: 32, block_tokens: 16 },
-                Shape::PerLayer { layers: 32, block_tokens: 8 },
+                Shape::PerLayer {
+                    layers: 32,
+                    block_tokens: 16,
+                },
+                Shape::PerLayer {
+                    layers: 32,
+                    block_tokens: 8,
+                },
                 Shape::BlockLeading { layers: 32 },
                 Shape::CrossLayer { layers: 32 },
-                Shape::PerLayer { layers: 8, block_tokens: 16 },
+                Shape::PerLayer {
+                    layers: 8,
+                    block_tokens: 16,
+                },
             ]
         } else {
-            vec![Shape::PerLayer { layers: 32, block_tokens: 16 }]
+            vec![Shape::PerLayer {
+                layers: 32,
+                block_tokens: 16,
+            }]
         };
         let t_wait = Instant::now();
         let reg = pending.wait().map_err(|e| e.to_string())?;
@@ -738,13 +947,26 @@ fn bench_mode(args: &[String]) -> Res<()> {
             pool.create_touch.as_secs_f64(),
             reg.took().as_secs_f64()
         );
-        let cx = Ctx { d: &d, pool: &pool, reg: &reg, ceil: &ceil, backing, quick };
+        let cx = Ctx {
+            d: &d,
+            pool: &pool,
+            reg: &reg,
+            ceil: &ceil,
+            backing,
+            quick,
+        };
         let all_backends = backends(&d)?;
         let by_name = |n: &str| all_backends.iter().find(|b| b.name() == n).cloned();
         for shape in shapes {
             // Enough blocks for 8 requests, scattered among 10% more.
             let cache = Cache::new(&d, shape, REQUESTS * BLOCKS_PER_REQUEST * 11 / 10)?;
-            let reference = matches!(shape, Shape::PerLayer { layers: 32, block_tokens: 16 });
+            let reference = matches!(
+                shape,
+                Shape::PerLayer {
+                    layers: 32,
+                    block_tokens: 16
+                }
+            );
             // Every backend on the reference shape (plus a sweep of the copy
             // kernel's grid); elsewhere the kernel and batched DMA, and auto
             // where it would pick DMA (2 MiB pieces).
@@ -765,7 +987,9 @@ fn bench_mode(args: &[String]) -> Res<()> {
             }
             if reference && backing == "shm" && !quick {
                 for ctas in [33u32, 66, 264, 528] {
-                    let k = KernelBackend::new(&d).map_err(|e| e.to_string())?.with_max_ctas(ctas);
+                    let k = KernelBackend::new(&d)
+                        .map_err(|e| e.to_string())?
+                        .with_max_ctas(ctas);
                     runs.push((format!("kernel/{ctas}"), Arc::new(k)));
                 }
             }
@@ -841,7 +1065,11 @@ fn bench_mode(args: &[String]) -> Res<()> {
         );
     }
     let mut j = String::new();
-    let _ = write!(j, "{{\"driver\":{version},\"batch\":\"{}\",\"ceilings\":{{{ceilings_json}}},\"rows\":[", batch.map(|b| b.signature()).unwrap_or("none"));
+    let _ = write!(
+        j,
+        "{{\"driver\":{version},\"batch\":\"{}\",\"ceilings\":{{{ceilings_json}}},\"rows\":[",
+        batch.map(|b| b.signature()).unwrap_or("none")
+    );
     for (i, r) in rows.iter().enumerate() {
         let _ = write!(
             j,
@@ -862,7 +1090,15 @@ fn bench_mode(args: &[String]) -> Res<()> {
             r.verified
         );
     }
-    let _ = write!(j, "],\"notes\":[{}]}}", notes.iter().map(|n| format!("{:?}", n)).collect::<Vec<_>>().join(","));
+    let _ = write!(
+        j,
+        "],\"notes\":[{}]}}",
+        notes
+            .iter()
+            .map(|n| format!("{:?}", n))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     println!("TRANSFER_BENCH_JSON {j}");
     if let Some(p) = arg(args, "--json") {
         std::fs::write(p, &j).map_err(|e| format!("write {p}: {e}"))?;

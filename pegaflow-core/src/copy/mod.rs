@@ -363,6 +363,9 @@ mod link_tests {
         link::note_load(45_000_000);
         assert!(link::loads_in_flight());
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!link::loads_in_flight(), "a drained load must not count as in flight");
+        assert!(
+            !link::loads_in_flight(),
+            "a drained load must not count as in flight"
+        );
     }
 }
