@@ -171,6 +171,8 @@ struct Inner {
     /// Per engine, not per session: pins taken before a reconnect are
     /// released into the same (resumed) client entry as new ones.
     pin_lock: parking_lot::Mutex<()>,
+    /// IPC handles this engine published, republished on every reconnect.
+    published: parking_lot::Mutex<std::collections::HashMap<String, Vec<u8>>>,
 }
 
 /// A connection to the owner; cheap to clone, safe to share across threads.
@@ -199,6 +201,7 @@ impl Engine {
             local: Local::default(),
             ipc_reply: ReplySlot::default(),
             pin_lock: parking_lot::Mutex::new(()),
+            published: Default::default(),
         });
         let first = match Session::connect(&inner.socket, inner.hello(), None, None) {
             Ok((s, reader)) => Some((Arc::new(s), reader)),
@@ -666,17 +669,16 @@ impl Engine {
     }
 
     /// Store a CUDA IPC handle with the owner under `key`.
+    /// The engine remembers it and publishes it again whenever it
+    /// reconnects, so a restarted owner (which keeps handles in memory only)
+    /// learns it back without the caller doing anything.
     pub fn publish_ipc(&self, key: &str, handle: &[u8]) -> Result<(), EngineError> {
+        self.inner
+            .published
+            .lock()
+            .insert(key.to_string(), handle.to_vec());
         let s = self.session().ok_or(EngineError::OwnerGone)?;
-        let mut w = s.writer.lock();
-        proto::send(
-            &mut *w,
-            &ClientMsg::PublishIpc {
-                key: key.into(),
-                handle: handle.to_vec(),
-            },
-        )?;
-        Ok(())
+        send_ipc(&s, key, handle)
     }
 
     /// The CUDA IPC handle another engine published under `key`.
@@ -741,6 +743,15 @@ impl Inner {
     }
 }
 
+fn send_ipc(s: &Session, key: &str, handle: &[u8]) -> Result<(), EngineError> {
+    let msg = ClientMsg::PublishIpc {
+        key: key.into(),
+        handle: handle.to_vec(),
+    };
+    proto::send(&mut *s.writer.lock(), &msg)?;
+    Ok(())
+}
+
 /// Background thread: read the socket until the owner hangs up, then
 /// reconnect. Holds only a weak reference so dropping the engine ends it.
 fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::UnixStream>) {
@@ -792,7 +803,13 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
                     resumed,
                     "connected to pegaflow-owner"
                 );
-                *inner.session.write() = Some(Arc::new(s));
+                let s = Arc::new(s);
+                for (key, handle) in inner.published.lock().iter() {
+                    if let Err(e) = send_ipc(&s, key, handle) {
+                        warn!(key, error = %e, "could not republish an IPC handle after reconnecting");
+                    }
+                }
+                *inner.session.write() = Some(s);
                 if prev.is_some() {
                     inner.local.reconnects.fetch_add(1, AtomicOrdering::Relaxed);
                 }

@@ -41,6 +41,27 @@ fn published_handles_reach_other_engines() {
 }
 
 #[test]
+fn handles_survive_an_owner_restart() {
+    let mut owner = OwnerProc::start("ipc-restart");
+    let a = pegaflow_core::Engine::connect(owner.engine_config(0, 0)).unwrap();
+    let b = pegaflow_core::Engine::connect(owner.engine_config(0, 0)).unwrap();
+    let t = Duration::from_secs(5);
+    assert!(a.wait_connected(t) && b.wait_connected(t));
+    a.publish_ipc("event/save/tp0", &[9; 64]).unwrap();
+    owner.kill9();
+    owner.spawn();
+    // The owner keeps handles in memory only; the publisher sends its own
+    // again when it reconnects.
+    assert!(
+        pegaflow_tests::eventually(Duration::from_secs(10), || {
+            b.is_connected() && b.fetch_ipc("event/save/tp0", t).ok().flatten() == Some(vec![9; 64])
+        }),
+        "handle not republished after the owner restart; log:\n{}",
+        owner.log_text()
+    );
+}
+
+#[test]
 fn fetch_without_an_owner_is_a_clear_error_not_a_hang() {
     let mut owner = OwnerProc::start("ipc-gone");
     let a = pegaflow_core::Engine::connect(owner.engine_config(0, 0)).unwrap();
