@@ -484,16 +484,7 @@ class PegaKVConnector(KVConnectorBase_V1):
         self._device_is_cuda = lay.is_cuda
         backend = self.cfg.copy_backend if lay.is_cuda else "host"
         self.kv = _native.KvCache(
-            kind=lay.kind,
-            order=lay.order,
-            segment_bases=lay.segment_bases,
-            num_layers=lay.num_layers,
-            num_blocks=lay.num_blocks,
-            block_tokens=lay.block_tokens,
-            block_stride=lay.block_stride,
-            kv_stride=lay.kv_stride,
-            piece_bytes=lay.piece_bytes,
-            dtype_size=lay.dtype_size,
+            **lay.native_layout(),
             model=self.cfg.model_id or "",
             dtype=self.shape.dtype,
             namespace=self.namespace,

@@ -49,6 +49,21 @@ class TensorLayout:
     # Element order of one piece: sizes of its dims, outermost first.
     piece_dims: tuple[int, ...]
 
+    def native_layout(self) -> dict[str, Any]:
+        """The layout arguments of ``_native.KvCache``."""
+        return dict(
+            kind=self.kind,
+            order=self.order,
+            segment_bases=self.segment_bases,
+            num_layers=self.num_layers,
+            num_blocks=self.num_blocks,
+            block_tokens=self.block_tokens,
+            block_stride=self.block_stride,
+            kv_stride=self.kv_stride,
+            piece_bytes=self.piece_bytes,
+            dtype_size=self.dtype_size,
+        )
+
     @property
     def slot_bytes(self) -> int:
         pieces = 2 if self.kind == "split_kv" else 1
@@ -183,16 +198,7 @@ def kv_cache_from_tensors(
     """
     lay = describe_kv_tensors(tensors, num_blocks, block_tokens, num_heads)
     kw: dict[str, Any] = dict(
-        kind=lay.kind,
-        order=lay.order,
-        segment_bases=lay.segment_bases,
-        num_layers=lay.num_layers,
-        num_blocks=lay.num_blocks,
-        block_tokens=lay.block_tokens,
-        block_stride=lay.block_stride,
-        kv_stride=lay.kv_stride,
-        piece_bytes=lay.piece_bytes,
-        dtype_size=lay.dtype_size,
+        **lay.native_layout(),
         model=model,
         dtype=dtype,
         tp_size=tp_size,
