@@ -36,8 +36,6 @@ use tracing::{info, warn};
 use crate::error::EngineError;
 use crate::session::Session;
 
-pub use pegaflow_shm::slot_table::BlockKey as Key;
-
 /// How an engine finds and presents itself to the owner.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {

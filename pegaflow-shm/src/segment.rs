@@ -25,7 +25,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use crate::client::ClientEntry;
 use crate::error::SegmentError;
 use crate::geometry::{Geometry, Layout, REQUEST_BYTES};
-use crate::header::{owner_state, Header, ABI_VERSION, MAGIC};
+use crate::header::{Header, ABI_VERSION, MAGIC};
 use crate::index::{Bucket, Index};
 use crate::ring::{Ring, RingHeader};
 use crate::slot_table::{SlabEntry, SlotEntry};
@@ -406,12 +406,6 @@ impl ControlSegment {
             return None;
         }
         Some((slab * g.slab_bytes + idx * stride, stride))
-    }
-
-    pub fn owner_alive(&self) -> bool {
-        let h = self.header();
-        h.owner_state.load(Ordering::SeqCst) == owner_state::RUNNING
-            && pid_alive(h.owner_pid.load(Ordering::SeqCst))
     }
 }
 

@@ -262,7 +262,7 @@ proptest! {
         match ring.pop() {
             Err(e) => prop_assert!(len > 4, "error {e} on a valid ring"),
             Ok(None) => prop_assert_eq!(len, 0),
-            Ok(Some(_)) => prop_assert!(len >= 1 && len <= 4),
+            Ok(Some(_)) => prop_assert!((1..=4).contains(&len)),
         }
         prop_assert!(ring.len() <= 4);
     }

@@ -1035,7 +1035,7 @@ fn bench_mode(args: &[String]) -> Res<()> {
                 }
             }
         }
-        drop(cx);
+        // Unregister before unmapping.
         drop(reg);
         drop(pool);
     }
