@@ -97,8 +97,8 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ MAX_FRAME as usize }>()
 }
 
-/// Write one frame.
-pub fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), ProtoError> {
+/// One frame's bytes: length prefix and body.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
     let body = bincode::serde::encode_to_vec(msg, config())
         .map_err(|e| ProtoError::Decode(e.to_string()))?;
     let len = u32::try_from(body.len()).map_err(|_| ProtoError::TooLarge(u32::MAX))?;
@@ -108,8 +108,36 @@ pub fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), ProtoError>
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&body);
-    w.write_all(&frame)?;
+    Ok(frame)
+}
+
+/// Write one frame.
+pub fn send<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), ProtoError> {
+    w.write_all(&encode(msg)?)?;
     Ok(())
+}
+
+/// Take the first complete frame off the front of `buf` (bytes received
+/// so far, for a reader that never blocks on its peer). `Ok(None)` while
+/// the frame is incomplete; a length over [`MAX_FRAME`] is an error as soon
+/// as its four bytes are in.
+pub fn take_frame<T: for<'de> Deserialize<'de>>(
+    buf: &mut Vec<u8>,
+) -> Result<Option<T>, ProtoError> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(len.try_into().expect("4 bytes"));
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooLarge(len));
+    }
+    let end = 4 + len as usize;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    let msg = decode(&buf[4..end]);
+    buf.drain(..end);
+    msg.map(Some)
 }
 
 /// Read one frame; `Err(Closed)` on a clean hang-up between frames.
@@ -173,6 +201,29 @@ mod tests {
         assert!(matches!(
             recv::<ClientMsg>(&mut [].as_slice()),
             Err(ProtoError::Closed)
+        ));
+    }
+
+    #[test]
+    fn frames_are_taken_only_when_complete() {
+        let a = ClientMsg::FetchIpc { key: "a".into() };
+        let b = ClientMsg::Goodbye;
+        let mut wire = encode(&a).unwrap();
+        wire.extend(encode(&b).unwrap());
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for byte in wire {
+            buf.push(byte);
+            while let Some(m) = take_frame::<ClientMsg>(&mut buf).unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, [a, b]);
+        assert!(buf.is_empty());
+        let mut huge = (MAX_FRAME + 1).to_le_bytes().to_vec();
+        assert!(matches!(
+            take_frame::<ClientMsg>(&mut huge),
+            Err(ProtoError::TooLarge(_))
         ));
     }
 }
