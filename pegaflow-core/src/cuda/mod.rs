@@ -25,7 +25,10 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::sys;
 use thiserror::Error;
 
-pub use pool::{register_pool, register_pool_background, HostRegistration, PendingRegistration};
+pub use pool::{
+    register_pool, register_pool_background, register_segment_background, HostRegistration,
+    PendingRegistration,
+};
 
 /// A raw `CUstream` value. `StreamRef(0)` is the legacy default stream;
 /// engines pass their own stream (torch: `torch.cuda.current_stream().cuda_stream`).

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::sys;
 
+use pegaflow_shm::segment::PoolSegment;
+
 use super::{check, CudaDevice, CudaError};
 
 const CU_MEMHOSTREGISTER_PORTABLE: u32 = 1;
@@ -21,7 +23,6 @@ const CU_MEMHOSTREGISTER_DEVICEMAP: u32 = 2;
 
 /// A registered host range; unregistered on drop (when this process did the
 /// registering).
-#[derive(Debug)]
 pub struct HostRegistration {
     base: usize,
     len: usize,
@@ -29,6 +30,21 @@ pub struct HostRegistration {
     took: Duration,
     owned: bool,
     device: Arc<CudaDevice>,
+    /// The mapping this registration covers, when the registration owns it
+    /// ([`register_segment_background`]): dropped only after the range is
+    /// unregistered, so registered memory is never unmapped first.
+    mapping: Option<Arc<PoolSegment>>,
+}
+
+impl std::fmt::Debug for HostRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostRegistration")
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("len", &self.len)
+            .field("owned", &self.owned)
+            .field("owns_mapping", &self.mapping.is_some())
+            .finish()
+    }
 }
 
 // SAFETY: holds addresses as integers and an Arc<CudaDevice> (Send+Sync);
@@ -125,6 +141,7 @@ pub unsafe fn register_pool(
         took,
         owned,
         device: device.clone(),
+        mapping: None,
     };
     check("cuMemHostGetDevicePointer", r)?;
     tracing::info!(
@@ -188,6 +205,40 @@ pub unsafe fn register_pool_background(
             // SAFETY: the caller of register_pool_background upholds
             // register_pool's contract for this range.
             let r = unsafe { register_pool(&device, base_addr as *mut u8, len) }.map(Arc::new);
+            let (m, cv) = &*state;
+            *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            cv.notify_all();
+        });
+    if let Err(e) = spawn {
+        let (m, _) = &*pending.state;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(CudaError::Unsupported(format!(
+            "cannot start the registration thread: {e}"
+        ))));
+    }
+    pending
+}
+
+/// Registers a pool mapping on a background thread; the registration holds
+/// the mapping, so it cannot be unmapped while registered however the
+/// `Arc`s are dropped.
+pub fn register_segment_background(
+    device: &Arc<CudaDevice>,
+    pool: Arc<PoolSegment>,
+) -> PendingRegistration {
+    let state: Arc<(Slot, Condvar)> = Arc::new((Mutex::new(None), Condvar::new()));
+    let pending = PendingRegistration {
+        state: state.clone(),
+    };
+    let device = device.clone();
+    let spawn = std::thread::Builder::new()
+        .name("pegaflow-register".into())
+        .spawn(move || {
+            // SAFETY: the range is `pool`'s mapping, which the registration
+            // keeps alive (field `mapping`) until after it unregisters.
+            let r = unsafe { register_pool(&device, pool.as_ptr(), pool.len()) }.map(|mut reg| {
+                reg.mapping = Some(pool);
+                Arc::new(reg)
+            });
             let (m, cv) = &*state;
             *m.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
             cv.notify_all();
