@@ -34,7 +34,7 @@ use pegaflow_shm::sync::{fence, Ordering};
 use tracing::{info, warn};
 
 use crate::error::EngineError;
-use crate::session::Session;
+use crate::session::{Session, Shared};
 
 /// How an engine finds and presents itself to the owner.
 #[derive(Clone, Debug)]
@@ -85,13 +85,37 @@ pub struct PinnedBlock {
     pub gen: u32,
 }
 
-/// The leading hits of a lookup, pinned in one session.
+/// The leading hits of a lookup, pinned in one session. Each block stays
+/// pinned until it is released ([`Pinned::release_range`],
+/// [`Engine::release`]) or the `Pinned` is dropped: a pin can neither leak
+/// nor be released twice, and it is always released into the client entry
+/// it was taken in, whatever the engine reconnected to since.
 pub struct Pinned {
-    session: Option<Arc<Session>>,
     pub blocks: Vec<PinnedBlock>,
+    segment_id: u64,
+    state: parking_lot::Mutex<PinState>,
+}
+
+struct PinState {
+    /// The session the pins were taken in; let go once none is held, so a
+    /// fully released `Pinned` keeps no connection alive.
+    session: Option<Arc<Session>>,
+    /// Which blocks still hold their pin.
+    held: Vec<bool>,
 }
 
 impl Pinned {
+    fn new(session: Option<Arc<Session>>, blocks: Vec<PinnedBlock>) -> Pinned {
+        Pinned {
+            segment_id: session.as_ref().map_or(0, |s| s.welcome.segment_id),
+            state: parking_lot::Mutex::new(PinState {
+                session: (!blocks.is_empty()).then_some(session).flatten(),
+                held: vec![true; blocks.len()],
+            }),
+            blocks,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.blocks.len()
     }
@@ -100,20 +124,81 @@ impl Pinned {
         self.blocks.is_empty()
     }
 
-    /// Host address and valid length of pinned block `i`.
+    /// The segment the pins were taken in (0 when none were).
+    pub fn segment_id(&self) -> u64 {
+        self.segment_id
+    }
+
+    /// Host address and valid length of pinned block `i`, if it is still
+    /// pinned and still the block that was pinned.
     pub fn block(&self, i: usize) -> Option<(*const u8, usize)> {
-        let s = self.session.as_ref()?;
+        let st = self.state.lock();
+        if !st.held.get(i).copied().unwrap_or(false) {
+            return None;
+        }
         let b = self.blocks.get(i)?;
-        let (ptr, _) = s.slot_ptr(b.slot)?;
-        let len = s.ctl.slots()[b.slot as usize].len.load(Ordering::Relaxed) as usize;
-        Some((ptr as *const u8, len))
+        st.session.as_ref()?.committed_block(b.slot, b.gen)
+    }
+
+    /// Whether block `i` is still pinned and still the block that was pinned
+    /// (checked after a copy out of it: `false` means the copy may hold other
+    /// bytes).
+    pub fn still_valid(&self, i: usize) -> bool {
+        let st = self.state.lock();
+        match (&st.session, self.blocks.get(i), st.held.get(i)) {
+            (Some(s), Some(b), Some(true)) => s.is_committed(b.slot, b.gen),
+            _ => false,
+        }
+    }
+
+    /// Release the pins of blocks `range` (those not released yet).
+    pub fn release_range(&self, range: std::ops::Range<usize>) {
+        let mut st = self.state.lock();
+        let Some(s) = st.session.clone() else { return };
+        let end = range.end.min(st.held.len());
+        let start = range.start.min(end);
+        if st.held[start..end].iter().any(|&h| h) {
+            let pins = s.client().pins;
+            let _g = s.shared.pin_lock.lock();
+            for i in start..end {
+                if std::mem::replace(&mut st.held[i], false) {
+                    if let Some(p) = pins.get(self.blocks[i].slot as usize) {
+                        withdraw_pin(p);
+                    }
+                }
+            }
+        }
+        if !st.held.iter().any(|&h| h) {
+            st.session = None;
+        }
+    }
+
+    /// Release every pin still held.
+    pub fn release_all(&self) {
+        self.release_range(0..self.blocks.len());
+    }
+
+    /// Pins still held.
+    pub fn held(&self) -> usize {
+        self.state.lock().held.iter().filter(|&&h| h).count()
     }
 }
 
-/// Free slots taken from the stash, to be committed or aborted.
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
+/// Free slots taken from the stash, to be committed or aborted. Whatever is
+/// neither when it is dropped is aborted (drop it only once no copy into
+/// its slots is in flight).
 pub struct Reservation {
     session: Option<Arc<Session>>,
     pub slots: Vec<u32>,
+    gens: Vec<u32>,
+    /// Slots committed or aborted already.
+    done: parking_lot::Mutex<Vec<bool>>,
 }
 
 impl Reservation {
@@ -128,6 +213,103 @@ impl Reservation {
     /// Host address and capacity of reserved slot `i`.
     pub fn slot(&self, i: usize) -> Option<(*mut u8, usize)> {
         self.session.as_ref()?.slot_ptr(*self.slots.get(i)?)
+    }
+
+    /// The segment the slots belong to (0 when none were reserved).
+    pub fn segment_id(&self) -> u64 {
+        self.session.as_ref().map_or(0, |s| s.welcome.segment_id)
+    }
+
+    /// Queue `Commit`s (`Some(key, len)`) or `Abort`s (`None`) for the
+    /// not-yet-done slots among `items`; returns how many were queued.
+    /// Slots whose request cannot be queued stay ours: they go to the
+    /// engine's spare list and are aborted once the owner serves our entry
+    /// again.
+    fn finish(&self, items: &[(usize, Option<(BlockKey, u64)>)], wait: Duration) -> usize {
+        let Some(s) = &self.session else { return 0 };
+        let mut done = self.done.lock();
+        let mut reqs = Vec::with_capacity(items.len());
+        let mut which = Vec::with_capacity(items.len());
+        for &(i, what) in items {
+            if i >= self.slots.len() || done[i] {
+                continue;
+            }
+            done[i] = true;
+            let (slot, gen) = (self.slots[i], self.gens[i]);
+            reqs.push(match what {
+                Some((key, len)) => Request::Commit {
+                    slot,
+                    gen,
+                    len,
+                    key,
+                },
+                None => Request::Abort { slot, gen },
+            });
+            which.push(i);
+        }
+        if reqs.is_empty() {
+            return 0;
+        }
+        let serves = s.shared.serves(s);
+        let queued = if serves {
+            push_requests(s, &reqs, wait)
+        } else {
+            0
+        };
+        let client = s.client();
+        client
+            .entry
+            .held_slots
+            .fetch_sub(queued as u64, Ordering::Relaxed);
+        if queued < reqs.len() {
+            let id = s.id();
+            let mut spare = s.shared.spare.lock();
+            for &i in &which[queued..] {
+                spare.push((id, self.slots[i], self.gens[i]));
+            }
+            if serves {
+                client
+                    .entry
+                    .add_engine(EngineCounter::CommitRingFull, (reqs.len() - queued) as u64);
+            }
+        }
+        queued
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let rest: Vec<_> = {
+            let done = self.done.lock();
+            (0..self.slots.len())
+                .filter(|&i| !done[i])
+                .map(|i| (i, None))
+                .collect()
+        };
+        if !rest.is_empty() {
+            self.finish(&rest, Duration::ZERO);
+        }
+    }
+}
+
+/// Push requests on a session's request ring (one producer at a time, per
+/// engine), waiting at most `wait` for room; rings the owner. Returns how
+/// many were queued.
+fn push_requests(s: &Session, reqs: &[Request], wait: Duration) -> usize {
+    let words: Vec<[u64; 8]> = reqs.iter().map(Request::encode).collect();
+    let client = s.client();
+    let deadline = Instant::now() + wait;
+    let mut queued = 0;
+    loop {
+        queued += {
+            let _g = s.shared.request_lock.lock();
+            client.requests.push_many(&words[queued..])
+        };
+        s.ring_owner();
+        if queued == words.len() || Instant::now() >= deadline {
+            return queued;
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -165,10 +347,8 @@ struct Inner {
     stop: AtomicBool,
     local: Local,
     ipc_reply: ReplySlot<OwnerMsg>,
-    /// Serialises writes to our pin counters, which have a single writer.
-    /// Per engine, not per session: pins taken before a reconnect are
-    /// released into the same (resumed) client entry as new ones.
-    pin_lock: parking_lot::Mutex<()>,
+    /// Locks and spare slots shared by every session of this engine.
+    shared: Arc<Shared>,
     /// IPC handles this engine published, republished on every reconnect.
     published: parking_lot::Mutex<std::collections::HashMap<String, Vec<u8>>>,
 }
@@ -198,10 +378,11 @@ impl Engine {
             stop: AtomicBool::new(false),
             local: Local::default(),
             ipc_reply: ReplySlot::default(),
-            pin_lock: parking_lot::Mutex::new(()),
+            shared: Arc::default(),
             published: Default::default(),
         });
-        let first = match Session::connect(&inner.socket, inner.hello(), None, None) {
+        let first = match Session::connect(&inner.socket, inner.hello(), None, inner.shared.clone())
+        {
             Ok((s, reader)) => Some((Arc::new(s), reader)),
             Err(e @ (EngineError::Rejected { .. } | EngineError::SocketPermission { .. })) => {
                 return Err(e)
@@ -224,6 +405,7 @@ impl Engine {
                 "connected to pegaflow-owner"
             );
         }
+        *engine.inner.shared.live_entry.lock() = session.as_ref().map(|s| s.id());
         *engine.inner.session.write() = session;
         std::thread::Builder::new()
             .name("pegaflow-monitor".into())
@@ -261,6 +443,11 @@ impl Engine {
         &self.inner.cfg
     }
 
+    /// The segment this engine is connected to now (0 while disconnected).
+    pub fn segment_id(&self) -> u64 {
+        self.session().map_or(0, |s| s.welcome.segment_id)
+    }
+
     /// Leading hits of `hashes` in `namespace`, without pinning.
     pub fn count_hits(&self, namespace: u64, hashes: &[[u8; 32]]) -> usize {
         let Some(s) = self.session() else { return 0 };
@@ -272,7 +459,7 @@ impl Engine {
     }
 
     /// Leading hits of `hashes` in `namespace`, pinned: they stay valid until
-    /// [`Engine::release`].
+    /// released (or the returned [`Pinned`] is dropped).
     pub fn lookup(&self, namespace: u64, hashes: &[[u8; 32]]) -> Pinned {
         self.inner
             .local
@@ -283,10 +470,7 @@ impl Engine {
                 .local
                 .miss_blocks
                 .fetch_add(hashes.len() as u64, AtomicOrdering::Relaxed);
-            return Pinned {
-                session: None,
-                blocks: Vec::new(),
-            };
+            return Pinned::new(None, Vec::new());
         };
         let client = s.client();
         let index = s.ctl.index();
@@ -301,7 +485,7 @@ impl Engine {
         let mut blocks = Vec::with_capacity(found.len());
         {
             // This client's pin counters have one writer at a time.
-            let _g = self.inner.pin_lock.lock();
+            let _g = s.shared.pin_lock.lock();
             // [b] Announce every pin, [c] one fence, [d] validate in chain
             // order against the slot table (which decides, not the index);
             // the first failure ends the hit run and withdraws the rest.
@@ -338,111 +522,72 @@ impl Engine {
             .local
             .miss_blocks
             .fetch_add(misses, AtomicOrdering::Relaxed);
-        self.touch(&s, &blocks);
-        Pinned {
-            session: Some(s),
-            blocks,
-        }
+        touch(&s, &blocks);
+        Pinned::new(Some(s), blocks)
     }
 
-    /// Tell the owner which blocks were hit (recency and frequency). Best
-    /// effort: dropped if the ring is full.
-    fn touch(&self, s: &Session, blocks: &[PinnedBlock]) {
-        if blocks.is_empty() {
-            return;
-        }
-        // Tail first: the chain's first blocks end up most recent, so under
-        // pressure a chain is evicted from its end and shared prefixes (the
-        // blocks most chains hit) last.
-        let slots: Vec<u32> = blocks.iter().rev().map(|b| b.slot).collect();
-        let reqs: Vec<[u64; 8]> = slots
-            .chunks(TOUCH_MAX)
-            .map(|chunk| {
-                let mut ids = [0u32; TOUCH_MAX];
-                ids[..chunk.len()].copy_from_slice(chunk);
-                Request::Touch {
-                    count: chunk.len() as u32,
-                    slots: ids,
-                }
-                .encode()
-            })
-            .collect();
-        let client = s.client();
-        let queued = {
-            let _g = s.request_lock.lock();
-            client.requests.push_many(&reqs)
-        };
-        if queued < reqs.len() {
-            client
-                .entry
-                .add_engine(EngineCounter::TouchDropped, (reqs.len() - queued) as u64);
-        }
-    }
-
-    /// Drop pins taken by [`Engine::lookup`]. Idempotent per block set only
-    /// if called once; releasing twice is a caller bug and is ignored where
-    /// the counter is already zero.
+    /// Drop every pin a lookup took that is still held (same as dropping the
+    /// `Pinned`; releasing twice is harmless).
     pub fn release(&self, pinned: &Pinned) {
-        let Some(s) = &pinned.session else { return };
-        self.release_slots(s, pinned.blocks.iter().map(|b| b.slot));
-    }
-
-    /// Release pins by slot id (the vLLM scheduler hands ids across threads).
-    pub fn release_blocks(&self, blocks: &[PinnedBlock]) {
-        if let Some(s) = self.inner.session.read().clone() {
-            self.release_slots(&s, blocks.iter().map(|b| b.slot));
-        }
-    }
-
-    fn release_slots(&self, s: &Session, slots: impl Iterator<Item = u32>) {
-        if !s.owns_entry() {
-            // Our entry was reclaimed while we were away: the owner zeroed
-            // our pins already.
-            return;
-        }
-        let pins = s.client().pins;
-        let _g = self.inner.pin_lock.lock();
-        for slot in slots {
-            if let Some(p) = pins.get(slot as usize) {
-                withdraw_pin(p);
-            }
-        }
+        pinned.release_all();
     }
 
     /// Up to `n` free slots for saving. Fewer (or none) when the pool is under
     /// pressure or the owner is away: those saves are dropped and counted;
-    /// the caller never waits.
+    /// the caller waits at most `reserve_wait`, and only when the stash is
+    /// short.
     pub fn reserve(&self, n: usize) -> Reservation {
         let Some(s) = self.session() else {
             self.inner
                 .local
                 .save_skipped_blocks
                 .fetch_add(n as u64, AtomicOrdering::Relaxed);
+            self.inner
+                .shared
+                .skipped_unpublished
+                .fetch_add(n as u64, AtomicOrdering::Relaxed);
             return Reservation {
                 session: None,
                 slots: Vec::new(),
+                gens: Vec::new(),
+                done: Default::default(),
             };
         };
         let client = s.client();
-        let mut slots = Vec::with_capacity(n);
-        let pop_all = |slots: &mut Vec<u32>| {
-            let _g = s.stash_lock.lock();
-            while slots.len() < n {
+        let mut got: Vec<(u32, u32)> = Vec::with_capacity(n);
+        // Slots left over from requests that could not be queued come first.
+        {
+            let id = s.id();
+            let mut spare = s.shared.spare.lock();
+            while got.len() < n {
+                let Some(pos) = spare.iter().position(|e| e.0 == id) else {
+                    break;
+                };
+                let (_, slot, gen) = spare.swap_remove(pos);
+                if s.is_ours_writing(slot, gen) {
+                    got.push((slot, gen));
+                    // Counted in held_slots already.
+                    client.entry.held_slots.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let pop_all = |got: &mut Vec<(u32, u32)>| {
+            let _g = s.shared.stash_lock.lock();
+            while got.len() < n {
                 match client.stash.pop() {
-                    Ok(Some([w])) => slots.push(w as u32),
+                    Ok(Some([w])) => got.push((w as u32, (w >> 32) as u32)),
                     _ => break,
                 }
             }
         };
-        pop_all(&mut slots);
-        // Short, or below half the target: tell the owner how much we need
-        // and ring it now rather than at its next pass.
+        pop_all(&mut got);
+        // Short, or below half the target: ask the owner to refill now
+        // rather than at its next pass, saying how many we still need.
         let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed));
-        let asked = if slots.len() < n || client.stash.len() * 2 < target {
-            let want = u32::try_from(n).unwrap_or(u32::MAX);
-            if client.entry.stash_want.load(Ordering::Relaxed) < want {
-                client.entry.stash_want.store(want, Ordering::Relaxed);
-            }
+        let short = n - got.len();
+        let asked = if short > 0 || client.stash.len() * 2 < target {
+            let want = u32::try_from(short).unwrap_or(u32::MAX);
+            client.entry.stash_want.store(want, Ordering::Relaxed);
             let asked = client
                 .entry
                 .refill_asked
@@ -453,21 +598,29 @@ impl Engine {
         } else {
             0
         };
-        if slots.len() < n {
+        if got.len() < n {
             let deadline = Instant::now() + self.inner.cfg.reserve_wait;
-            while slots.len() < n && Instant::now() < deadline {
+            while got.len() < n && Instant::now() < deadline {
                 std::hint::spin_loop();
-                pop_all(&mut slots);
+                pop_all(&mut got);
                 let done = client.entry.refill_done.load(Ordering::Acquire);
                 if done.wrapping_sub(asked) as i32 >= 0 {
                     // The owner served our request and we are still short:
                     // the pool is under pressure. Don't wait any longer.
-                    pop_all(&mut slots);
+                    pop_all(&mut got);
                     break;
                 }
             }
+            // We stop waiting: an owner that had not got to it yet must not
+            // fill the stash for a reservation that is over.
+            client.entry.stash_want.store(0, Ordering::Relaxed);
         }
-        let dropped = (n - slots.len()) as u64;
+        client
+            .entry
+            .held_slots
+            .fetch_add(got.len() as u64, Ordering::Relaxed);
+        trim_stash(&s, target);
+        let dropped = (n - got.len()) as u64;
         if dropped > 0 {
             client
                 .entry
@@ -477,9 +630,12 @@ impl Engine {
                 .save_dropped_blocks
                 .fetch_add(dropped, AtomicOrdering::Relaxed);
         }
+        let (slots, gens) = got.into_iter().unzip();
         Reservation {
             session: Some(s),
             slots,
+            gens,
+            done: parking_lot::Mutex::new(vec![false; n - dropped as usize]),
         }
     }
 
@@ -487,99 +643,35 @@ impl Engine {
     /// Returns false if the commit could not be queued (owner away, ring
     /// full): the block is then simply not cached.
     pub fn commit(&self, r: &Reservation, i: usize, key: BlockKey, len: u64) -> bool {
-        let Some(&slot) = r.slots.get(i) else {
-            return false;
-        };
-        self.push(r, Request::Commit { slot, len, key }, true)
+        self.commit_many(r, &[(i, key, len)]) == 1
     }
 
     /// Publish several reserved slots whose copies have completed: `items`
     /// are (index in the reservation, key, length). One ring transfer and
     /// one doorbell for the batch; if the ring fills, waits at most
     /// `reserve_wait` for the owner to make room. Returns how many were
-    /// queued; out-of-range indices are skipped.
+    /// queued; out-of-range or already finished indices are skipped.
     pub fn commit_many(&self, r: &Reservation, items: &[(usize, BlockKey, u64)]) -> usize {
-        let Some(s) = &r.session else { return 0 };
-        if !s.is_alive() && !self.same_entry(s) {
-            return 0;
-        }
-        let reqs: Vec<[u64; 8]> = items
+        let items: Vec<_> = items
             .iter()
-            .filter_map(|&(i, key, len)| {
-                r.slots
-                    .get(i)
-                    .map(|&slot| Request::Commit { slot, len, key }.encode())
-            })
+            .map(|&(i, key, len)| (i, Some((key, len))))
             .collect();
-        let client = s.client();
-        let deadline = Instant::now() + self.inner.cfg.reserve_wait;
-        let mut queued = 0;
-        loop {
-            queued += {
-                let _g = s.request_lock.lock();
-                client.requests.push_many(&reqs[queued..])
-            };
-            s.ring_owner();
-            if queued == reqs.len() || Instant::now() >= deadline {
-                break;
-            }
-            std::hint::spin_loop();
+        let queued = r.finish(&items, self.inner.cfg.reserve_wait);
+        if let Some(s) = &r.session {
+            s.client()
+                .entry
+                .add_engine(EngineCounter::SaveBlocks, queued as u64);
         }
-        client
-            .entry
-            .add_engine(EngineCounter::SaveBlocks, queued as u64);
         self.inner
             .local
             .saved_blocks
             .fetch_add(queued as u64, AtomicOrdering::Relaxed);
-        if queued < reqs.len() {
-            client
-                .entry
-                .add_engine(EngineCounter::CommitRingFull, (reqs.len() - queued) as u64);
-        }
         queued
     }
 
     /// Give reserved slot `i` back unused.
     pub fn abort(&self, r: &Reservation, i: usize) -> bool {
-        let Some(&slot) = r.slots.get(i) else {
-            return false;
-        };
-        self.push(r, Request::Abort { slot }, false)
-    }
-
-    fn push(&self, r: &Reservation, req: Request, commit: bool) -> bool {
-        let Some(s) = &r.session else { return false };
-        if !s.is_alive() && !self.same_entry(s) {
-            return false;
-        }
-        let client = s.client();
-        let ok = {
-            let _g = s.request_lock.lock();
-            client.requests.push(&req.encode())
-        };
-        if ok {
-            if commit {
-                client.entry.add_engine(EngineCounter::SaveBlocks, 1);
-                self.inner
-                    .local
-                    .saved_blocks
-                    .fetch_add(1, AtomicOrdering::Relaxed);
-            }
-            s.ring_owner();
-        } else {
-            client.entry.add_engine(EngineCounter::CommitRingFull, 1);
-        }
-        ok
-    }
-
-    /// A dead session whose entry the reconnected one resumed: its rings are
-    /// the same memory, so queued commits still count.
-    fn same_entry(&self, old: &Session) -> bool {
-        self.session().is_some_and(|cur| {
-            cur.welcome.segment_id == old.welcome.segment_id
-                && cur.welcome.client == old.welcome.client
-        })
+        r.finish(&[(i, None)], self.inner.cfg.reserve_wait) == 1
     }
 
     /// Save `keys` through the host: reserve, let `fill` write each block,
@@ -600,7 +692,8 @@ impl Engine {
             };
             // SAFETY: the slot is Writing(us): no other process reads or
             // writes it until we commit or abort, and ptr..ptr+cap lies in the
-            // pool mapping `r` keeps alive.
+            // pool mapping `r` keeps alive. The bytes are written through
+            // this slice only, by this thread.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr, cap) };
             let len = fill(i, dst).min(cap);
             bytes += len as u64;
@@ -616,30 +709,61 @@ impl Engine {
     }
 
     /// Load pinned blocks through the host: `read` gets each block's bytes.
-    pub fn load_with(&self, pinned: &Pinned, mut read: impl FnMut(usize, &[u8])) {
+    /// Returns how many blocks were read and still valid afterwards; a
+    /// block that is not (its pin was lost, so the bytes may have changed
+    /// under the read) is reported with `ok == false` and must be treated
+    /// as a miss.
+    pub fn load_with(&self, pinned: &Pinned, mut read: impl FnMut(usize, &[u8])) -> usize {
+        self.load_checked(pinned, |i, data, ok| {
+            if ok {
+                read(i, data)
+            }
+        })
+    }
+
+    /// As [`Engine::load_with`], handing every block to `read` with whether
+    /// it was still valid after the read (`read` may have seen bytes of
+    /// another key when it is not).
+    pub fn load_checked(&self, pinned: &Pinned, mut read: impl FnMut(usize, &[u8], bool)) -> usize {
         let start = Instant::now();
         let mut bytes = 0;
+        let mut good = 0;
         for i in 0..pinned.len() {
             let Some((ptr, len)) = pinned.block(i) else {
                 continue;
             };
-            // SAFETY: the block is pinned (Committed, not evictable) and its
-            // bytes are immutable while committed; `pinned` keeps the mapping.
-            read(i, unsafe { std::slice::from_raw_parts(ptr, len) });
-            bytes += len as u64;
+            // SAFETY: ptr..ptr+len lies in the pool mapping `pinned` keeps
+            // alive (committed_block bounds it by the slot). The block is
+            // pinned, so committed bytes are immutable; should the pin have
+            // been lost, the bytes may change under the read, which only
+            // makes them stale (plain bytes, no invariant), and the check
+            // below reports it.
+            let data = unsafe { std::slice::from_raw_parts(ptr, len) };
+            let ok = pinned.still_valid(i);
+            read(i, data, ok);
+            if ok {
+                good += 1;
+                bytes += len as u64;
+            }
         }
         self.note_load(pinned, bytes, start.elapsed());
+        good
     }
 
     /// Count a load done by a copy backend.
     pub fn note_load(&self, pinned: &Pinned, bytes: u64, took: Duration) {
+        self.note_loaded(pinned.len() as u64, bytes, took);
+    }
+
+    /// Count `blocks` loaded (`bytes` in `took`) by a copy backend.
+    pub fn note_loaded(&self, blocks: u64, bytes: u64, took: Duration) {
         self.inner
             .local
             .loaded_blocks
-            .fetch_add(pinned.len() as u64, AtomicOrdering::Relaxed);
-        if let Some(s) = &pinned.session {
+            .fetch_add(blocks, AtomicOrdering::Relaxed);
+        if let Some(s) = self.session() {
             let e = s.client().entry;
-            e.add_engine(EngineCounter::LoadBlocks, pinned.len() as u64);
+            e.add_engine(EngineCounter::LoadBlocks, blocks);
             e.add_engine(EngineCounter::LoadBytes, bytes);
             e.add_engine(EngineCounter::LoadNanos, took.as_nanos() as u64);
         }
@@ -654,8 +778,32 @@ impl Engine {
         }
     }
 
-    /// Host address and capacity of any slot id (for pins handed over from
-    /// another process, e.g. vLLM's scheduler to its workers).
+    /// Host address and length of a block another process pinned (vLLM's
+    /// scheduler pins, its workers copy): only if this engine is connected
+    /// to that very segment and the slot is still `Committed` at that
+    /// generation. The pin that protects it is the other process's.
+    pub fn pinned_block(&self, segment_id: u64, slot: u32, gen: u32) -> Option<(*const u8, usize)> {
+        let s = self.session()?;
+        if s.welcome.segment_id != segment_id {
+            return None;
+        }
+        s.committed_block(slot, gen)
+    }
+
+    /// Whether `slot` of `segment_id` is still `Committed` at `gen` (checked
+    /// after copying out of it).
+    pub fn still_committed(&self, segment_id: u64, slot: u32, gen: u32) -> bool {
+        // A session that died keeps its mapping: what it says about its
+        // segment stays true for blocks pinned in it.
+        let guard = self.inner.session.read();
+        guard
+            .as_ref()
+            .filter(|s| s.welcome.segment_id == segment_id)
+            .is_some_and(|s| s.is_committed(slot, gen))
+    }
+
+    /// Host address and capacity of any slot id of the current segment
+    /// (tools and tests; copies use [`Engine::pinned_block`]).
     pub fn slot_ptr(&self, slot: u32) -> Option<(*mut u8, usize)> {
         self.session()?.slot_ptr(slot)
     }
@@ -682,16 +830,25 @@ impl Engine {
     /// The CUDA IPC handle another engine published under `key`.
     pub fn fetch_ipc(&self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>, EngineError> {
         let s = self.session().ok_or(EngineError::OwnerGone)?;
+        let deadline = Instant::now() + timeout;
         let _w = {
             let mut w = s.writer.lock();
             self.inner.ipc_reply.clear();
             proto::send(&mut *w, &ClientMsg::FetchIpc { key: key.into() })?;
             w
         };
-        match self.inner.ipc_reply.take(timeout) {
-            Some(OwnerMsg::IpcHandle { handle, .. }) => Ok(handle),
-            Some(other) => Err(EngineError::Config(format!("unexpected reply: {other:?}"))),
-            None => Err(EngineError::Timeout(timeout)),
+        // Replies come in request order; a late one to an earlier fetch
+        // that timed out is not ours.
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.inner.ipc_reply.take(left) {
+                Some(OwnerMsg::IpcHandle { key: k, handle }) if k == key => return Ok(handle),
+                Some(OwnerMsg::IpcHandle { .. }) => continue,
+                Some(other) => {
+                    return Err(EngineError::Config(format!("unexpected reply: {other:?}")))
+                }
+                None => return Err(EngineError::Timeout(timeout)),
+            }
         }
     }
 
@@ -718,12 +875,92 @@ impl Engine {
     }
 }
 
+/// Give back what our stash holds beyond twice its target (a refill that
+/// outlived the reservation it was for): only the consumer can take slots
+/// out of a stash, so idle stashes decay here, the next time we reserve.
+fn trim_stash(s: &Session, target: u64) {
+    let client = s.client();
+    let excess = client.stash.len().saturating_sub(target.max(1) * 2);
+    if excess == 0 {
+        return;
+    }
+    let keep = target.max(1);
+    let mut back = Vec::new();
+    {
+        let _g = s.shared.stash_lock.lock();
+        while client.stash.len() > keep {
+            match client.stash.pop() {
+                Ok(Some([w])) => back.push(Request::Abort {
+                    slot: w as u32,
+                    gen: (w >> 32) as u32,
+                }),
+                _ => break,
+            }
+        }
+    }
+    let queued = push_requests(s, &back, Duration::ZERO);
+    if queued < back.len() {
+        // Still ours: the next reserve takes them first.
+        let id = s.id();
+        let mut spare = s.shared.spare.lock();
+        for r in &back[queued..] {
+            if let Request::Abort { slot, gen } = *r {
+                spare.push((id, slot, gen));
+            }
+        }
+        client
+            .entry
+            .held_slots
+            .fetch_add((back.len() - queued) as u64, Ordering::Relaxed);
+    }
+}
+
+/// Tell the owner which blocks were hit (recency and frequency). Best
+/// effort: dropped when the request ring is half full, so hints never take
+/// the room commits need.
+fn touch(s: &Session, blocks: &[PinnedBlock]) {
+    if blocks.is_empty() {
+        return;
+    }
+    // Tail first: the chain's first blocks end up most recent, so under
+    // pressure a chain is evicted from its end and shared prefixes (the
+    // blocks most chains hit) last.
+    let slots: Vec<u32> = blocks.iter().rev().map(|b| b.slot).collect();
+    let reqs: Vec<[u64; 8]> = slots
+        .chunks(TOUCH_MAX)
+        .map(|chunk| {
+            let mut ids = [0u32; TOUCH_MAX];
+            ids[..chunk.len()].copy_from_slice(chunk);
+            Request::Touch {
+                count: chunk.len() as u32,
+                slots: ids,
+            }
+            .encode()
+        })
+        .collect();
+    let client = s.client();
+    let queued = {
+        let _g = s.shared.request_lock.lock();
+        let room = (client.requests.capacity() / 2).saturating_sub(client.requests.len());
+        let n = reqs.len().min(room as usize);
+        client.requests.push_many(&reqs[..n])
+    };
+    if queued < reqs.len() {
+        client
+            .entry
+            .add_engine(EngineCounter::TouchDropped, (reqs.len() - queued) as u64);
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         self.stop.store(true, AtomicOrdering::SeqCst);
         if let Some(s) = self.session.get_mut().take() {
-            let _ = proto::send(&mut *s.writer.lock(), &ClientMsg::Goodbye);
-            let _ = s.writer.lock().shutdown(std::net::Shutdown::Both);
+            // Wake the monitor thread (blocked reading the socket). The
+            // goodbye goes out when the last pin or reservation of the
+            // session is gone (Session::drop), so the owner frees nothing
+            // still in use.
+            let _ = s.writer.lock().shutdown(std::net::Shutdown::Read);
         }
     }
 }
@@ -737,6 +974,58 @@ impl Inner {
             namespace: self.cfg.namespace,
             slot_bytes: self.cfg.slot_bytes,
             resume: None,
+        }
+    }
+
+    /// Work owed to a new session: republish our IPC handles, hand back the
+    /// spare slots of this entry (or forget those of an entry that is not
+    /// ours any more), count the saves skipped while we were away.
+    fn settle(&self, s: &Session) {
+        for (key, handle) in self.published.lock().iter() {
+            if let Err(e) = send_ipc(s, key, handle) {
+                warn!(key, error = %e, "could not republish an IPC handle after reconnecting");
+            }
+        }
+        let id = s.id();
+        let (mine, other): (Vec<_>, Vec<_>) = std::mem::take(&mut *self.shared.spare.lock())
+            .into_iter()
+            .partition(|e| e.0 == id);
+        if !other.is_empty() {
+            info!(
+                slots = other.len(),
+                "reserved slots of an earlier client entry are left to the owner, which frees them when this process exits"
+            );
+        }
+        if !mine.is_empty() {
+            let reqs: Vec<Request> = mine
+                .iter()
+                .filter(|&&(_, slot, gen)| s.is_ours_writing(slot, gen))
+                .map(|&(_, slot, gen)| Request::Abort { slot, gen })
+                .collect();
+            let queued = push_requests(s, &reqs, self.cfg.reserve_wait);
+            s.client()
+                .entry
+                .held_slots
+                .fetch_sub(mine.len() as u64, Ordering::Relaxed);
+            if queued < reqs.len() {
+                // Back into the list: the next reserve reuses them.
+                let mut spare = self.shared.spare.lock();
+                for r in &reqs[queued..] {
+                    if let Request::Abort { slot, gen } = *r {
+                        spare.push((id, slot, gen));
+                        s.client().entry.held_slots.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let skipped = self
+            .shared
+            .skipped_unpublished
+            .swap(0, AtomicOrdering::Relaxed);
+        if skipped > 0 {
+            s.client()
+                .entry
+                .add_engine(EngineCounter::SaveSkippedBlocks, skipped);
         }
     }
 }
@@ -773,6 +1062,7 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
                     if inner.stop.load(AtomicOrdering::SeqCst) {
                         return;
                     }
+                    *inner.shared.live_entry.lock() = None;
                     if let Some(s) = inner.session.read().as_ref() {
                         s.alive.store(false, AtomicOrdering::Release);
                     }
@@ -791,7 +1081,7 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
             &inner.socket,
             inner.hello(),
             prev.as_deref(),
-            prev.as_ref().map(|p| p.pool.clone()),
+            inner.shared.clone(),
         ) {
             Ok((s, r)) => {
                 let resumed = s.welcome.resumed;
@@ -802,11 +1092,8 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
                     "connected to pegaflow-owner"
                 );
                 let s = Arc::new(s);
-                for (key, handle) in inner.published.lock().iter() {
-                    if let Err(e) = send_ipc(&s, key, handle) {
-                        warn!(key, error = %e, "could not republish an IPC handle after reconnecting");
-                    }
-                }
+                *inner.shared.live_entry.lock() = Some(s.id());
+                inner.settle(&s);
                 *inner.session.write() = Some(s);
                 if prev.is_some() {
                     inner.local.reconnects.fetch_add(1, AtomicOrdering::Relaxed);

@@ -245,6 +245,19 @@ impl KvTransfer {
         }
     }
 
+    /// True once every load queued so far has arrived (all layers); with
+    /// `wait`, blocks until then.
+    pub fn loads_done(&self, wait: bool) -> Result<bool, TransferError> {
+        for e in &self.load_events {
+            if wait {
+                e.synchronize()?;
+            } else if !e.query()? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// True once the last load of `layer` has arrived.
     pub fn layer_ready(&self, layer: usize) -> Result<bool, TransferError> {
         self.check_layer(layer)?;

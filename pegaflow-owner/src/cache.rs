@@ -33,6 +33,10 @@ const EVICT_SCAN: usize = 256;
 /// Requests drained from one client per pass, so one busy engine cannot
 /// starve the others.
 const DRAIN_BATCH: usize = 4096;
+/// Distinct block sizes one pool serves. Each class costs the owner an LRU
+/// of 8 bytes per slot id, so an engine sending arbitrary sizes must not
+/// be able to grow the owner without bound; real nodes use a handful.
+pub const MAX_CLASSES: usize = 32;
 
 /// One block size: the slabs cut into it and their slots' order.
 struct Class {
@@ -75,8 +79,12 @@ pub struct Cache {
 pub enum RequestError {
     #[error("slot {slot} out of range (pool has {max} slots)")]
     SlotOutOfRange { slot: u32, max: u64 },
-    #[error("slot {slot} is {state:?}, not being written by this client")]
-    NotWriting { slot: u32, state: Option<SlotState> },
+    #[error("slot {slot} is {state:?}, not being written by this client at generation {gen}")]
+    NotWriting {
+        slot: u32,
+        gen: u32,
+        state: Option<SlotState>,
+    },
     #[error("commit of {len} bytes into slot {slot} of {stride} bytes")]
     TooLong { slot: u32, len: u64, stride: u64 },
     #[error("namespace 0 is reserved")]
@@ -87,14 +95,21 @@ pub enum RequestError {
 
 /// Cannot serve a block size.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "block of {slot_bytes} bytes does not fit a slab of {slab_bytes} bytes: \
-     restart the owner with --slab-size of at least {needed} (a multiple of 2 MiB)"
-)]
-pub struct ClassError {
-    pub slot_bytes: u64,
-    pub slab_bytes: u64,
-    pub needed: u64,
+pub enum ClassError {
+    #[error(
+        "block of {slot_bytes} bytes does not fit a slab of {slab_bytes} bytes: \
+         restart the owner with --slab-size of at least {needed} (a multiple of 2 MiB)"
+    )]
+    TooLarge {
+        slot_bytes: u64,
+        slab_bytes: u64,
+        needed: u64,
+    },
+    #[error(
+        "this pool already serves {max} distinct block sizes; a block of {slot_bytes} bytes \
+         would be one more: run engines of other shapes against another owner (--name)"
+    )]
+    TooMany { slot_bytes: u64, max: usize },
 }
 
 impl Cache {
@@ -126,10 +141,16 @@ impl Cache {
         let g = *self.seg.geometry();
         let stride = slot_bytes.max(g.granule_bytes).div_ceil(4096) * 4096;
         if slot_bytes == 0 || stride > g.slab_bytes {
-            return Err(ClassError {
+            return Err(ClassError::TooLarge {
                 slot_bytes,
                 slab_bytes: g.slab_bytes,
                 needed: stride.div_ceil(2 << 20) * (2 << 20),
+            });
+        }
+        if self.classes.len() >= MAX_CLASSES {
+            return Err(ClassError::TooMany {
+                slot_bytes,
+                max: MAX_CLASSES,
             });
         }
         let id = self.classes.len();
@@ -249,24 +270,33 @@ impl Cache {
         self.classes[class].free.is_empty() && self.free_slabs.is_empty()
     }
 
-    /// Top up a client's stash to its target. Free slots are handed out
-    /// freely; committed blocks are evicted for it only when the engine
-    /// asked (`refill_asked` ahead of `refill_done`), so an idle stash never
-    /// flushes the cache.
-    /// Returns slots added.
+    /// Top up a client's stash. Free slots are handed out freely, up to the
+    /// client's base target; committed blocks are evicted only to serve an
+    /// explicit request (`refill_asked` ahead of `refill_done`), and then only
+    /// up to the shortfall the engine published (`stash_want`). So an idle
+    /// stash never costs a cached block, and a stash never stays inflated
+    /// after one large reservation. Returns slots added.
     pub fn refill(&mut self, client: &ClientView<'_>, class: usize) -> u32 {
         // Read the request before working, publish it as served after: a
         // request made meanwhile stays pending for the next pass.
         let asked = client.entry.refill_asked.load(Ordering::Acquire);
-        let may_evict = asked != client.entry.refill_done.load(Ordering::Relaxed);
-        let want = u64::from(client.entry.stash_want.load(Ordering::Relaxed));
-        let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed))
-            .max(want.min(self.class_capacity(class) / 2))
-            .min(client.stash.capacity());
+        let pending = asked != client.entry.refill_done.load(Ordering::Relaxed);
+        let cap = client.stash.capacity();
+        let base = u64::from(client.entry.stash_target.load(Ordering::Relaxed)).min(cap);
+        let most = (self.class_capacity(class) / 2).min(cap);
+        // Re-read per slot: an engine that stopped waiting retracts its want.
+        let target = |c: &ClientView<'_>| {
+            if pending {
+                let want = u64::from(c.entry.stash_want.load(Ordering::Relaxed));
+                base.max(want.min(most))
+            } else {
+                base
+            }
+        };
         let mut added = 0;
-        while client.stash.len() < target {
-            let Some(slot) = self.take_free(class, may_evict) else {
-                if may_evict {
+        while client.stash.len() < target(client) {
+            let Some(slot) = self.take_free(class, pending) else {
+                if pending {
                     self.stats.stash_starved += 1;
                 }
                 break;
@@ -293,7 +323,7 @@ impl Cache {
                 .entry
                 .add_owner(OwnerCounter::SlotsStashed, u64::from(added));
         }
-        if may_evict {
+        if pending {
             client.entry.refill_done.store(asked, Ordering::Release);
         }
         added
@@ -321,7 +351,14 @@ impl Cache {
         })
     }
 
-    fn writing_slot(&self, client: &ClientView<'_>, slot: u32) -> Result<SlotState, RequestError> {
+    /// The slot's state if it is `Writing(client, gen)`: the only state in
+    /// which a client's commit or abort may touch it.
+    fn writing_slot(
+        &self,
+        client: &ClientView<'_>,
+        slot: u32,
+        gen: u32,
+    ) -> Result<SlotState, RequestError> {
         let max = self.seg.geometry().num_slots();
         let entry = self
             .seg
@@ -330,8 +367,18 @@ impl Cache {
             .ok_or(RequestError::SlotOutOfRange { slot, max })?;
         let st = entry.load_state();
         match st {
-            Some(s) if s.kind == SlotKind::Writing && u32::from(s.client) == client.index => Ok(s),
-            _ => Err(RequestError::NotWriting { slot, state: st }),
+            Some(s)
+                if s.kind == SlotKind::Writing
+                    && u32::from(s.client) == client.index
+                    && s.gen == gen =>
+            {
+                Ok(s)
+            }
+            _ => Err(RequestError::NotWriting {
+                slot,
+                gen,
+                state: st,
+            }),
         }
     }
 
@@ -356,9 +403,14 @@ impl Cache {
 
     fn apply(&mut self, client: &ClientView<'_>, words: &[u64; 8]) -> Result<(), RequestError> {
         match Request::decode(words)? {
-            Request::Commit { slot, len, key } => self.commit(client, slot, len, key),
-            Request::Abort { slot } => {
-                let st = self.writing_slot(client, slot)?;
+            Request::Commit {
+                slot,
+                gen,
+                len,
+                key,
+            } => self.commit(client, slot, gen, len, key),
+            Request::Abort { slot, gen } => {
+                let st = self.writing_slot(client, slot, gen)?;
                 self.release_slot(slot, st);
                 client.entry.add_owner(OwnerCounter::Aborts, 1);
                 Ok(())
@@ -392,10 +444,11 @@ impl Cache {
         &mut self,
         client: &ClientView<'_>,
         slot: u32,
+        gen: u32,
         len: u64,
         key: BlockKey,
     ) -> Result<(), RequestError> {
-        let st = self.writing_slot(client, slot)?;
+        let st = self.writing_slot(client, slot, gen)?;
         if key.namespace == 0 {
             self.release_slot(slot, st);
             return Err(RequestError::ZeroNamespace);
@@ -461,8 +514,12 @@ impl Cache {
         Ok(())
     }
 
-    /// A client is gone: apply what it queued, free what it was writing,
-    /// zero its pins and clear its entry. Returns slots freed.
+    /// A client is gone for good (its process exited, or it said goodbye
+    /// after finishing its copies): apply what it queued, free what it was
+    /// writing, zero its pins and clear its entry. Returns slots freed.
+    ///
+    /// Never call this for a client whose process may still run copies into
+    /// its writing slots or read its pinned ones: quarantine it instead.
     pub fn reclaim(&mut self, client: &ClientView<'_>) -> u64 {
         if let Err(e) = self.drain(client) {
             warn!(

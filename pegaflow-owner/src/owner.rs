@@ -5,6 +5,23 @@
 //! request loop (drain rings, refill stashes, housekeeping). Both take the
 //! one state mutex; neither is on an engine's hot path, which touches shm
 //! only.
+//!
+//! ## Client life
+//!
+//! ```text
+//!   FREE --hello--> LIVE --goodbye--> reclaimed (FREE)
+//!                    |  \--hang-up without goodbye, or thrown out--> QUARANTINED
+//!                    |                 --process gone--> reclaimed (FREE)
+//!                    |                 --same process resumes with its token--> LIVE
+//!                    \--owner restart, process alive--> ORPHANED (same exits)
+//! ```
+//!
+//! A socket hang-up is not proof that an engine stopped touching its slots:
+//! the process may still be exiting with GPU copies in flight, or the owner
+//! may have thrown out a live engine. Only a goodbye (sent once every copy
+//! finished and every pin was released) or the process being gone (a
+//! zombie or reaped: its files, the GPU context among them, are released)
+//! lets the owner free its writing slots and forget its pins.
 
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
@@ -17,7 +34,7 @@ use pegaflow_shm::header::owner_state;
 use pegaflow_shm::proto::{Hello, RejectReason, Welcome};
 use pegaflow_shm::segment::{pid_alive, process_start_time, ControlSegment, PoolSegment};
 use pegaflow_shm::sync::Ordering;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::cache::Cache;
 
@@ -29,11 +46,18 @@ const SPIN: Duration = Duration::from_micros(50);
 /// Longest sleep; bounds how late housekeeping runs.
 const SLEEP: Duration = Duration::from_millis(100);
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
+/// How often a client that just hung up is checked for its process having
+/// exited (an exiting process becomes a zombie within milliseconds), and for
+/// how long before falling back to the housekeeping period.
+const EXIT_POLL: Duration = Duration::from_millis(5);
+const EXIT_POLL_FOR: Duration = Duration::from_secs(2);
 
 /// Owner-private facts about one client entry.
 #[derive(Default, Clone)]
 struct ClientSlot {
     class: Option<usize>,
+    /// Its requests are no longer applied (corrupt ring): the server hangs
+    /// up on it and it is quarantined.
     kicked: bool,
 }
 
@@ -43,6 +67,8 @@ struct State {
     /// Entries not FREE, so a pass does not scan the whole client table.
     active: Vec<u32>,
     kicked: Vec<u32>,
+    /// Clients quarantined lately, watched closely for their exit.
+    exiting: Vec<(u32, Instant)>,
 }
 
 impl State {
@@ -73,6 +99,7 @@ impl Owner {
                 clients: vec![ClientSlot::default(); n],
                 active: Vec::new(),
                 kicked: Vec::new(),
+                exiting: Vec::new(),
             }),
             seg,
             pool,
@@ -85,7 +112,10 @@ impl Owner {
             let mut st = owner.state.lock();
             for i in 0..owner.seg.max_clients() {
                 let c = owner.seg.client(i).expect("in range");
-                if c.entry.state() == client_state::ORPHANED {
+                if matches!(
+                    c.entry.state(),
+                    client_state::ORPHANED | client_state::QUARANTINED
+                ) {
                     let bytes = c.entry.slot_bytes.load(Ordering::Relaxed);
                     st.clients[i as usize].class = (bytes != 0)
                         .then(|| st.cache.class_for(bytes).ok())
@@ -114,10 +144,27 @@ impl Owner {
         f(&self.state.lock().cache)
     }
 
-    /// Admit an engine: find or resume its client entry.
+    /// Admit an engine: resume its entry (after an owner restart, or after it
+    /// was quarantined while alive) or give it a fresh one.
     pub fn admit(&self, pid: u32, hello: &Hello) -> Result<Welcome, (RejectReason, String)> {
         let mut st = self.state.lock();
         let seg = self.seg.clone();
+        let header = seg.header();
+        // Resume only the very process the entry belongs to, presenting its
+        // token, on this segment, with the same block size.
+        let resumed = hello.resume.as_ref().and_then(|r| {
+            let c = seg.client(r.client)?;
+            let ok = r.segment_id == header.segment_id
+                && matches!(
+                    c.entry.state(),
+                    client_state::ORPHANED | client_state::QUARANTINED
+                )
+                && c.entry.token.load(Ordering::Relaxed) == r.token
+                && c.entry.pid.load(Ordering::Relaxed) == pid
+                && process_start_time(pid) == Some(c.entry.start_time.load(Ordering::Relaxed))
+                && c.entry.slot_bytes.load(Ordering::Relaxed) == hello.slot_bytes;
+            ok.then_some(r.client)
+        });
         let class = if hello.slot_bytes != 0 {
             Some(
                 st.cache
@@ -127,17 +174,6 @@ impl Owner {
         } else {
             None
         };
-        let header = seg.header();
-        // Resume an orphaned entry of this very process, if it asks.
-        let resumed = hello.resume.as_ref().and_then(|r| {
-            let c = seg.client(r.client)?;
-            let ok = r.segment_id == header.segment_id
-                && c.entry.state() == client_state::ORPHANED
-                && c.entry.token.load(Ordering::Relaxed) == r.token
-                && c.entry.pid.load(Ordering::Relaxed) == pid
-                && c.entry.slot_bytes.load(Ordering::Relaxed) == hello.slot_bytes;
-            ok.then_some(r.client)
-        });
         let idx = match resumed {
             Some(i) => i,
             None => (0..seg.max_clients())
@@ -154,10 +190,26 @@ impl Owner {
         };
         let c = seg.client(idx).expect("found above");
         let token = if resumed.is_some() {
+            // Its requests were not applied while it was away; a ring it
+            // corrupted (the reason it may have been thrown out) starts over.
+            if let Err(e) = c.requests.consume(0, |_| {}) {
+                let dropped = c.requests.discard();
+                warn!(pid, client = idx, error = %e, dropped, "resumed engine's request ring was corrupt; its queued requests are dropped");
+            }
+            st.exiting.retain(|&(i, _)| i != idx);
             c.entry.token.load(Ordering::Relaxed)
         } else {
+            // A FREE entry has no user left (its last one exited or said
+            // goodbye), so its rings and pins can be reset. Zero the pins
+            // anyway rather than trust that: a phantom pin would make a
+            // block unevictable forever.
             c.requests.reset();
             c.stash.reset();
+            for p in c.pins {
+                if p.load(Ordering::Relaxed) != 0 {
+                    p.store(0, Ordering::Relaxed);
+                }
+            }
             c.entry.clear();
             c.entry.pid.store(pid, Ordering::Relaxed);
             c.entry
@@ -229,7 +281,8 @@ impl Owner {
         }
     }
 
-    /// An engine's connection closed: reclaim everything it held.
+    /// An engine said goodbye: its copies finished and its pins were
+    /// released, so everything it held is reclaimed now.
     pub fn client_gone(&self, idx: u32) -> u64 {
         let mut st = self.state.lock();
         let Some(c) = self.seg.client(idx) else {
@@ -237,8 +290,31 @@ impl Owner {
         };
         let freed = st.cache.reclaim(&c);
         st.clients[idx as usize] = ClientSlot::default();
+        st.exiting.retain(|&(i, _)| i != idx);
         Self::retarget(&mut st, &self.seg);
         freed
+    }
+
+    /// An engine's connection ended without a goodbye (it hung up, or the
+    /// owner threw it out). If its process is already gone it is reclaimed
+    /// now; otherwise it is quarantined until it is (see the module docs).
+    /// Returns the slots freed, `None` when quarantined.
+    pub fn client_lost(&self, idx: u32) -> Option<u64> {
+        let mut st = self.state.lock();
+        let c = self.seg.client(idx)?;
+        if !process_alive(&c) {
+            let freed = st.cache.reclaim(&c);
+            st.clients[idx as usize] = ClientSlot::default();
+            Self::retarget(&mut st, &self.seg);
+            return Some(freed);
+        }
+        c.entry
+            .state
+            .store(client_state::QUARANTINED, Ordering::SeqCst);
+        st.exiting.retain(|&(i, _)| i != idx);
+        st.exiting.push((idx, Instant::now()));
+        Self::retarget(&mut st, &self.seg);
+        None
     }
 
     /// Clients the request loop disconnected since the last call.
@@ -254,7 +330,7 @@ impl Owner {
         for k in 0..st.active.len() {
             let i = st.active[k];
             let c = self.seg.client(i).expect("in range");
-            if st.clients[i as usize].kicked {
+            if st.clients[i as usize].kicked || c.entry.state() == client_state::QUARANTINED {
                 continue;
             }
             match st.cache.drain(&c) {
@@ -273,44 +349,76 @@ impl Owner {
                     continue;
                 }
             }
-            if let Some(class) = st.clients[i as usize].class {
-                work += st.cache.refill(&c, class) as usize;
+            match st.clients[i as usize].class {
+                Some(class) => work += st.cache.refill(&c, class) as usize,
+                // A lookup-only engine has no stash to refill; answer its
+                // request anyway, or has_work() stays true forever.
+                None => {
+                    let asked = c.entry.refill_asked.load(Ordering::Acquire);
+                    c.entry.refill_done.store(asked, Ordering::Release);
+                }
             }
         }
         st.cache.publish_tick();
         work
     }
 
-    /// Orphans whose process exited are reclaimed.
-    fn housekeeping(&self) {
+    /// Orphaned and quarantined clients whose process exited are reclaimed.
+    /// `all`: every such client (the periodic pass); otherwise only those
+    /// that hung up lately.
+    fn housekeeping(&self, all: bool) {
         let mut st = self.state.lock();
-        for i in 0..self.seg.max_clients() {
+        let now = Instant::now();
+        st.exiting
+            .retain(|&(_, t)| now.duration_since(t) < EXIT_POLL_FOR);
+        let candidates: Vec<u32> = if all {
+            (0..self.seg.max_clients()).collect()
+        } else {
+            st.exiting.iter().map(|&(i, _)| i).collect()
+        };
+        let mut changed = false;
+        for i in candidates {
             let c = self.seg.client(i).expect("in range");
-            if c.entry.state() != client_state::ORPHANED {
+            let state = c.entry.state();
+            if !matches!(state, client_state::ORPHANED | client_state::QUARANTINED)
+                || process_alive(&c)
+            {
                 continue;
             }
             let pid = c.entry.pid.load(Ordering::Relaxed);
-            let same = pid_alive(pid)
-                && process_start_time(pid) == Some(c.entry.start_time.load(Ordering::Relaxed));
-            if !same {
-                let freed = st.cache.reclaim(&c);
-                st.clients[i as usize] = ClientSlot::default();
-                info!(
-                    pid,
-                    client = i,
-                    reclaimed_slots = freed,
-                    "engine exited before resuming; reclaimed"
-                );
-            }
+            let freed = st.cache.reclaim(&c);
+            st.clients[i as usize] = ClientSlot::default();
+            st.exiting.retain(|&(x, _)| x != i);
+            changed = true;
+            info!(
+                pid,
+                client = i,
+                reclaimed_slots = freed,
+                was = if state == client_state::ORPHANED {
+                    "orphaned"
+                } else {
+                    "quarantined"
+                },
+                "engine process exited; its slots and pins are reclaimed"
+            );
         }
-        Self::retarget(&mut st, &self.seg);
+        if changed || all {
+            Self::retarget(&mut st, &self.seg);
+        }
+    }
+
+    /// Whether a client that hung up lately is still being watched.
+    fn watching_exits(&self) -> bool {
+        !self.state.lock().exiting.is_empty()
     }
 
     fn has_work(&self) -> bool {
         let st = self.state.lock();
         st.active
             .iter()
+            .filter(|&&i| !st.clients[i as usize].kicked)
             .filter_map(|&i| self.seg.client(i))
+            .filter(|c| c.entry.state() != client_state::QUARANTINED)
             .any(|c| {
                 !c.requests.is_empty()
                     || c.entry.refill_asked.load(Ordering::Relaxed)
@@ -329,21 +437,27 @@ impl Owner {
             sleeping: &header.owner_sleeping,
         };
         let mut last_housekeeping = Instant::now();
+        let mut last_exit_poll = Instant::now();
         let mut idle_since = Instant::now();
         while !SHUTDOWN.load(AtomicOrdering::Relaxed) {
             if self.pass() > 0 {
                 idle_since = Instant::now();
                 continue;
             }
+            let watching = self.watching_exits();
             if last_housekeeping.elapsed() >= HOUSEKEEPING {
-                self.housekeeping();
+                self.housekeeping(true);
                 last_housekeeping = Instant::now();
+            } else if watching && last_exit_poll.elapsed() >= EXIT_POLL {
+                self.housekeeping(false);
+                last_exit_poll = Instant::now();
             }
             if idle_since.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
-            bell.wait(SLEEP, || {
+            let sleep = if watching { EXIT_POLL } else { SLEEP };
+            bell.wait(sleep, || {
                 self.has_work() || SHUTDOWN.load(AtomicOrdering::Relaxed)
             });
             idle_since = Instant::now() - SPIN;
@@ -353,6 +467,13 @@ impl Owner {
             .store(owner_state::STOPPED, Ordering::SeqCst);
         info!("owner stopped; segments kept for the next owner");
     }
+}
+
+/// Whether the process a client entry names is still running (not a
+/// zombie, not gone, not a later process that reused its pid).
+fn process_alive(c: &pegaflow_shm::segment::ClientView<'_>) -> bool {
+    let pid = c.entry.pid.load(Ordering::Relaxed);
+    pid_alive(pid) && process_start_time(pid) == Some(c.entry.start_time.load(Ordering::Relaxed))
 }
 
 fn fresh_token(pid: u32, idx: u32) -> u64 {

@@ -1,26 +1,43 @@
 //! The owner's Unix socket: accepts engines, checks their credentials,
-//! answers their hello and CUDA IPC brokering messages, and notices their
-//! death by hang-up.
+//! answers their hello and CUDA IPC brokering messages, and notices when
+//! they go.
 //!
 //! One thread polls the listener and every engine's connection. Nothing
 //! here is on the hot path: engines talk to the socket once at connect and
-//! then only to broker IPC handles.
+//! then only to broker IPC handles. No peer can stall it: connections are
+//! non-blocking, frames are assembled from whatever bytes arrived, replies
+//! are queued and written as the peer reads them, and a peer that stays
+//! mid-frame or stops reading for too long is disconnected (quarantined,
+//! see `owner.rs`, never reclaimed while its process lives).
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use pegaflow_shm::client::client_state;
 use pegaflow_shm::proto::{self, ClientMsg, Hello, OwnerMsg, RejectReason};
+use pegaflow_shm::sync::Ordering;
 use tracing::{debug, error, info, warn};
 
 use crate::owner::{Owner, SHUTDOWN};
+
+/// A frame must arrive whole within this long once its first byte did.
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+/// Replies queued for a peer that does not read them, before it is dropped.
+const MAX_OUTBOX: usize = 4 << 20;
+/// Brokered CUDA IPC handles: the owner keeps at most this many bytes and
+/// keys (a handle is 64 bytes; a buggy engine must not grow the owner).
+const MAX_IPC_BYTES: usize = 64 << 20;
+const MAX_IPC_KEYS: usize = 1 << 16;
+/// How often handles of engines that are gone are forgotten.
+const IPC_SWEEP: Duration = Duration::from_secs(1);
 
 /// Who may connect.
 #[derive(Clone, Debug)]
@@ -69,10 +86,34 @@ pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// How a connection ended, which decides what happens to its client entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// The engine said goodbye: reclaim everything now.
+    Goodbye,
+    /// Anything else: reclaim once the process is gone (quarantine).
+    Lost,
+}
+
 struct Conn {
     stream: UnixStream,
     client: Option<u32>,
     pid: i32,
+    /// Bytes received that do not make a whole frame yet.
+    inbox: Vec<u8>,
+    /// When the frame now in `inbox` started arriving.
+    partial_since: Option<Instant>,
+    /// Encoded replies not yet written.
+    outbox: Vec<u8>,
+    /// Close once `outbox` is written (after a rejection).
+    closing: bool,
+}
+
+/// One brokered handle, and the client entry that published it (its
+/// handles are forgotten once that entry is reclaimed).
+struct IpcEntry {
+    handle: Vec<u8>,
+    publisher: Option<(u32, u64)>,
 }
 
 pub struct Server {
@@ -81,7 +122,9 @@ pub struct Server {
     path: PathBuf,
     access: Access,
     conns: HashMap<RawFd, Conn>,
-    ipc: HashMap<String, Vec<u8>>,
+    ipc: HashMap<String, IpcEntry>,
+    ipc_bytes: usize,
+    last_sweep: Instant,
 }
 
 impl Server {
@@ -93,6 +136,8 @@ impl Server {
             access,
             conns: HashMap::new(),
             ipc: HashMap::new(),
+            ipc_bytes: 0,
+            last_sweep: Instant::now(),
         }
     }
 
@@ -104,14 +149,19 @@ impl Server {
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            fds.extend(self.conns.keys().map(|&fd| libc::pollfd {
+            fds.extend(self.conns.iter().map(|(&fd, c)| libc::pollfd {
                 fd,
-                events: libc::POLLIN,
+                events: libc::POLLIN
+                    | if c.outbox.is_empty() {
+                        0
+                    } else {
+                        libc::POLLOUT
+                    },
                 revents: 0,
             }));
             // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd
             // of the given length for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 200) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -136,8 +186,28 @@ impl Server {
                     .find(|(_, c)| c.client == Some(idx))
                     .map(|(&fd, _)| fd);
                 if let Some(fd) = fd {
-                    self.hang_up(fd, "its request ring was corrupt");
+                    self.hang_up(
+                        fd,
+                        Ending::Lost,
+                        "was thrown out: its request ring was corrupt",
+                    );
                 }
+            }
+            let stalled: Vec<RawFd> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| {
+                    c.partial_since
+                        .is_some_and(|t| t.elapsed() > FRAME_DEADLINE)
+                })
+                .map(|(&fd, _)| fd)
+                .collect();
+            for fd in stalled {
+                self.hang_up(fd, Ending::Lost, "stalled in the middle of a message");
+            }
+            if self.last_sweep.elapsed() >= IPC_SWEEP {
+                self.sweep_ipc();
+                self.last_sweep = Instant::now();
             }
         }
         let _ = std::fs::remove_file(&self.path);
@@ -165,7 +235,23 @@ impl Server {
             }
         };
         let (pid, uid, gid) = (cred.pid(), cred.uid(), cred.gid());
-        let mut stream = stream;
+        if stream.set_nonblocking(true).is_err() {
+            warn!(
+                pid,
+                "cannot make an engine connection non-blocking; closing it"
+            );
+            return;
+        }
+        let fd = stream.as_raw_fd();
+        let mut conn = Conn {
+            stream,
+            client: None,
+            pid,
+            inbox: Vec::new(),
+            partial_since: None,
+            outbox: Vec::new(),
+            closing: false,
+        };
         if !self.access.allows(uid, gid, pid) {
             warn!(pid, uid, gid, "refused an engine with other credentials");
             let msg =
@@ -175,100 +261,202 @@ impl Server {
                 self.access.uid,
                 if self.access.gid.is_some() { " and its --group" } else { "" }
             );
-            let _ = proto::send(
-                &mut stream,
-                &OwnerMsg::Rejected {
-                    reason: RejectReason::PermissionDenied,
-                    message: msg,
-                },
-            );
-            return;
+            queue(&mut conn, &reject(RejectReason::PermissionDenied, msg));
+            conn.closing = true;
         }
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-        let fd = stream.as_raw_fd();
-        self.conns.insert(
-            fd,
-            Conn {
-                stream,
-                client: None,
-                pid,
-            },
-        );
+        self.conns.insert(fd, conn);
+        self.flush(fd);
         debug!(pid, uid, "engine connected");
     }
 
     fn service(&mut self, fd: RawFd, revents: i16) {
+        if revents & libc::POLLOUT != 0 {
+            self.flush(fd);
+        }
         let Some(conn) = self.conns.get_mut(&fd) else {
             return;
         };
-        if revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
-            && revents & libc::POLLIN == 0
-        {
-            self.hang_up(fd, "hung up");
-            return;
-        }
-        let msg: ClientMsg = match proto::recv(&mut conn.stream) {
-            Ok(m) => m,
-            Err(pegaflow_shm::ProtoError::Closed) => {
-                self.hang_up(fd, "hung up");
-                return;
-            }
-            Err(e) => {
-                warn!(pid = conn.pid, client = ?conn.client, error = %e, "malformed message from an engine; disconnecting it");
-                self.hang_up(fd, "sent a malformed message");
-                return;
-            }
-        };
-        let reply = match msg {
-            ClientMsg::Hello(hello) => {
-                if conn.client.is_some() {
-                    Some(reject(
-                        RejectReason::BadRequest,
-                        "hello sent twice on one connection".into(),
-                    ))
-                } else {
-                    let pid = conn.pid;
-                    let r = self.hello(pid, &hello);
-                    if let OwnerMsg::Welcome(w) = &r {
-                        if let Some(c) = self.conns.get_mut(&fd) {
-                            c.client = Some(w.client);
-                        }
-                    }
-                    Some(r)
+        // Read what is there, never more than a frame's worth past a
+        // partial one (a peer cannot make us buffer without bound).
+        let mut eof = false;
+        let mut chunk = [0u8; 16 << 10];
+        while conn.inbox.len() <= proto::MAX_FRAME as usize + 4 {
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => conn.inbox.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    eof = true;
+                    break;
                 }
             }
-            ClientMsg::PublishIpc { key, handle } => {
-                debug!(
-                    pid = conn.pid,
-                    key,
-                    bytes = handle.len(),
-                    "ipc handle published"
-                );
-                self.ipc.insert(key, handle);
-                None
-            }
-            ClientMsg::FetchIpc { key } => {
-                let handle = self.ipc.get(&key).cloned();
-                Some(OwnerMsg::IpcHandle { key, handle })
-            }
-            ClientMsg::Goodbye => {
-                self.hang_up(fd, "said goodbye");
-                return;
-            }
-        };
-        if let Some(reply) = reply {
+        }
+        loop {
             let Some(conn) = self.conns.get_mut(&fd) else {
                 return;
             };
-            let rejected = matches!(reply, OwnerMsg::Rejected { .. });
-            if let Err(e) = proto::send(&mut conn.stream, &reply) {
-                warn!(pid = conn.pid, client = ?conn.client, error = %e, "cannot answer an engine; disconnecting it");
-                self.hang_up(fd, "stopped reading");
-            } else if rejected {
-                self.hang_up(fd, "was rejected");
+            match proto::take_frame::<ClientMsg>(&mut conn.inbox) {
+                Ok(Some(msg)) => {
+                    if let Some(ending) = self.handle(fd, msg) {
+                        let why = match ending {
+                            Ending::Goodbye => "said goodbye",
+                            Ending::Lost => "sent a message out of order",
+                        };
+                        self.hang_up(fd, ending, why);
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(pid = conn.pid, client = ?conn.client, error = %e, "malformed message from an engine; disconnecting it");
+                    self.hang_up(fd, Ending::Lost, "sent a malformed message");
+                    return;
+                }
             }
+        }
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        conn.partial_since = match (conn.inbox.is_empty(), conn.partial_since) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now()),
+            (false, since) => since,
+        };
+        if eof
+            || (revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+                && revents & libc::POLLIN == 0)
+        {
+            self.hang_up(fd, Ending::Lost, "hung up");
+            return;
+        }
+        self.flush(fd);
+    }
+
+    /// Apply one message; `Some` when the connection must end.
+    fn handle(&mut self, fd: RawFd, msg: ClientMsg) -> Option<Ending> {
+        let conn = self.conns.get_mut(&fd)?;
+        let (pid, client) = (conn.pid, conn.client);
+        let reply = match msg {
+            ClientMsg::Hello(hello) => {
+                if client.is_some() {
+                    warn!(
+                        pid,
+                        client, "hello sent twice on one connection; disconnecting it"
+                    );
+                    return Some(Ending::Lost);
+                }
+                let r = self.hello(pid, &hello);
+                if let Some(c) = self.conns.get_mut(&fd) {
+                    match &r {
+                        OwnerMsg::Welcome(w) => c.client = Some(w.client),
+                        _ => c.closing = true,
+                    }
+                }
+                Some(r)
+            }
+            ClientMsg::PublishIpc { key, handle } => {
+                self.publish_ipc(pid, client, key, handle);
+                None
+            }
+            ClientMsg::FetchIpc { key } => {
+                let handle = self.ipc.get(&key).map(|e| e.handle.clone());
+                Some(OwnerMsg::IpcHandle { key, handle })
+            }
+            ClientMsg::Goodbye => return Some(Ending::Goodbye),
+        };
+        if let (Some(reply), Some(conn)) = (reply, self.conns.get_mut(&fd)) {
+            queue(conn, &reply);
+        }
+        None
+    }
+
+    fn publish_ipc(&mut self, pid: i32, client: Option<u32>, key: String, handle: Vec<u8>) {
+        let old = self.ipc.get(&key).map_or(0, |e| e.handle.len() + key.len());
+        let new = handle.len() + key.len();
+        let too_many = old == 0 && self.ipc.len() >= MAX_IPC_KEYS;
+        if too_many || self.ipc_bytes - old + new > MAX_IPC_BYTES {
+            warn!(
+                pid,
+                key,
+                bytes = handle.len(),
+                held_keys = self.ipc.len(),
+                held_bytes = self.ipc_bytes,
+                "IPC handle refused: the owner already holds {MAX_IPC_KEYS} keys or {} MiB of handles",
+                MAX_IPC_BYTES >> 20
+            );
+            return;
+        }
+        debug!(pid, key, bytes = handle.len(), "ipc handle published");
+        let publisher = client.and_then(|c| {
+            let token = self
+                .owner
+                .segment()
+                .client(c)?
+                .entry
+                .token
+                .load(Ordering::Relaxed);
+            Some((c, token))
+        });
+        self.ipc_bytes = self.ipc_bytes - old + new;
+        self.ipc.insert(key, IpcEntry { handle, publisher });
+    }
+
+    /// Forget handles whose publisher's entry was reclaimed (its process
+    /// exited or it said goodbye): they name memory that may be gone.
+    /// Engines republish theirs when they reconnect.
+    fn sweep_ipc(&mut self) {
+        let seg = self.owner.segment().clone();
+        let before = self.ipc.len();
+        let mut freed = 0;
+        self.ipc.retain(|key, e| {
+            let keep = e.publisher.is_none_or(|(c, token)| {
+                seg.client(c).is_some_and(|v| {
+                    v.entry.state() != client_state::FREE
+                        && v.entry.token.load(Ordering::Relaxed) == token
+                })
+            });
+            if !keep {
+                freed += e.handle.len() + key.len();
+            }
+            keep
+        });
+        self.ipc_bytes -= freed;
+        if self.ipc.len() < before {
+            debug!(
+                dropped = before - self.ipc.len(),
+                "forgot IPC handles of engines that are gone"
+            );
+        }
+    }
+
+    /// Write queued replies as far as the peer takes them.
+    fn flush(&mut self, fd: RawFd) {
+        let Some(conn) = self.conns.get_mut(&fd) else {
+            return;
+        };
+        while !conn.outbox.is_empty() {
+            match conn.stream.write(&conn.outbox) {
+                Ok(0) => break,
+                Ok(n) => {
+                    conn.outbox.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!(pid = conn.pid, error = %e, "cannot write to an engine");
+                    self.hang_up(fd, Ending::Lost, "stopped reading");
+                    return;
+                }
+            }
+        }
+        if conn.outbox.len() > MAX_OUTBOX {
+            self.hang_up(fd, Ending::Lost, "does not read the owner's replies");
+        } else if conn.closing && conn.outbox.is_empty() {
+            self.hang_up(fd, Ending::Lost, "was rejected");
         }
     }
 
@@ -316,20 +504,44 @@ impl Server {
         }
     }
 
-    fn hang_up(&mut self, fd: RawFd, why: &str) {
+    fn hang_up(&mut self, fd: RawFd, ending: Ending, why: &str) {
         let Some(conn) = self.conns.remove(&fd) else {
             return;
         };
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-        if let Some(idx) = conn.client {
-            let freed = self.owner.client_gone(idx);
-            info!(
-                pid = conn.pid,
-                client = idx,
-                reclaimed_slots = freed,
-                "engine {why}; its slots and pins are reclaimed"
-            );
+        let Some(idx) = conn.client else { return };
+        match ending {
+            Ending::Goodbye => {
+                let freed = self.owner.client_gone(idx);
+                info!(
+                    pid = conn.pid,
+                    client = idx,
+                    reclaimed_slots = freed,
+                    "engine {why}; its slots are reclaimed"
+                );
+            }
+            Ending::Lost => match self.owner.client_lost(idx) {
+                Some(freed) => info!(
+                    pid = conn.pid,
+                    client = idx,
+                    reclaimed_slots = freed,
+                    "engine {why} and its process is gone; its slots and pins are reclaimed"
+                ),
+                None => info!(
+                    pid = conn.pid,
+                    client = idx,
+                    "engine {why} while its process lives; its pins and writing slots are kept \
+                     until the process exits or resumes"
+                ),
+            },
         }
+    }
+}
+
+fn queue(conn: &mut Conn, msg: &OwnerMsg) {
+    match proto::encode(msg) {
+        Ok(frame) => conn.outbox.extend_from_slice(&frame),
+        Err(e) => error!(pid = conn.pid, error = %e, "cannot encode a reply"),
     }
 }
 

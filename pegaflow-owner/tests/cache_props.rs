@@ -110,6 +110,7 @@ impl World {
                 if let Ok(Some([w])) = v.stash.pop() {
                     let req = Request::Commit {
                         slot: w as u32,
+                        gen: (w >> 32) as u32,
                         len: SLOT,
                         key: key(k),
                     };
@@ -120,7 +121,13 @@ impl World {
             Op::Abort(c) => {
                 let v = seg.client(c).unwrap();
                 if let Ok(Some([w])) = v.stash.pop() {
-                    assert!(v.requests.push(&Request::Abort { slot: w as u32 }.encode()));
+                    assert!(v.requests.push(
+                        &Request::Abort {
+                            slot: w as u32,
+                            gen: (w >> 32) as u32,
+                        }
+                        .encode()
+                    ));
                     self.cache.drain(&v).unwrap();
                 }
             }

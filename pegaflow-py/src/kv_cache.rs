@@ -10,12 +10,26 @@
 //!   poll_saves(wait)                     commit every ended save whose copies completed
 //! ```
 //!
-//! Loads copy from slots the scheduler pinned (`Engine.lookup`), layer by
-//! layer, and `wait_layer(l)` blocks until layer `l` arrived.
+//! Loads copy from blocks the scheduler pinned (`Engine.lookup`), named by
+//! the segment and `(slot, generation)` they were pinned in:
+//!
+//! ```text
+//!   h = load(segment_id, blocks, gpu_blocks)   check every block, queue the copies
+//!   poll_loads(wait)                           [(h, failed_gpu_blocks)] once copied
+//! ```
+//!
+//! A block is copied only if this engine is connected to that segment and
+//! the slot still holds that generation, and it is checked again once the
+//! copy completed: a block that changed is reported as failed (vLLM then
+//! recomputes it), never handed over as loaded.
+//!
+//! Nothing here waits on the inference path: a pool whose CUDA
+//! registration is still running makes loads fail fast and saves skip.
 //!
 //! Invariants: a reserved slot is committed only after `save_done` (its
 //! bytes are complete) and aborted only after it (no copy still writes it);
-//! the torch tensors behind the layout are kept alive by `keepalive`.
+//! the torch tensors behind the layout are kept alive by `keepalive`; the
+//! pool mapping is kept alive by its CUDA registration.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +37,7 @@ use std::time::Instant;
 
 use pegaflow_core::copy::{make_backend, CopyBackend, CopyBackendKind};
 use pegaflow_core::cuda::{
-    register_pool_background, CudaDevice, HostRegistration, PendingRegistration, StreamRef,
+    register_segment_background, CudaDevice, HostRegistration, PendingRegistration, StreamRef,
 };
 use pegaflow_core::layout::{
     namespace_fingerprint as core_fingerprint, KvKind, KvLayout, PieceOrder,
@@ -101,16 +115,28 @@ fn fingerprint(model: &str, dtype: &str, l: &KvLayout, tp_size: u32, tp_rank: Op
     }
 }
 
-/// A pool mapping and its CUDA registration. Field order matters: the
-/// registration is dropped (unregistered) before the mapping it covers.
+/// A pool mapping and its CUDA registration (which owns the mapping too,
+/// so dropping these in any order never unmaps registered memory).
 struct PoolBinding {
     reg: Option<Arc<HostRegistration>>,
     pending: Option<PendingRegistration>,
     pool: Arc<PoolSegment>,
 }
 
+struct PendingLoad {
+    segment_id: u64,
+    blocks: Vec<(u32, u32)>,
+    gpu_blocks: Vec<u32>,
+    bytes: u64,
+    started: Instant,
+}
+
 struct PendingSave {
-    reservation: Reservation,
+    /// Shared by the saves of one step; slots `first..first + keys.len()`
+    /// are this save's. Slots never committed are aborted when the last
+    /// save holding it is gone.
+    reservation: Arc<Reservation>,
+    first: usize,
     keys: Vec<BlockKey>,
     gpu_blocks: Vec<u32>,
     slots: Vec<usize>,
@@ -122,6 +148,7 @@ struct State {
     transfer: KvTransfer,
     binding: Option<PoolBinding>,
     saves: BTreeMap<u64, PendingSave>,
+    loads: BTreeMap<u64, PendingLoad>,
     next_handle: u64,
 }
 
@@ -143,9 +170,10 @@ impl PyKvCache {
     }
 
     /// Makes sure GPU copies target the current pool mapping, registered
-    /// with CUDA. Returns false when they cannot run now (owner away, or the
-    /// registration still running and `wait` is false).
-    fn ensure_pool(&self, st: &mut State, wait: bool) -> PyResult<bool> {
+    /// with CUDA. Returns false when they cannot run now: the owner is
+    /// away, the registration is still running, or copies into an earlier
+    /// mapping are still in flight. Never waits.
+    fn ensure_pool(&self, st: &mut State) -> PyResult<bool> {
         let Some(device) = &self.device else {
             return Ok(self.core.is_connected());
         };
@@ -157,32 +185,24 @@ impl PyKvCache {
             .as_ref()
             .is_some_and(|b| Arc::ptr_eq(&b.pool, &pool));
         if !same {
-            // The owner came back on a new mapping: finish copies into the
-            // old one before its registration goes.
-            let _ = st.transfer.save_done(true);
-            st.binding = None;
-            // SAFETY: the mapping stays alive as long as the binding holds
-            // `pool`, and the binding drops the registration first.
-            let pending = unsafe { register_pool_background(device, pool.as_ptr(), pool.len()) };
+            // The owner came back on another segment. Copies queued against
+            // the old mapping must finish before its registration goes.
+            if st.binding.is_some()
+                && !(st.transfer.save_done(false).unwrap_or(false)
+                    && st.transfer.loads_done(false).unwrap_or(false))
+            {
+                return Ok(false);
+            }
             st.binding = Some(PoolBinding {
                 reg: None,
-                pending: Some(pending),
+                pending: Some(register_segment_background(device, pool.clone())),
                 pool,
             });
         }
         let b = st.binding.as_mut().expect("binding set above");
         if b.reg.is_none() {
-            let pending = b
-                .pending
-                .as_ref()
-                .expect("pending until registered")
-                .clone();
-            let r = if wait {
-                Some(pending.wait())
-            } else {
-                pending.try_get()
-            };
-            match r {
+            let pending = b.pending.as_ref().expect("pending until registered");
+            match pending.try_get() {
                 None => return Ok(false),
                 Some(Err(e)) => {
                     st.binding = None;
@@ -204,6 +224,106 @@ impl PyKvCache {
             }
         }
         Ok(true)
+    }
+
+    /// Loads whose copies completed, each with the GPU blocks that failed
+    /// the check after the copy.
+    fn finished_loads(&self, st: &mut State, wait: bool) -> PyResult<Vec<(u64, Vec<u32>)>> {
+        if st.loads.is_empty() || !st.transfer.loads_done(wait).map_err(transfer_err)? {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(st.loads.len());
+        for (h, ld) in std::mem::take(&mut st.loads) {
+            let failed: Vec<u32> = ld
+                .blocks
+                .iter()
+                .zip(&ld.gpu_blocks)
+                .filter(|((slot, gen), _)| !self.core.still_committed(ld.segment_id, *slot, *gen))
+                .map(|(_, &g)| g)
+                .collect();
+            let good = (ld.blocks.len() - failed.len()) as u64;
+            let per = ld.bytes / ld.blocks.len().max(1) as u64;
+            self.core
+                .note_loaded(good, good * per, ld.started.elapsed());
+            out.push((h, failed));
+        }
+        Ok(out)
+    }
+
+    fn begin_saves_locked(
+        &self,
+        st: &mut State,
+        saves: Vec<(Vec<u32>, Vec<[u8; 32]>)>,
+    ) -> PyResult<Vec<(u64, usize)>> {
+        for (gpu_blocks, hashes) in &saves {
+            if gpu_blocks.len() != hashes.len() {
+                return Err(ConfigError::new_err(format!(
+                    "begin_save: {} blocks but {} hashes",
+                    gpu_blocks.len(),
+                    hashes.len()
+                )));
+            }
+            if let Some(&b) = gpu_blocks
+                .iter()
+                .find(|&&b| b as usize >= self.layout.num_blocks)
+            {
+                return Err(ConfigError::new_err(format!(
+                    "begin_save: block id {b} out of range (the cache has {} blocks)",
+                    self.layout.num_blocks
+                )));
+            }
+        }
+        let total: usize = saves.iter().map(|(b, _)| b.len()).sum();
+        if total == 0 || !self.ensure_pool(st)? {
+            return Ok(saves.iter().map(|_| (0, 0)).collect());
+        }
+        let need = self.layout.slot_bytes();
+        let r = self.core.reserve(total);
+        let mut addrs = Vec::with_capacity(r.len());
+        for i in 0..r.len() {
+            match r.slot(i) {
+                Some((p, cap)) if cap >= need => addrs.push(p as usize),
+                other => {
+                    // `r` aborts its slots when dropped.
+                    return Err(TransferError::new_err(format!(
+                        "reserved slot {i} is unusable ({:?} bytes, need {need}); was the owner \
+                         restarted with another geometry?",
+                        other.map(|o| o.1)
+                    )));
+                }
+            }
+        }
+        // Hand the reserved slots out in order: the first saves get theirs.
+        let r = Arc::new(r);
+        let mut out = Vec::with_capacity(saves.len());
+        let mut at = 0;
+        for (gpu_blocks, hashes) in saves {
+            let n = gpu_blocks.len().min(addrs.len() - at);
+            if n == 0 {
+                out.push((0, 0));
+                continue;
+            }
+            let h = st.next_handle;
+            st.next_handle += 1;
+            st.saves.insert(
+                h,
+                PendingSave {
+                    keys: hashes[..n]
+                        .iter()
+                        .map(|k| BlockKey::new(self.namespace, *k))
+                        .collect(),
+                    gpu_blocks: gpu_blocks[..n].to_vec(),
+                    slots: addrs[at..at + n].to_vec(),
+                    first: at,
+                    reservation: r.clone(),
+                    ended: false,
+                    started: Instant::now(),
+                },
+            );
+            at += n;
+            out.push((h, n));
+        }
+        Ok(out)
     }
 
     fn segments(&self, start: usize, end: Option<usize>) -> PyResult<std::ops::Range<usize>> {
@@ -238,7 +358,7 @@ impl PyKvCache {
                 .keys
                 .iter()
                 .enumerate()
-                .map(|(i, k)| (i, *k, len))
+                .map(|(i, k)| (s.first + i, *k, len))
                 .collect();
             let n = self.core.commit_many(&s.reservation, &items);
             self.core
@@ -342,6 +462,7 @@ impl PyKvCache {
                 transfer,
                 binding: None,
                 saves: BTreeMap::new(),
+                loads: BTreeMap::new(),
                 next_handle: 1,
             }),
             _keepalive: keepalive,
@@ -349,7 +470,7 @@ impl PyKvCache {
         if this.device.is_some() {
             // Start the (slow) CUDA registration now, not at the first copy.
             let mut st = this.lock();
-            let _ = this.ensure_pool(&mut st, false);
+            let _ = this.ensure_pool(&mut st);
         }
         Ok(this)
     }
@@ -386,67 +507,39 @@ impl PyKvCache {
 
     /// Reserves slots for saving `gpu_blocks[i]` under `hashes[i]`. Returns
     /// `(handle, n)`: the first `n` blocks will be saved (fewer than asked
-    /// under pool pressure, 0 while the owner is away: those are dropped).
-    fn begin_save(&self, gpu_blocks: Vec<u32>, hashes: Vec<Vec<u8>>) -> PyResult<(u64, usize)> {
-        if gpu_blocks.len() != hashes.len() {
-            return Err(ConfigError::new_err(format!(
-                "begin_save: {} blocks but {} hashes",
-                gpu_blocks.len(),
-                hashes.len()
-            )));
-        }
-        if let Some(&b) = gpu_blocks
-            .iter()
-            .find(|&&b| b as usize >= self.layout.num_blocks)
-        {
-            return Err(ConfigError::new_err(format!(
-                "begin_save: block id {b} out of range (the cache has {} blocks)",
-                self.layout.num_blocks
-            )));
-        }
+    /// under pool pressure, 0 while the owner is away or the pool is not
+    /// registered yet: those are dropped). Waits at most the engine's
+    /// `reserve_wait`, without the GIL, and only when its stash is short.
+    fn begin_save(
+        &self,
+        py: Python<'_>,
+        gpu_blocks: Vec<u32>,
+        hashes: Vec<Vec<u8>>,
+    ) -> PyResult<(u64, usize)> {
         let hashes = to_hashes(&hashes)?;
-        let mut st = self.lock();
-        if gpu_blocks.is_empty() || !self.ensure_pool(&mut st, false)? {
-            return Ok((0, 0));
-        }
-        let r = self.core.reserve(gpu_blocks.len());
-        let need = self.layout.slot_bytes();
-        let mut slots = Vec::with_capacity(r.len());
-        for i in 0..r.len() {
-            match r.slot(i) {
-                Some((p, cap)) if cap >= need => slots.push(p as usize),
-                other => {
-                    for j in 0..r.len() {
-                        self.core.abort(&r, j);
-                    }
-                    return Err(TransferError::new_err(format!(
-                        "reserved slot {i} is unusable ({:?} bytes, need {need}); was the owner restarted with another geometry?",
-                        other.map(|o| o.1)
-                    )));
-                }
-            }
-        }
-        let n = slots.len();
-        if n == 0 {
-            return Ok((0, 0));
-        }
-        let h = st.next_handle;
-        st.next_handle += 1;
-        st.saves.insert(
-            h,
-            PendingSave {
-                keys: hashes[..n]
-                    .iter()
-                    .map(|k| BlockKey::new(self.namespace, *k))
-                    .collect(),
-                gpu_blocks: gpu_blocks[..n].to_vec(),
-                slots,
-                reservation: r,
-                ended: false,
-                started: Instant::now(),
-            },
-        );
-        Ok((h, n))
+        py.detach(|| {
+            let mut st = self.lock();
+            let mut out = self.begin_saves_locked(&mut st, vec![(gpu_blocks, hashes)])?;
+            Ok(out.pop().unwrap_or((0, 0)))
+        })
+    }
+
+    /// [`begin_save`] for several saves at once (one step's): one
+    /// reservation, so one bounded wait at most for the whole step.
+    /// Returns `[(handle, n)]` in order.
+    fn begin_saves(
+        &self,
+        py: Python<'_>,
+        saves: Vec<(Vec<u32>, Vec<Vec<u8>>)>,
+    ) -> PyResult<Vec<(u64, usize)>> {
+        let saves = saves
+            .into_iter()
+            .map(|(b, h)| Ok((b, to_hashes(&h)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        py.detach(|| {
+            let mut st = self.lock();
+            self.begin_saves_locked(&mut st, saves)
+        })
     }
 
     /// Copies layers `start..end` of the blocks of save `handle` (queued on
@@ -517,9 +610,10 @@ impl PyKvCache {
             let Some(s) = st.saves.remove(&handle) else {
                 return Ok(());
             };
+            // No copy may still write the slots we give back.
             let _ = st.transfer.save_done(true);
-            for i in 0..s.reservation.len() {
-                self.core.abort(&s.reservation, i);
+            for i in 0..s.keys.len() {
+                self.core.abort(&s.reservation, s.first + i);
             }
             Ok(())
         })
@@ -539,7 +633,7 @@ impl PyKvCache {
         hashes: Vec<Vec<u8>>,
         stream: u64,
     ) -> PyResult<usize> {
-        let (h, n) = self.begin_save(gpu_blocks, hashes)?;
+        let (h, n) = self.begin_save(py, gpu_blocks, hashes)?;
         if n == 0 {
             return Ok(0);
         }
@@ -552,60 +646,104 @@ impl PyKvCache {
         Ok(done.iter().find(|(x, _)| *x == h).map_or(0, |d| d.1))
     }
 
-    /// Copies layers `start..end` of pinned `slots[i]` into `gpu_blocks[i]`.
-    /// Raises OwnerUnavailable when the owner is away (report the blocks as
+    /// Copies layers `start..end` of the blocks pinned in segment
+    /// `segment_id` (`blocks[i] = (slot, generation)`, as `Pins.blocks()`
+    /// gives them) into `gpu_blocks[i]`. Returns a handle that
+    /// `poll_loads` reports once the copies completed, with the blocks that
+    /// failed the check after the copy. Raises OwnerUnavailable, having
+    /// copied nothing, when a block cannot be loaded now: the owner is away
+    /// or serves another segment, a block is no longer the one pinned, or
+    /// the pool's CUDA registration is still running (report the blocks as
     /// failed; vLLM recomputes them).
-    #[pyo3(signature = (slots, gpu_blocks, start=0, end=None, stream=0))]
+    #[pyo3(signature = (segment_id, blocks, gpu_blocks, start=0, end=None, stream=0))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         py: Python<'_>,
-        slots: Vec<u32>,
+        segment_id: u64,
+        blocks: Vec<(u32, u32)>,
         gpu_blocks: Vec<u32>,
         start: usize,
         end: Option<usize>,
         stream: u64,
-    ) -> PyResult<()> {
+    ) -> PyResult<u64> {
         let range = self.segments(start, end)?;
-        if slots.len() != gpu_blocks.len() {
+        if blocks.len() != gpu_blocks.len() {
             return Err(ConfigError::new_err(format!(
-                "load: {} slots but {} blocks",
-                slots.len(),
+                "load: {} blocks but {} GPU blocks",
+                blocks.len(),
                 gpu_blocks.len()
             )));
         }
         py.detach(|| {
             let mut st = self.lock();
-            if !self.ensure_pool(&mut st, true)? {
+            if !self.ensure_pool(&mut st)? {
                 return Err(OwnerUnavailable::new_err(
-                    "the owner is not connected; nothing loaded",
+                    "the pool is not usable yet (owner away, or its CUDA registration is still \
+                     running); nothing loaded",
                 ));
             }
             let need = self.layout.slot_bytes();
-            let mut addrs = Vec::with_capacity(slots.len());
-            for &s in &slots {
-                match self.core.slot_ptr(s) {
-                    Some((p, cap)) if cap >= need => addrs.push(p as usize),
-                    Some((_, cap)) => {
+            let mut addrs = Vec::with_capacity(blocks.len());
+            for &(slot, gen) in &blocks {
+                match self.core.pinned_block(segment_id, slot, gen) {
+                    Some((p, len)) if len >= need => addrs.push(p as usize),
+                    Some((_, len)) => {
                         return Err(TransferError::new_err(format!(
-                            "slot {s} holds {cap} bytes but a block of this cache is {need}"
+                            "slot {slot} holds {len} bytes but a block of this cache is {need}"
                         )))
                     }
                     None => {
                         return Err(OwnerUnavailable::new_err(format!(
-                            "slot {s} is not reachable (owner away or id out of range)"
+                            "slot {slot} (generation {gen}) of segment {segment_id:#x} is not the \
+                             block that was pinned any more (owner restarted or the pool changed); \
+                             nothing loaded"
                         )))
                     }
                 }
             }
-            // SAFETY: the slots are pinned by the scheduler's lookup until it
-            // releases them after this load finished; the KV tensors are
-            // kept alive by `keepalive`; ids are range-checked by the plan.
+            // SAFETY: every address is a committed block of the current pool
+            // mapping (checked just above), pinned by the scheduler until
+            // it releases it after this load is reported finished; the KV
+            // tensors are kept alive by `keepalive`; block ids are
+            // range-checked by the plan.
             unsafe {
                 st.transfer
-                    .load(range, &gpu_blocks, &addrs, StreamRef(stream))
+                    .load(range.clone(), &gpu_blocks, &addrs, StreamRef(stream))
             }
-            .map_err(transfer_err)
+            .map_err(transfer_err)?;
+            let h = st.next_handle;
+            st.next_handle += 1;
+            let bytes =
+                (blocks.len() * need * range.len() / self.layout.num_segments().max(1)) as u64;
+            st.loads.insert(
+                h,
+                PendingLoad {
+                    segment_id,
+                    blocks,
+                    gpu_blocks,
+                    bytes,
+                    started: Instant::now(),
+                },
+            );
+            Ok(h)
         })
+    }
+
+    /// Loads whose copies completed (with `wait`, waits for all of them):
+    /// `[(handle, failed_gpu_blocks)]`. A failed block was copied from a
+    /// slot that changed under the copy: treat it as not loaded.
+    #[pyo3(signature = (wait=false))]
+    fn poll_loads(&self, py: Python<'_>, wait: bool) -> PyResult<Vec<(u64, Vec<u32>)>> {
+        py.detach(|| {
+            let mut st = self.lock();
+            self.finished_loads(&mut st, wait)
+        })
+    }
+
+    /// Loads in flight (not yet reported by `poll_loads`).
+    fn pending_loads(&self) -> usize {
+        self.lock().loads.len()
     }
 
     /// Blocks until the loads of `layer` arrived.
@@ -631,5 +769,18 @@ impl PyKvCache {
             self.namespace,
             self.backend.name()
         )
+    }
+}
+
+impl Drop for PyKvCache {
+    /// Copies into reserved slots or out of pinned ones may still run on the
+    /// GPU: wait for them before the reservations are aborted and the
+    /// registration goes.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = st.transfer.save_done(true);
+        let _ = st.transfer.loads_done(true);
+        st.saves.clear();
+        st.loads.clear();
     }
 }

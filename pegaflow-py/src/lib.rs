@@ -4,6 +4,9 @@
 //!
 //! * [`PyEngine`] (`Engine`): the owner client (lookups, pins, releases,
 //!   stats). Never raises because the owner is away: lookups miss.
+//! * [`PyPins`] (`Pins`): the blocks one lookup pinned, in the segment it
+//!   pinned them in; released through it (or when it is collected), never
+//!   by bare slot ids.
 //! * [`PyKvCache`] (`KvCache`): an engine's KV cache described as a
 //!   [`KvLayout`] plus a copy backend; layer-wise saves (reserve, copy,
 //!   commit after the copy completed) and loads from pinned slots.
@@ -18,7 +21,7 @@ mod kv_cache;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pegaflow_core::{Engine, EngineConfig, PinnedBlock};
+use pegaflow_core::{Engine, EngineConfig, Pinned};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -118,20 +121,18 @@ impl PyEngine {
         Ok(self.inner.count_hits(namespace, &to_hashes(&hashes)?))
     }
 
-    /// Leading hits, pinned: a list of `(slot, generation)`. Pins hold until
-    /// `release`.
-    fn lookup(&self, namespace: u64, hashes: Vec<Vec<u8>>) -> PyResult<Vec<(u32, u32)>> {
-        let p = self.inner.lookup(namespace, &to_hashes(&hashes)?);
-        Ok(p.blocks.iter().map(|b| (b.slot, b.gen)).collect())
+    /// Leading hits, pinned. The pins hold until released through the
+    /// returned `Pins` (or until it is collected).
+    fn lookup(&self, namespace: u64, hashes: Vec<Vec<u8>>) -> PyResult<PyPins> {
+        let hashes = to_hashes(&hashes)?;
+        Ok(PyPins {
+            inner: self.inner.lookup(namespace, &hashes),
+        })
     }
 
-    /// Drops pins taken by `lookup` of this engine.
-    fn release(&self, blocks: Vec<(u32, u32)>) {
-        let b: Vec<PinnedBlock> = blocks
-            .into_iter()
-            .map(|(slot, gen)| PinnedBlock { slot, gen })
-            .collect();
-        self.inner.release_blocks(&b);
+    /// Drops every pin `pins` still holds (same as `pins.release()`).
+    fn release(&self, pins: &PyPins) {
+        pins.inner.release_all();
     }
 
     /// Bytes of a slot (tests and tools): `None` when the owner is away or
@@ -178,6 +179,71 @@ impl PyEngine {
     }
 }
 
+/// The blocks one `Engine.lookup` pinned (see `pegaflow/_native.pyi`).
+#[pyclass(name = "Pins", module = "pegaflow._native", frozen)]
+pub struct PyPins {
+    inner: Pinned,
+}
+
+impl PyPins {
+    fn range(&self, start: usize, end: Option<usize>) -> PyResult<std::ops::Range<usize>> {
+        let n = self.inner.len();
+        let end = end.unwrap_or(n);
+        if start > end || end > n {
+            return Err(ConfigError::new_err(format!(
+                "pin range {start}..{end} out of range (this lookup pinned {n} blocks)"
+            )));
+        }
+        Ok(start..end)
+    }
+}
+
+#[pymethods]
+impl PyPins {
+    /// The segment the blocks were pinned in (0 when nothing was pinned).
+    #[getter]
+    fn segment_id(&self) -> u64 {
+        self.inner.segment_id()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// `(slot, generation)` of blocks `start..end`, for a worker's
+    /// `KvCache.load(pins.segment_id, ...)`.
+    #[pyo3(signature = (start=0, end=None))]
+    fn blocks(&self, start: usize, end: Option<usize>) -> PyResult<Vec<(u32, u32)>> {
+        let r = self.range(start, end)?;
+        Ok(self.inner.blocks[r]
+            .iter()
+            .map(|b| (b.slot, b.gen))
+            .collect())
+    }
+
+    /// Releases the pins of blocks `start..end` still held (idempotent).
+    #[pyo3(signature = (start=0, end=None))]
+    fn release(&self, start: usize, end: Option<usize>) -> PyResult<()> {
+        let r = self.range(start, end)?;
+        self.inner.release_range(r);
+        Ok(())
+    }
+
+    /// Pins still held.
+    fn held(&self) -> usize {
+        self.inner.held()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Pins(blocks={}, held={}, segment={:#x})",
+            self.inner.len(),
+            self.inner.held(),
+            self.inner.segment_id()
+        )
+    }
+}
+
 fn init_logging() {
     use std::sync::Once;
     static ONCE: Once = Once::new();
@@ -205,6 +271,7 @@ fn cuda_driver_present() -> bool {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyEngine>()?;
+    m.add_class::<PyPins>()?;
     m.add_class::<kv_cache::PyKvCache>()?;
     m.add_function(wrap_pyfunction!(kv_cache::namespace_fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;

@@ -23,6 +23,13 @@ pub mod client_state {
     /// The owner restarted while this engine was alive; its pins, stash and
     /// rings are kept until it reconnects or its process exits.
     pub const ORPHANED: u32 = 2;
+    /// The connection ended without a goodbye while the process may still
+    /// live: it hung up while exiting (copies may still be in flight), or
+    /// the owner threw it out (corrupt ring, bad frame, a stalled socket).
+    /// Its pins keep their blocks and its writing slots stay its own; its
+    /// requests are not applied. It is reclaimed once its process is gone,
+    /// or resumed by the same process with its token.
+    pub const QUARANTINED: u32 = 3;
 }
 
 macro_rules! counters {
@@ -95,7 +102,12 @@ pub struct ClientEntry {
     /// from. `refill_done == refill_asked` means every request was served.
     pub refill_done: AtomicU32,
     pub _reserved0: u32,
-    pub _reserved: [u64; 7],
+    /// Engine (a gauge): slots it took from its stash and has not committed
+    /// or aborted yet. `pegaflow-inspect verify` compares it with the slot
+    /// table: `Writing` slots of a client beyond its stash and this number
+    /// are leaked.
+    pub held_slots: AtomicU64,
+    pub _reserved: [u64; 6],
 }
 
 #[cfg(not(loom))]
@@ -113,13 +125,10 @@ impl ClientEntry {
         self.engine_counters[c as usize].load(Ordering::Relaxed)
     }
 
-    /// Engine only (single writer).
+    /// Engine only. An engine counts from several threads, so this is a
+    /// real read-modify-write.
     pub fn add_engine(&self, c: EngineCounter, n: u64) {
-        let cell = &self.engine_counters[c as usize];
-        cell.store(
-            cell.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
+        self.engine_counters[c as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn owner(&self, c: OwnerCounter) -> u64 {
@@ -178,6 +187,7 @@ impl ClientEntry {
         ] {
             f.store(0, Ordering::Relaxed);
         }
+        self.held_slots.store(0, Ordering::Relaxed);
         for f in self
             .label
             .iter()

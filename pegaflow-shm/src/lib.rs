@@ -106,9 +106,10 @@ mod abi_layout {
                 offset_of!(ClientEntry, engine_counters),
                 offset_of!(ClientEntry, owner_counters),
                 offset_of!(ClientEntry, refill_done),
+                offset_of!(ClientEntry, held_slots),
                 size_of::<ClientEntry>(),
             ],
-            [4, 8, 16, 24, 32, 40, 48, 52, 56, 60, 64, 128, 256, 320, 384]
+            [4, 8, 16, 24, 32, 40, 48, 52, 56, 60, 64, 128, 256, 320, 328, 384]
         );
         assert_eq!(
             [offset_of!(RingHeader, tail), size_of::<RingHeader>()],

@@ -5,6 +5,12 @@
 //! every entry with [`Request::decode`], which never panics on any input
 //! (fuzzed in `fuzz/`); ids and lengths are range-checked by the owner
 //! against the slot table after decoding.
+//!
+//! `Commit` and `Abort` carry the generation of the slot as the engine got it
+//! from its stash. The owner applies them only to a slot that is still
+//! `Writing(that engine, that generation)`, so a request from an earlier life
+//! of the slot (queued before a reclaim, or replayed after an owner
+//! restart) can never publish or free a slot handed out since.
 
 use crate::error::DecodeError;
 use crate::slot_table::BlockKey;
@@ -20,10 +26,16 @@ const TAG_TOUCH: u32 = 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
     /// The engine finished copying `len` bytes of `key` into `slot` (which it
-    /// took from its stash): publish it.
-    Commit { slot: u32, len: u64, key: BlockKey },
-    /// The engine took `slot` from its stash but will not write it: free it.
-    Abort { slot: u32 },
+    /// took from its stash at generation `gen`): publish it.
+    Commit {
+        slot: u32,
+        gen: u32,
+        len: u64,
+        key: BlockKey,
+    },
+    /// The engine took `slot` (at generation `gen`) from its stash but will
+    /// not write it: free it.
+    Abort { slot: u32, gen: u32 },
     /// The engine hit these slots: refresh their recency and frequency.
     Touch { count: u32, slots: [u32; TOUCH_MAX] },
 }
@@ -32,14 +44,21 @@ impl Request {
     pub fn encode(&self) -> [u64; WORDS] {
         let mut w = [0u64; WORDS];
         match *self {
-            Request::Commit { slot, len, key } => {
+            Request::Commit {
+                slot,
+                gen,
+                len,
+                key,
+            } => {
                 w[0] = u64::from(TAG_COMMIT) | u64::from(slot) << 32;
                 w[1] = len;
                 w[2] = key.namespace;
                 w[3..7].copy_from_slice(&key.words());
+                w[7] = u64::from(gen);
             }
-            Request::Abort { slot } => {
+            Request::Abort { slot, gen } => {
                 w[0] = u64::from(TAG_ABORT) | u64::from(slot) << 32;
+                w[1] = u64::from(gen);
             }
             Request::Touch { count, slots } => {
                 w[0] = u64::from(TAG_TOUCH) | u64::from(count) << 32;
@@ -56,21 +75,25 @@ impl Request {
         let arg = (w[0] >> 32) as u32;
         match tag {
             TAG_COMMIT => {
-                if w[7] != 0 {
+                if w[7] >> 32 != 0 {
                     return Err(DecodeError::NonZeroPadding);
                 }
                 let key = BlockKey::from_words(w[2], [w[3], w[4], w[5], w[6]]);
                 Ok(Request::Commit {
                     slot: arg,
+                    gen: w[7] as u32,
                     len: w[1],
                     key,
                 })
             }
             TAG_ABORT => {
-                if w[1..].iter().any(|&x| x != 0) {
+                if w[1] >> 32 != 0 || w[2..].iter().any(|&x| x != 0) {
                     return Err(DecodeError::NonZeroPadding);
                 }
-                Ok(Request::Abort { slot: arg })
+                Ok(Request::Abort {
+                    slot: arg,
+                    gen: w[1] as u32,
+                })
             }
             TAG_TOUCH => {
                 if arg as usize > TOUCH_MAX {
@@ -107,10 +130,11 @@ mod tests {
         for r in [
             Request::Commit {
                 slot: 42,
+                gen: u32::MAX,
                 len: 2 << 20,
                 key,
             },
-            Request::Abort { slot: 7 },
+            Request::Abort { slot: 7, gen: 3 },
             Request::Touch { count: 3, slots },
         ] {
             assert_eq!(Request::decode(&r.encode()), Ok(r));
@@ -125,7 +149,15 @@ mod tests {
             Err(DecodeError::BadCount(15))
         );
         assert_eq!(
-            Request::decode(&[2, 1, 0, 0, 0, 0, 0, 0]),
+            Request::decode(&[2, 1 << 32, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::NonZeroPadding)
+        );
+        assert_eq!(
+            Request::decode(&[2, 1, 5, 0, 0, 0, 0, 0]),
+            Err(DecodeError::NonZeroPadding)
+        );
+        assert_eq!(
+            Request::decode(&[1, 0, 0, 0, 0, 0, 0, 1 << 32]),
             Err(DecodeError::NonZeroPadding)
         );
     }

@@ -79,12 +79,14 @@ fn random_request(rng: &mut Rng) -> Request {
             hash.iter_mut().for_each(|b| *b = rng.next() as u8);
             Request::Commit {
                 slot: rng.interesting() as u32,
+                gen: rng.interesting() as u32,
                 len: rng.interesting(),
                 key: BlockKey::new(rng.interesting(), hash),
             }
         }
         1 => Request::Abort {
             slot: rng.interesting() as u32,
+            gen: rng.interesting() as u32,
         },
         _ => {
             let count = rng.below(TOUCH_MAX as u64 + 1) as u32;

@@ -274,14 +274,20 @@ proptest! {
 
 fn arb_request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (any::<u32>(), any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-            |(slot, len, ns, hash)| Request::Commit {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(|(slot, gen, len, ns, hash)| Request::Commit {
                 slot,
+                gen,
                 len,
                 key: BlockKey::new(ns, hash),
-            }
-        ),
-        any::<u32>().prop_map(|slot| Request::Abort { slot }),
+            }),
+        (any::<u32>(), any::<u32>()).prop_map(|(slot, gen)| Request::Abort { slot, gen }),
         (0..=TOUCH_MAX as u32, any::<[u32; TOUCH_MAX]>()).prop_map(|(count, mut slots)| {
             // Unused slots are zero on the wire.
             slots[count as usize..].iter_mut().for_each(|s| *s = 0);

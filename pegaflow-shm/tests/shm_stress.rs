@@ -138,6 +138,7 @@ fn request(c: u32, i: u64) -> Request {
     hash[31] = c as u8;
     Request::Commit {
         slot: i as u32 ^ c,
+        gen: (i >> 3) as u32,
         len: i.wrapping_mul(0x9E37_79B9) ^ u64::from(c),
         key: BlockKey::new(u64::from(c) << 32 | 7, hash),
     }

@@ -130,17 +130,23 @@ fn garbage_and_out_of_range_ids_in_a_ring_are_counted_and_ignored() {
         [0xdead_beefu64, 1, 2, 3, 4, 5, 6, 7], // unknown tag
         Request::Commit {
             slot: u32::MAX,
+            gen: 0,
             len: 1,
             key,
         }
         .encode(), // out of range
         Request::Commit {
             slot: 3,
+            gen: 0,
             len: 1,
             key,
         }
         .encode(), // not ours
-        Request::Abort { slot: 1 << 30 }.encode(), // out of range
+        Request::Abort {
+            slot: 1 << 30,
+            gen: 0,
+        }
+        .encode(), // out of range
         [3 | 200 << 32, 0, 0, 0, 0, 0, 0, 0],  // touch count
     ];
     // A slot we do own, committed with an absurd length.
@@ -149,6 +155,7 @@ fn garbage_and_out_of_range_ids_in_a_ring_are_counted_and_ignored() {
     bad.push(
         Request::Commit {
             slot: w0 as u32,
+            gen: (w0 >> 32) as u32,
             len: u64::MAX,
             key,
         }

@@ -39,11 +39,26 @@ class Engine:
         """Waits (GIL released) up to ``timeout`` seconds for a session."""
     def count_hits(self, namespace: int, hashes: Sequence[bytes]) -> int:
         """Leading hits of the hash chain, without pinning (0 while disconnected)."""
-    def lookup(self, namespace: int, hashes: Sequence[bytes]) -> list[tuple[int, int]]:
-        """Leading hits, pinned, as ``(slot, generation)``; release them later."""
-    def release(self, blocks: Sequence[tuple[int, int]]) -> None: ...
+    def lookup(self, namespace: int, hashes: Sequence[bytes]) -> Pins:
+        """Leading hits, pinned; they hold until released through the result."""
+    def release(self, pins: Pins) -> None:
+        """Releases every pin ``pins`` still holds (same as ``pins.release()``)."""
     def read_slot(self, slot: int, length: int) -> Optional[bytes]: ...
     def stats(self) -> dict[str, Any]: ...
+
+class Pins:
+    """The blocks one ``Engine.lookup`` pinned, in the segment it pinned them
+    in. Pins are released through this object (any sub-range, idempotently)
+    or when it is garbage-collected; never by bare slot ids."""
+
+    @property
+    def segment_id(self) -> int: ...
+    def __len__(self) -> int: ...
+    def blocks(self, start: int = 0, end: Optional[int] = None) -> list[tuple[int, int]]:
+        """``(slot, generation)`` of blocks ``start..end``, for ``KvCache.load``."""
+    def release(self, start: int = 0, end: Optional[int] = None) -> None: ...
+    def held(self) -> int:
+        """Pins still held."""
 
 class KvCache:
     """An engine's KV cache (described by plain numbers) bound to the pool.
@@ -92,7 +107,12 @@ class KvCache:
     @property
     def backend(self) -> str: ...
     def begin_save(self, gpu_blocks: Sequence[int], hashes: Sequence[bytes]) -> tuple[int, int]:
-        """Reserve slots; returns ``(handle, n)``: the first n blocks will be saved."""
+        """Reserve slots; returns ``(handle, n)``: the first n blocks will be saved.
+        Never waits longer than the engine's reserve_wait (GIL released)."""
+    def begin_saves(
+        self, saves: Sequence[tuple[Sequence[int], Sequence[bytes]]]
+    ) -> list[tuple[int, int]]:
+        """``begin_save`` for one step's saves at once: one reservation, one bounded wait."""
     def save_layers(self, handle: int, start: int = 0, end: Optional[int] = None, stream: int = 0) -> None: ...
     def end_save(self, handle: int) -> None: ...
     def poll_saves(self, wait: bool = False) -> list[tuple[int, int]]:
@@ -103,13 +123,22 @@ class KvCache:
         """One-shot save of all layers; returns blocks committed."""
     def load(
         self,
-        slots: Sequence[int],
+        segment_id: int,
+        blocks: Sequence[tuple[int, int]],
         gpu_blocks: Sequence[int],
         start: int = 0,
         end: Optional[int] = None,
         stream: int = 0,
-    ) -> None:
-        """Copy pinned slots into blocks (raises OwnerUnavailable when the owner is away)."""
+    ) -> int:
+        """Copy blocks pinned in ``segment_id`` (``(slot, generation)``, from
+        ``Pins.blocks()``) into ``gpu_blocks``; returns a handle for
+        ``poll_loads``. Raises OwnerUnavailable, copying nothing, when a block
+        is not loadable now (owner away or restarted on a new segment, block
+        changed, pool registration still running)."""
+    def poll_loads(self, wait: bool = False) -> list[tuple[int, list[int]]]:
+        """Loads whose copies completed: ``[(handle, failed_gpu_blocks)]``;
+        a failed block changed under the copy and must be recomputed."""
+    def pending_loads(self) -> int: ...
     def wait_layer(self, layer: int) -> None: ...
     def layer_ready(self, layer: int) -> bool: ...
 
