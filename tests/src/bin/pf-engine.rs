@@ -5,6 +5,8 @@
 //! pf-engine load  SOCKET NAME NS SEED START COUNT              # prints "hits H ok V bad B"
 //! pf-engine chaos SOCKET NAME NS SLOT_BYTES SEED               # random saves and verified loads forever
 //! pf-engine hold  SOCKET NAME NS SEED START COUNT              # pin, print "pinned N", sleep
+//! pf-engine hangup SOCKET NAME NS SLOT_BYTES N                 # take N stash slots by hand, hang up,
+//!                                                              # print "hungup SLOT...", sleep
 //! ```
 //!
 //! Exit codes: 0 ok, 2 usage, 3 corrupt data seen, 4 engine error.
@@ -56,6 +58,52 @@ fn load_verify(e: &Engine, ns: u64, seed: u64, start: u64, count: u64) -> (usize
     });
     e.release(&pinned);
     (pinned.len(), ok, bad)
+}
+
+/// Speak the protocol by hand: hello, take `n` slots from the stash (they
+/// are `Writing(us)` now), then close the socket while staying alive.
+fn take_and_hang_up(socket: &str, ns: u64, slot_bytes: u64, n: usize) -> Vec<u32> {
+    use pegaflow_shm::proto::{self, ClientMsg, Hello, OwnerMsg};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    let hello = Hello {
+        abi_version: pegaflow_shm::ABI_VERSION,
+        pid: std::process::id(),
+        label: "pf-engine hangup".into(),
+        namespace: ns,
+        slot_bytes,
+        resume: None,
+    };
+    proto::send(&mut s, &ClientMsg::Hello(hello)).expect("hello");
+    let OwnerMsg::Welcome(w) = proto::recv::<OwnerMsg>(&mut s).expect("welcome") else {
+        eprintln!("pf-engine: not welcomed");
+        std::process::exit(4)
+    };
+    let seg = pegaflow_shm::segment::ControlSegment::open(std::path::Path::new(&w.control_path))
+        .expect("map control segment");
+    let me = seg.client(w.client).expect("client in range");
+    let mut slots = Vec::new();
+    // Ask for the slots as an engine's reserve does (the pool may be full).
+    me.entry
+        .stash_want
+        .store(n as u32, pegaflow_shm::sync::Ordering::Relaxed);
+    me.entry
+        .refill_asked
+        .fetch_add(1, pegaflow_shm::sync::Ordering::SeqCst);
+    let h = seg.header();
+    pegaflow_shm::doorbell::Doorbell {
+        word: &h.doorbell,
+        sleeping: &h.owner_sleeping,
+    }
+    .ring();
+    let t = std::time::Instant::now();
+    while slots.len() < n && t.elapsed() < Duration::from_secs(5) {
+        match me.stash.pop() {
+            Ok(Some([word])) => slots.push(word as u32),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    drop(s);
+    slots
 }
 
 fn main() {
@@ -131,8 +179,15 @@ fn main() {
                 }
             }
         }
+        "hangup" => {
+            let (slot_bytes, n): (u64, usize) = (arg(&a, 5), arg(&a, 6));
+            let slots = take_and_hang_up(&socket, ns, slot_bytes, n);
+            let list: Vec<String> = slots.iter().map(u32::to_string).collect();
+            println!("hungup {}", list.join(" "));
+            std::thread::sleep(Duration::from_secs(3600));
+        }
         _ => {
-            eprintln!("usage: pf-engine save|load|chaos|hold ...");
+            eprintln!("usage: pf-engine save|load|chaos|hold|hangup ...");
             std::process::exit(2);
         }
     }
