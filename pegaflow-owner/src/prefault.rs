@@ -1,11 +1,12 @@
 //! Touching every page of a fresh pool, in parallel, with progress in the log.
 //!
-//! Why prefault by default: a tmpfs or hugetlbfs file allocates its pages on
-//! first touch. Touching them at start-up (1) moves the cost out of the
-//! first engine's registration and the first saves, and (2) turns "the
-//! machine does not have that much memory" into a clear start-up failure
-//! instead of a SIGBUS in an engine hours later. A re-adopted pool already
-//! has its pages and is not touched again (restart in ~0 s).
+//! The memory itself is reserved before this runs: a new pool file is
+//! `fallocate`d in full (`pegaflow_shm::segment`), so a machine without
+//! that much room refuses to start with a clear message instead of dying of
+//! SIGBUS here or in an engine later. Prefaulting then only maps the pages
+//! into the owner's page tables, moving that cost out of the first saves.
+//! A re-adopted pool already has its pages and is not touched again
+//! (restart in milliseconds).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -389,8 +389,12 @@ fn discarding_restarts_make_new_files_and_old_mappings_keep_their_bytes() {
         "the snapshot holds the saved bytes"
     );
 
-    // Same size, --discard-existing.
+    // A copy of the control file, as kept for a bug report.
     o.terminate();
+    let old_ctl = o._dir.path().join("old.ctl");
+    std::fs::copy(o.ctl(), &old_ctl).unwrap();
+
+    // Same size, --discard-existing.
     o.start(&[geometry("32mb"), vec!["--discard-existing".into()]].concat());
     assert!(v1.unchanged(), "an old mapping saw its bytes change");
     assert_ne!(inode(&o.pool()), v1.pool_ino, "new pool file, new inode");
@@ -403,6 +407,19 @@ fn discarding_restarts_make_new_files_and_old_mappings_keep_their_bytes() {
     drop(e);
     assert!(v1.unchanged(), "new saves landed in an old mapping");
     let v2 = OldView::take(&o, 32 << 20);
+    // inspect tells which pool file belongs to which control segment.
+    let status = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(INSPECT)
+            .args(args)
+            .env("PEGAFLOW_SHM_DIR", &o.shm)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let live = status(&["--name", &o.name, "--json", "status"]);
+    assert_eq!(live["pool"]["file_is_this_segments"], true, "{live}");
+    let old = status(&["--control", old_ctl.to_str().unwrap(), "--json", "status"]);
+    assert_eq!(old["pool"]["file_is_this_segments"], false, "{old}");
     assert_ne!(v2.segment_id, v1.segment_id, "a new segment id");
     // An engine holding the old identity is told the file was replaced.
     match PoolSegment::open_checked(&o.pool(), 32 << 20, v1.pool_dev, v1.pool_ino) {

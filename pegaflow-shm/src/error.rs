@@ -50,17 +50,6 @@ pub enum SegmentError {
         expected: u32,
     },
 
-    #[error(
-        "{path} has pool geometry {found:?} but the owner was asked for {expected:?}; \
-         start with the same --pool-size/--slab-size/--min-slot-size/--max-clients to keep the cache, \
-         or with --discard-existing to drop it"
-    )]
-    GeometryMismatch {
-        path: PathBuf,
-        found: Box<Geometry>,
-        expected: Box<Geometry>,
-    },
-
     #[error("{path} is {actual} bytes but {expected} bytes were expected: the pool file was replaced or truncated")]
     SizeMismatch {
         path: PathBuf,
