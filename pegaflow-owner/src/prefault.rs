@@ -1,10 +1,12 @@
 //! Touching every page of a fresh pool, in parallel, with progress in the log.
 //!
-//! The memory itself is reserved before this runs: a new pool file is
-//! `fallocate`d in full (`pegaflow_shm::segment`), so a machine without
-//! that much room refuses to start with a clear message instead of dying of
-//! SIGBUS here or in an engine later. Prefaulting then only maps the pages
-//! into the owner's page tables, moving that cost out of the first saves.
+//! The memory itself is reserved before this runs (`pegaflow_shm::segment`:
+//! `fallocate` on tmpfs, the mapping's huge page reservation on hugetlbfs),
+//! so a machine without that much room refuses to start with a clear
+//! message instead of dying of SIGBUS here or in an engine later.
+//! Prefaulting moves the remaining first-touch cost out of the first saves:
+//! page tables on tmpfs; on hugetlbfs, allocating and zeroing the reserved
+//! pages, on every core (much faster than `fallocate` would on one).
 //! A re-adopted pool already has its pages and is not touched again
 //! (restart in milliseconds).
 

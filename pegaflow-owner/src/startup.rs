@@ -64,12 +64,15 @@ pub fn open_segments(
 
     if args.discard_existing {
         match &existing {
-            Some(Ok(seg)) => warn!(
-                path = %ctl_path.display(),
-                committed_blocks = seg.committed_slots(),
-                "--discard-existing: dropping the existing segments and the {} committed blocks they hold",
-                seg.committed_slots()
-            ),
+            Some(Ok(seg)) => {
+                let committed = seg.committed_slots();
+                warn!(
+                    path = %ctl_path.display(),
+                    committed_blocks = committed,
+                    "--discard-existing: dropping the existing segments and the {committed} \
+                     committed blocks they hold"
+                )
+            }
             Some(Err(e)) => warn!(
                 path = %ctl_path.display(),
                 "--discard-existing: replacing an unusable control segment ({e})"
@@ -253,7 +256,7 @@ fn create(
     let t = Instant::now();
     let mut last = t;
     let total = geometry.pool_bytes;
-    info!(pool = human(total), path = %pool_path.display(), "reserving the pool (fallocate)");
+    info!(pool = human(total), path = %pool_path.display(), "reserving the pool");
     let (pool, pool_new) =
         PoolSegment::create(pool_path, total, perms, args.use_hugepages, &mut |done| {
             if last.elapsed() >= Duration::from_secs(1) {

@@ -588,6 +588,33 @@ fn a_start_refused_late_removes_the_files_it_created() {
     assert!(!o.socket.exists(), "socket left behind");
 }
 
+#[test]
+fn temporary_files_of_a_start_that_died_are_removed() {
+    let mut o = Inst::new("leftover");
+    let ours = [
+        o.shm.join(format!(".pegaflow-{}.ctl.new-123-00ff", o.name)),
+        o.shm.join(format!(".pegaflow-{}.pool.new-4-abc", o.name)),
+    ];
+    // Another name's, and something that only looks alike.
+    let theirs = [
+        o.shm.join(format!(".pegaflow-{}.x.ctl.new-5-aa", o.name)),
+        o.shm.join(format!(".pegaflow-{}.ctl.new-notes", o.name)),
+    ];
+    for p in ours.iter().chain(&theirs) {
+        std::fs::write(p, b"x").unwrap();
+    }
+    o.start(&geometry("32mb"));
+    for p in &ours {
+        assert!(!p.exists(), "{} left", p.display());
+    }
+    for p in &theirs {
+        assert!(p.exists(), "{} removed", p.display());
+    }
+    assert!(o
+        .log_text()
+        .contains("removed a temporary file of a start that did not finish"));
+}
+
 // ---------------------------------------------------------------------------
 // Item 16: a full filesystem is refused up front, not a SIGBUS.
 // ---------------------------------------------------------------------------
@@ -650,6 +677,101 @@ fn a_pool_larger_than_the_filesystem_is_refused_and_leaves_no_files() {
     assert_eq!(used, 32 << 20, "the pool's space is reserved at start");
     o.terminate();
     drop(o);
+}
+
+/// `n` more 2 MiB huge pages reserved (root), given back on drop; and
+/// hugetlbfs mounts that go away with it.
+struct HugePages {
+    before: u64,
+    mounts: Vec<tempfile::TempDir>,
+}
+
+impl HugePages {
+    fn reserve(n: u64) -> Option<HugePages> {
+        const NR: &str = "/proc/sys/vm/nr_hugepages";
+        if !root() {
+            return None;
+        }
+        let before: u64 = std::fs::read_to_string(NR).ok()?.trim().parse().ok()?;
+        std::fs::write(NR, (before + n).to_string()).ok()?;
+        let hp = HugePages {
+            before,
+            mounts: Vec::new(),
+        };
+        (pegaflow_shm::segment::free_hugepages() >= n).then_some(hp)
+    }
+
+    /// A hugetlbfs of 2 MiB pages, `size` limited if given.
+    fn mount(&mut self, size: Option<&str>) -> PathBuf {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = match size {
+            Some(s) => format!("pagesize=2M,size={s}"),
+            None => "pagesize=2M".into(),
+        };
+        let ok = Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", &opts, "none"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount hugetlbfs");
+        let p = dir.path().to_path_buf();
+        self.mounts.push(dir);
+        p
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        for m in &self.mounts {
+            let _ = Command::new("umount").arg(m.path()).status();
+        }
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.before.to_string());
+    }
+}
+
+#[test]
+fn hugetlbfs_pools_are_reserved_at_start_or_refused() {
+    let Some(mut hp) = HugePages::reserve(40) else {
+        eprintln!("SKIPPED: needs root and a writable /proc/sys/vm/nr_hugepages");
+        return;
+    };
+    let free = hp.mount(None);
+    let small = hp.mount(Some("32M"));
+    let mut o = Inst::new("huge");
+    let args = |dir: &Path, pool: &str| {
+        [
+            geometry(pool),
+            vec!["--use-hugepages".into(), "--hugepage-dir".into()],
+            vec![dir.display().to_string()],
+        ]
+        .concat()
+    };
+    // The mount's size= limit: refused when the mapping cannot reserve.
+    let (code, err) = o.refused(&args(&small, "64mb"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot reserve 64.0 MiB") && err.contains("32.0 MiB free"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0, "files left");
+    assert_eq!(o.segment_files(), Vec::<String>::new());
+    // More than there are: refused before anything is made.
+    let (_, err) = o.refused(&args(&free, "256mb"));
+    assert!(err.contains("not enough free 2 MiB huge pages"), "{err}");
+    assert_eq!(std::fs::read_dir(&free).unwrap().count(), 0, "files left");
+    // A pool that fits starts, and a restart re-adopts it.
+    let before = pegaflow_shm::segment::free_hugepages();
+    o.start(&args(&free, "64mb"));
+    assert!(
+        pegaflow_shm::segment::free_hugepages() + 32 <= before,
+        "the pool's 32 huge pages are taken at start"
+    );
+    save(&o.engine(), 0..4, 1);
+    o.terminate();
+    o.start(&args(&free, "64mb"));
+    assert_eq!(load(&o.engine(), 2), Some(content(2, 1)));
+    o.kill9();
 }
 
 // ---------------------------------------------------------------------------

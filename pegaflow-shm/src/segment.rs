@@ -20,9 +20,9 @@
 //!
 //! A segment is never truncated or rewritten in place. A new one is built
 //! under a temporary name in the same directory ([`NewFile`]): created,
-//! given its mode and group explicitly, its whole size reserved with
-//! `fallocate` (a full filesystem is a clear error at start, not a SIGBUS
-//! later), its header written while no other process can have it mapped,
+//! given its mode and group explicitly, its whole size reserved
+//! (`fallocate`, or the mapping's reservation on hugetlbfs: a full
+//! filesystem is a clear error at start, not a SIGBUS later), its header written while no other process can have it mapped,
 //! and only then renamed over the final path. An engine that still maps the
 //! old file keeps the old pages (and its CUDA registration keeps covering
 //! them): it can never see another key's bytes at an offset it had
@@ -100,13 +100,17 @@ pub fn find_hugetlbfs() -> Result<PathBuf, SegmentError> {
         .ok_or(SegmentError::NoHugetlbfs)
 }
 
-/// Free 2 MiB huge pages, from /proc/meminfo.
+/// 2 MiB huge pages free and not reserved by a mapping, from /proc/meminfo
+/// (`HugePages_Free - HugePages_Rsvd`): what a new pool can still get.
 pub fn free_hugepages() -> u64 {
     let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SegmentError + '_ {
@@ -364,11 +368,16 @@ pub fn probe_file(path: &Path) -> Result<FileState, SegmentError> {
 }
 
 /// Allocate `bytes` for `file` up front (`fallocate(2)`), 1 GiB at a time,
-/// calling `progress` with the bytes reserved so far. `hugepages` selects how
-/// free space is measured for the error message.
+/// calling `progress` with the bytes reserved so far. On a filesystem that
+/// does not support it, the file is only extended (its pages are then
+/// allocated on first touch).
 ///
-/// tmpfs and hugetlbfs both support it; on a filesystem that does not, the
-/// file is only extended (its pages are then allocated on first touch).
+/// On hugetlbfs (`hugepages`) the file is only sized: there the shared
+/// mapping the owner makes next reserves every huge page of it (mmap fails
+/// with ENOMEM otherwise, see [`PoolSegment::create`]), and faults on a
+/// reserved mapping cannot fail. `fallocate` would reserve them too, but
+/// it zeroes each page on one thread, where the parallel prefault that
+/// follows is many times faster on a large pool.
 fn reserve(
     file: &File,
     new: &NewFile,
@@ -377,6 +386,9 @@ fn reserve(
     progress: &mut dyn FnMut(u64),
 ) -> Result<(), SegmentError> {
     const CHUNK: u64 = 1 << 30;
+    if hugepages {
+        return file.set_len(bytes).map_err(io_err(&new.path));
+    }
     let mut off = 0;
     while off < bytes {
         let len = CHUNK.min(bytes - off);
@@ -410,15 +422,27 @@ fn reserve(
 
 fn no_space(path: &Path, asked: u64, hugepages: bool) -> SegmentError {
     let dir = path.parent().unwrap_or(Path::new("."));
+    let fs = nix::sys::statvfs::statvfs(dir).ok();
+    let fs_free = fs
+        .as_ref()
+        .map(|s| s.blocks_available() * s.fragment_size());
     let free = if hugepages {
-        free_hugepages() * (2 << 20)
+        // A hugetlbfs mount with size= reports its own limit; one without
+        // reports no blocks at all.
+        let global = free_hugepages() * (2 << 20);
+        match fs.as_ref().filter(|s| s.blocks() > 0) {
+            Some(_) => global.min(fs_free.unwrap_or(global)),
+            None => global,
+        }
     } else {
-        nix::sys::statvfs::statvfs(dir)
-            .map(|s| s.blocks_available() * s.fragment_size())
-            .unwrap_or(0)
+        fs_free.unwrap_or(0)
     };
     let hint = if hugepages {
-        format!(" ({} free 2 MiB huge pages)", free_hugepages())
+        format!(
+            " ({} free 2 MiB huge pages not reserved by other mappings; the mount's size= \
+             option can also limit it)",
+            free_hugepages()
+        )
     } else {
         format!(" ({})", dir.display())
     };
@@ -432,8 +456,12 @@ fn no_space(path: &Path, asked: u64, hugepages: bool) -> SegmentError {
 
 /// Reserve whatever of an adopted file is not allocated yet (a file someone
 /// copied sparse): cheap to check (`st_blocks`), and it keeps the promise
-/// that a running owner never meets a full filesystem in its segments.
+/// that a running owner never meets a full filesystem in its segments. On
+/// hugetlbfs the mapping reserves the pages (see [`reserve`]).
 fn ensure_reserved(file: &File, path: &Path, hugepages: bool) -> Result<(), SegmentError> {
+    if hugepages {
+        return Ok(());
+    }
     let meta = file.metadata().map_err(io_err(path))?;
     if meta.blocks() * 512 >= meta.len() {
         return Ok(());
@@ -835,7 +863,15 @@ impl PoolSegment {
         }
         let (file, new) = NewFile::create(path, perms)?;
         reserve(&file, &new, bytes, hugepages, progress)?;
-        let pool = Self::map(&file, path, bytes)?;
+        let pool = Self::map(&file, path, bytes).map_err(|e| match e {
+            // hugetlbfs: the huge pages could not be reserved for the mapping.
+            SegmentError::Io { source, .. }
+                if hugepages && source.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                no_space(path, bytes, true)
+            }
+            e => e,
+        })?;
         Ok((pool, new))
     }
 
