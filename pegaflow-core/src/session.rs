@@ -129,19 +129,20 @@ impl Session {
         }
         let pool_path = PathBuf::from(&welcome.pool_path);
         let pool_bytes = ctl.geometry().pool_bytes;
+        // The header names the pool file by inode: a mapping is only ever of
+        // the pool this segment describes, never of a file that replaced it.
+        let (dev, ino) = ctl.pool_identity();
         // Keep the old mapping (and its CUDA registration) only for the
-        // same segment: a new segment id means new files, whatever their
-        // paths and sizes, and an old mapping must never stand in for them.
+        // same segment and the same file.
         let pool = match previous {
             Some(p)
                 if p.welcome.segment_id == welcome.segment_id
-                    && p.pool.path() == pool_path
-                    && p.pool.len() as u64 == pool_bytes
-                    && same_file(&p.pool, &pool_path) =>
+                    && p.pool.identity == (dev, ino)
+                    && p.pool.len() as u64 == pool_bytes =>
             {
                 p.pool.clone()
             }
-            _ => Arc::new(PoolSegment::open(&pool_path, pool_bytes)?),
+            _ => Arc::new(PoolSegment::open_checked(&pool_path, pool_bytes, dev, ino)?),
         };
         let reader = stream
             .try_clone()
@@ -244,11 +245,4 @@ impl Drop for Session {
             let _ = w.shutdown(std::net::Shutdown::Both);
         }
     }
-}
-
-fn same_file(pool: &PoolSegment, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .map(|m| (m.dev(), m.ino()) == pool.identity)
-        .unwrap_or(false)
 }

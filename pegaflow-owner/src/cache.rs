@@ -23,6 +23,7 @@ use pegaflow_shm::request::Request;
 use pegaflow_shm::segment::{pid_alive, process_start_time, ClientView, ControlSegment};
 use pegaflow_shm::slot_table::{any_pinned, BlockKey, SlotKind, SlotState};
 use pegaflow_shm::sync::Ordering;
+use pegaflow_shm::Geometry;
 use tracing::{debug, info, warn};
 
 use crate::evict::{key_hash, Lru, TinyLfu};
@@ -556,9 +557,20 @@ impl Cache {
     /// Rebuild private state from a segment a previous owner left behind.
     /// Clients whose process still lives become `ORPHANED` (kept for them to
     /// resume); everything of the others is reclaimed.
+    ///
+    /// The segment is not trusted: every slab entry and every slot is
+    /// checked against the geometry ([`check_slab`], [`slot_problem`]).
+    /// A corrupt slab entry is repaired when the block size it records
+    /// determines the rest, else the slab is dropped with its blocks; an
+    /// invalid slot is dropped. Dropping a committed block goes through
+    /// `begin_evict` and the pin check like any eviction: a block a live
+    /// (orphaned) engine pins, or a slot it is writing, is never freed; it
+    /// is kept out of service instead (not indexed, not reusable) and the
+    /// next adoption looks at it again. Every drop is counted in the log.
     pub fn adopt(seg: Arc<ControlSegment>, admission: bool) -> (Cache, AdoptReport) {
         let started = std::time::Instant::now();
         let g = *seg.geometry();
+        let per = g.slots_per_slab() as u32;
         info!(
             slabs = g.num_slabs(),
             slots = g.num_slots(),
@@ -568,34 +580,7 @@ impl Cache {
         let mut cache = Cache::new(seg.clone(), admission);
         cache.free_slabs.clear();
         let mut report = AdoptReport::default();
-        // [1] classes and slabs.
-        for (slab, e) in seg.slabs().iter().enumerate() {
-            let stride = e.stride.load(Ordering::Acquire);
-            let bytes = e.slot_bytes.load(Ordering::Relaxed);
-            let class = (stride != 0).then(|| cache.class_for(bytes).ok()).flatten();
-            match class {
-                Some(c) if cache.classes[c].stride == stride => {
-                    cache.classes[c].slabs.push(slab as u32)
-                }
-                _ => {
-                    if stride != 0 {
-                        warn!(
-                            slab,
-                            first_slot = slab as u64 * g.slots_per_slab(),
-                            stride,
-                            bytes,
-                            "slab with an inconsistent geometry; discarding its slots"
-                        );
-                    }
-                    e.stride.store(0, Ordering::Release);
-                    e.nslots.store(0, Ordering::Relaxed);
-                    e.slot_bytes.store(0, Ordering::Relaxed);
-                    cache.free_slabs.push(slab as u32);
-                }
-            }
-        }
-        cache.free_slabs.reverse();
-        // [2] clients: alive ones are kept for resumption.
+        // [1] clients: alive ones are kept for resumption, with their pins.
         let mut alive = vec![false; g.max_clients as usize];
         for i in 0..seg.max_clients() {
             let c = seg.client(i).expect("in range");
@@ -614,59 +599,105 @@ impl Cache {
                 report.orphaned_clients += 1;
             }
         }
-        // [3] slots; the index is rebuilt from scratch (it may have been
-        // mid-update when the previous owner died).
+        // Only live engines' pins count: the dead ones' are zeroed in [5].
+        let adopter = Adopter {
+            seg: &seg,
+            holders: (0..seg.max_clients())
+                .filter(|&i| alive[i as usize])
+                .collect(),
+            alive: &alive,
+        };
+        // [2] the index is rebuilt from scratch (it may have been mid-update
+        // when the previous owner died), without reading through its seqlock.
         let index = seg.index();
-        index.clear();
+        index.reset();
+        // [3] slabs and their slots.
         let mut committed: Vec<(u64, u32)> = Vec::new();
-        for class in cache.classes.iter_mut() {
-            for &slab in &class.slabs {
-                let nslots = seg.slabs()[slab as usize].nslots.load(Ordering::Relaxed);
-                let first = slab * g.slots_per_slab() as u32;
-                for slot in first..first + nslots {
-                    let entry = &seg.slots()[slot as usize];
-                    match entry.load_state() {
-                        Some(st)
-                            if st.kind == SlotKind::Committed || st.kind == SlotKind::Evicting =>
-                        {
-                            // An eviction that was cut short: the pin check is redone later.
-                            entry.abort_evict(st);
-                            let key = entry.key();
-                            if key.namespace != 0 && index.insert(&key, slot).is_ok() {
-                                committed.push((entry.last_access.load(Ordering::Relaxed), slot));
-                            } else {
-                                entry.free(st);
-                                class.free.push(slot);
-                            }
-                        }
-                        Some(st)
-                            if st.kind == SlotKind::Writing
-                                && alive.get(st.client as usize) == Some(&true) =>
-                        {
-                            report.writing_kept += 1;
-                        }
-                        Some(st) => {
-                            if st.kind == SlotKind::Writing {
-                                report.writing_reclaimed += 1;
-                            }
-                            entry.free(st);
-                            class.free.push(slot);
-                        }
-                        None => {
-                            warn!(
-                                slot,
-                                state = format!("{:#018x}", entry.state.load(Ordering::Relaxed)),
-                                "garbage slot state; freeing the slot"
-                            );
-                            entry.free(SlotState::FREE);
-                            class.free.push(slot);
-                        }
+        for (slab, e) in seg.slabs().iter().enumerate() {
+            let slab = slab as u32;
+            let first = slab * per;
+            let stride = e.stride.load(Ordering::Acquire);
+            let bytes = e.slot_bytes.load(Ordering::Relaxed);
+            let nslots = e.nslots.load(Ordering::Relaxed);
+            let verdict = match check_slab(&g, stride, bytes, nslots) {
+                SlabCheck::Valid { nslots: n } => match cache.class_for(bytes) {
+                    // check_slab derived the stride as class_for does.
+                    Ok(c) if cache.classes[c].stride == stride => Ok((c, n)),
+                    _ => Err(SlabCheck::Corrupt("no class for its block size")),
+                },
+                other => Err(other),
+            };
+            let (class, n) = match verdict {
+                Ok(v) => v,
+                Err(check) => {
+                    // No usable layout: every slot id of the slab goes.
+                    let mut drops = Drops::default();
+                    for slot in first..first + per {
+                        adopter.drop_loose(slot, &mut drops);
                     }
+                    report.absorb(&drops);
+                    if let SlabCheck::Corrupt(why) = check {
+                        report.dropped.corrupt_slab += drops.committed;
+                        report.corrupt_slabs += 1;
+                        warn!(
+                            slab,
+                            stride,
+                            slot_bytes = bytes,
+                            nslots,
+                            "adoption dropped {} committed blocks of slab {slab}: corrupt slab entry ({why})",
+                            drops.committed
+                        );
+                    } else if drops.committed > 0 {
+                        report.dropped.outside_slab += drops.committed;
+                        warn!(
+                            slab,
+                            "adoption dropped {} committed blocks of slab {slab}: the slab is unassigned",
+                            drops.committed
+                        );
+                    }
+                    release_slab(&mut cache, e, slab, drops.kept);
+                    continue;
+                }
+            };
+            if n != nslots {
+                warn!(
+                    slab,
+                    stride,
+                    slot_bytes = bytes,
+                    "repaired slab entry {slab}: nslots {nslots} -> {n} (a slab of {} holds {n} slots of stride {stride})",
+                    g.slab_bytes
+                );
+                e.nslots.store(n, Ordering::Release);
+                report.repaired_slabs += 1;
+            }
+            cache.classes[class].slabs.push(slab);
+            let mut drops = Drops::default();
+            for slot in first..first + n {
+                if let Some(slot) = adopter.adopt_slot(
+                    slot,
+                    stride,
+                    &index,
+                    &mut committed,
+                    &mut drops,
+                    &mut report,
+                ) {
+                    cache.classes[class].free.push(slot);
                 }
             }
+            // Ids past nslots have no place in the pool.
+            let mut outside = Drops::default();
+            for slot in first + n..first + per {
+                adopter.drop_loose(slot, &mut outside);
+            }
+            report.dropped.outside_slab += outside.committed;
+            report.absorb(&drops);
+            report.absorb(&outside);
+        }
+        for class in cache.classes.iter_mut() {
             class.free.reverse();
         }
-        // LRU order from the last-access ticks the slots carry.
+        cache.free_slabs.reverse();
+        // [4] LRU order from the last-access ticks the slots carry.
         committed.sort_unstable();
         for &(tick, slot) in &committed {
             if let Some(c) = cache.class_of_slot(slot) {
@@ -675,7 +706,7 @@ impl Cache {
             cache.tick = cache.tick.max(tick);
         }
         report.committed = committed.len() as u64;
-        // [4] dead clients: nothing of theirs survives.
+        // [5] dead clients: nothing of theirs survives.
         for i in 0..seg.max_clients() {
             let c = seg.client(i).expect("in range");
             if !alive[i as usize] && c.entry.state() != client_state::FREE {
@@ -689,6 +720,39 @@ impl Cache {
             }
         }
         report.elapsed = started.elapsed();
+        let d = &report.dropped;
+        if d.total() > 0 || report.garbage_slots > 0 {
+            warn!(
+                dropped_blocks = d.total(),
+                corrupt_slab = d.corrupt_slab,
+                outside_slab = d.outside_slab,
+                bad_len = d.bad_len,
+                zero_namespace = d.zero_namespace,
+                duplicate_key = d.duplicate_key,
+                index_full = d.index_full,
+                garbage_slots = report.garbage_slots,
+                "adoption dropped {} committed blocks of a corrupt control segment: {} in corrupt \
+                 slabs, {} outside any slab, {} with a length of 0 or larger than their slot, {} \
+                 under namespace 0, {} duplicate keys, {} the index had no room for; and freed {} \
+                 slots with a garbage state",
+                d.total(),
+                d.corrupt_slab,
+                d.outside_slab,
+                d.bad_len,
+                d.zero_namespace,
+                d.duplicate_key,
+                d.index_full,
+                report.garbage_slots
+            );
+        }
+        if report.quarantined_slots > 0 {
+            warn!(
+                quarantined_slots = report.quarantined_slots,
+                "{} invalid slots are pinned or being written by live engines: kept out of \
+                 service (not indexed, not reused) until the next owner start",
+                report.quarantined_slots
+            );
+        }
         info!(
             committed = report.committed,
             orphaned_clients = report.orphaned_clients,
@@ -749,6 +813,238 @@ impl Cache {
     }
 }
 
+/// What [`check_slab`] makes of a slab entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlabCheck {
+    /// Stride 0: not cut into slots.
+    Unassigned,
+    /// Consistent; `nslots` is what the entry must say (a wrong count is
+    /// repaired: stride and block size determine it).
+    Valid { nslots: u32 },
+    /// Not consistent with the geometry; its slots cannot be located.
+    Corrupt(&'static str),
+}
+
+/// Check one slab entry against the geometry: the stride is the one the
+/// owner derives from the block size (a multiple of 4 KiB, at least the
+/// granule, at most the slab), and `nslots = slab_bytes / stride`.
+pub fn check_slab(g: &Geometry, stride: u64, slot_bytes: u64, nslots: u32) -> SlabCheck {
+    if stride == 0 {
+        return if nslots == 0 && slot_bytes == 0 {
+            SlabCheck::Unassigned
+        } else {
+            SlabCheck::Corrupt("stride 0 with slots")
+        };
+    }
+    if !stride.is_multiple_of(4096) || stride < g.granule_bytes || stride > g.slab_bytes {
+        return SlabCheck::Corrupt("impossible stride");
+    }
+    if slot_bytes == 0 || slot_bytes > stride {
+        return SlabCheck::Corrupt("block size 0 or larger than the stride");
+    }
+    if stride != slot_bytes.max(g.granule_bytes).div_ceil(4096) * 4096 {
+        return SlabCheck::Corrupt("stride does not match the block size");
+    }
+    SlabCheck::Valid {
+        nslots: (g.slab_bytes / stride) as u32,
+    }
+}
+
+/// Why a committed slot of a valid slab cannot be served.
+pub fn slot_problem(namespace: u64, len: u64, stride: u64) -> Option<&'static str> {
+    if namespace == 0 {
+        Some("namespace 0")
+    } else if len == 0 || len > stride {
+        Some("length 0 or larger than the slot")
+    } else {
+        None
+    }
+}
+
+/// Per-slab tally of what adoption dropped.
+#[derive(Default)]
+struct Drops {
+    /// Committed blocks dropped.
+    committed: u64,
+    /// Slots with an undecodable state, freed.
+    garbage: u64,
+    /// Slots that should go but a live engine pins or writes.
+    kept: u64,
+}
+
+/// Adoption's view of who may still hold slots.
+struct Adopter<'a> {
+    seg: &'a ControlSegment,
+    /// Live (orphaned) clients: their pins hold slots.
+    holders: Vec<u32>,
+    alive: &'a [bool],
+}
+
+impl Adopter<'_> {
+    fn pinned(&self, slot: u32) -> bool {
+        any_pinned(
+            self.holders
+                .iter()
+                .filter_map(|&c| self.seg.client(c))
+                .map(|c| &c.pins[slot as usize]),
+        )
+    }
+
+    /// Free a committed slot the way eviction does: `Evicting`, then the
+    /// pin check. `false` (slot left committed) if a live engine pins it.
+    fn drop_committed(&self, slot: u32) -> bool {
+        let entry = &self.seg.slots()[slot as usize];
+        let Some(st) = entry.begin_evict() else {
+            return false;
+        };
+        if self.pinned(slot) {
+            entry.abort_evict(st);
+            return false;
+        }
+        entry.free(st);
+        true
+    }
+
+    /// A slot with an undecodable state word: freed (generation carried on,
+    /// so no stale reference validates) unless a live engine pins it.
+    fn drop_garbage(&self, slot: u32, raw: u64, drops: &mut Drops) -> bool {
+        if self.pinned(slot) {
+            drops.kept += 1;
+            return false;
+        }
+        debug!(
+            slot,
+            state = format!("{raw:#018x}"),
+            "garbage slot state; freeing the slot"
+        );
+        self.seg.slots()[slot as usize].free(SlotState {
+            gen: (raw >> 32) as u32,
+            ..SlotState::FREE
+        });
+        drops.garbage += 1;
+        true
+    }
+
+    /// A slot id that has no place in the pool (unassigned or corrupt slab,
+    /// or past its slab's nslots): anything but `Free` there is dropped,
+    /// unless a live engine holds it. Not put in any free list.
+    fn drop_loose(&self, slot: u32, drops: &mut Drops) {
+        let entry = &self.seg.slots()[slot as usize];
+        let raw = entry.state.load(Ordering::SeqCst);
+        match SlotState::unpack(raw) {
+            None => {
+                self.drop_garbage(slot, raw, drops);
+            }
+            Some(st) if st.kind == SlotKind::Free => {}
+            Some(st) if st.kind == SlotKind::Writing => {
+                if self.alive.get(st.client as usize) == Some(&true) {
+                    drops.kept += 1;
+                } else {
+                    entry.free(st);
+                }
+            }
+            Some(st) => {
+                if st.kind == SlotKind::Evicting {
+                    entry.abort_evict(st);
+                }
+                if self.drop_committed(slot) {
+                    drops.committed += 1;
+                } else {
+                    drops.kept += 1;
+                }
+            }
+        }
+    }
+
+    /// One slot of a valid slab of `stride`: committed ones are checked and
+    /// indexed, writing ones of live engines kept, the rest freed. Returns
+    /// the slot if it is now free for the class's free list.
+    fn adopt_slot(
+        &self,
+        slot: u32,
+        stride: u64,
+        index: &pegaflow_shm::index::Index<'_>,
+        committed: &mut Vec<(u64, u32)>,
+        drops: &mut Drops,
+        report: &mut AdoptReport,
+    ) -> Option<u32> {
+        let entry = &self.seg.slots()[slot as usize];
+        let raw = entry.state.load(Ordering::SeqCst);
+        let Some(st) = SlotState::unpack(raw) else {
+            return self.drop_garbage(slot, raw, drops).then_some(slot);
+        };
+        match st.kind {
+            SlotKind::Committed | SlotKind::Evicting => {
+                // An eviction that was cut short: the pin check is redone later.
+                if st.kind == SlotKind::Evicting {
+                    entry.abort_evict(st);
+                }
+                let key = entry.key();
+                let len = entry.len.load(Ordering::Relaxed);
+                let problem = match slot_problem(key.namespace, len, stride) {
+                    Some(p) => Some(p),
+                    None => match index.insert(&key, slot) {
+                        Ok(()) => {
+                            committed.push((entry.last_access.load(Ordering::Relaxed), slot));
+                            return None;
+                        }
+                        Err(InsertError::Duplicate(_)) => Some("duplicate key"),
+                        Err(InsertError::Full) => Some("index full"),
+                    },
+                };
+                let d = &mut report.dropped;
+                match problem {
+                    Some("namespace 0") => d.zero_namespace += 1,
+                    Some("duplicate key") => d.duplicate_key += 1,
+                    Some("index full") => d.index_full += 1,
+                    _ => d.bad_len += 1,
+                }
+                debug!(
+                    slot,
+                    len,
+                    stride,
+                    namespace = format!("{:#018x}", key.namespace),
+                    "dropping a committed slot: {}",
+                    problem.unwrap_or("")
+                );
+                if self.drop_committed(slot) {
+                    Some(slot)
+                } else {
+                    drops.kept += 1;
+                    None
+                }
+            }
+            SlotKind::Writing if self.alive.get(st.client as usize) == Some(&true) => {
+                report.writing_kept += 1;
+                None
+            }
+            SlotKind::Writing | SlotKind::Free => {
+                if st.kind == SlotKind::Writing {
+                    report.writing_reclaimed += 1;
+                }
+                entry.free(st);
+                Some(slot)
+            }
+        }
+    }
+}
+
+/// A slab whose slots were all dropped goes back to the unassigned pool;
+/// one that still has slots a live engine holds stays out of service.
+fn release_slab(cache: &mut Cache, e: &pegaflow_shm::slot_table::SlabEntry, slab: u32, kept: u64) {
+    e.stride.store(0, Ordering::Release);
+    e.nslots.store(0, Ordering::Relaxed);
+    e.slot_bytes.store(0, Ordering::Relaxed);
+    if kept == 0 {
+        cache.free_slabs.push(slab);
+    } else {
+        warn!(
+            slab,
+            kept, "slab {slab} stays out of service: live engines still hold {kept} of its slots"
+        );
+    }
+}
+
 #[derive(Default, Debug, Clone)]
 pub struct Occupancy {
     pub committed_slots: u64,
@@ -766,5 +1062,44 @@ pub struct AdoptReport {
     pub dead_clients: u64,
     pub writing_kept: u64,
     pub writing_reclaimed: u64,
+    /// Committed blocks dropped because the segment was corrupt.
+    pub dropped: Dropped,
+    /// Slab entries whose slot count was wrong and was rewritten.
+    pub repaired_slabs: u64,
+    /// Slab entries that made no sense (their slots were dropped).
+    pub corrupt_slabs: u64,
+    /// Slots with an undecodable state word, freed.
+    pub garbage_slots: u64,
+    /// Invalid slots a live engine pins or writes: kept out of service.
+    pub quarantined_slots: u64,
     pub elapsed: std::time::Duration,
+}
+
+/// Committed blocks adoption dropped, by reason.
+#[derive(Default, Debug, Clone)]
+pub struct Dropped {
+    pub corrupt_slab: u64,
+    pub outside_slab: u64,
+    pub bad_len: u64,
+    pub zero_namespace: u64,
+    pub duplicate_key: u64,
+    pub index_full: u64,
+}
+
+impl Dropped {
+    pub fn total(&self) -> u64 {
+        self.corrupt_slab
+            + self.outside_slab
+            + self.bad_len
+            + self.zero_namespace
+            + self.duplicate_key
+            + self.index_full
+    }
+}
+
+impl AdoptReport {
+    fn absorb(&mut self, d: &Drops) {
+        self.garbage_slots += d.garbage;
+        self.quarantined_slots += d.kept;
+    }
 }

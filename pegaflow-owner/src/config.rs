@@ -23,18 +23,24 @@ const GIB: u64 = 1 << 30;
 #[command(name = "pegaflow-owner", version, about, long_about)]
 pub struct Args {
     /// Instance name: selects the segments (/dev/shm/pegaflow-NAME.ctl and
-    /// .pool) and the default socket. Engines must use the same name.
+    /// .pool), the owner lock (.lock) and the default socket. Engines must
+    /// use the same name.
     #[arg(long, default_value = "default", env = "PEGAFLOW_NAME")]
     pub name: String,
 
     /// Unix socket engines connect to. Default: /run/pegaflow/NAME.sock
     /// when /run/pegaflow exists or when root, else /tmp/pegaflow/NAME.sock.
+    /// Refused when another owner listens on it, when it is not a socket,
+    /// or when its directory belongs to another user or is writable by
+    /// others without the sticky bit.
     #[arg(long, env = "PEGAFLOW_SOCKET")]
     pub socket: Option<PathBuf>,
 
     /// KV pool size, e.g. 30gb, 512mb (units kb, mb, gb, tb; binary).
-    /// Default: a quarter of the machine's memory, at most half of the free
-    /// space in /dev/shm (or of the free huge pages with --use-hugepages).
+    /// Default: the existing segment's size when re-adopting, else a quarter
+    /// of the machine's memory, at most half of the free space in /dev/shm
+    /// (or of the free huge pages with --use-hugepages). Another size than
+    /// the existing segment's is refused unless --discard-existing is given.
     #[arg(long, value_parser = parse_size)]
     pub pool_size: Option<u64>,
 
@@ -61,8 +67,9 @@ pub struct Args {
     pub disable_lfu_admission: bool,
 
     /// Slab size (multiple of 2 MiB). A slab is cut into slots of one block
-    /// size; a block must fit in one slab. Default: pool/256, between 32 MiB
-    /// and 256 MiB (at most pool/16 for small pools).
+    /// size; a block must fit in one slab. Default: the existing segment's
+    /// when re-adopting, else pool/256, between 32 MiB and 256 MiB (at most
+    /// pool/16 for small pools).
     #[arg(long, value_parser = parse_size)]
     pub slab_size: Option<u64>,
 
@@ -71,18 +78,21 @@ pub struct Args {
     #[arg(long, value_parser = parse_size, default_value = "256kb")]
     pub min_slot_size: u64,
 
-    /// Let members of this group connect and map the segments (mode 0660);
-    /// by default only the owner's user (and root) may (mode 0600).
+    /// Let members of this group connect and map the segments (mode 0660,
+    /// set explicitly whatever the umask); by default only the owner's user
+    /// (and root) may (mode 0600).
     #[arg(long)]
     pub group: Option<String>,
 
-    /// Do not touch every pool page at start (lazy allocation); see
-    /// docs/operations.md for the trade-off.
+    /// Do not touch every page of a new pool at start (its space is still
+    /// reserved up front); see docs/operations.md for the trade-off.
     #[arg(long)]
     pub no_prefault: bool,
 
-    /// Throw away existing segments of this name instead of re-adopting
-    /// them (needed after an ABI or geometry change; drops the cache).
+    /// Throw away existing segments of this name and create new files
+    /// instead of re-adopting them (needed after an ABI or geometry change;
+    /// drops the cache; engines still mapping the old files keep their old
+    /// bytes until they reconnect).
     #[arg(long)]
     pub discard_existing: bool,
 

@@ -4,7 +4,8 @@
 //! Modules: [`config`] (flags and defaults), [`cache`] (slot classes,
 //! allocation, eviction, recovery), [`evict`] (LRU and TinyLFU),
 //! [`owner`] (the request loop), [`server`] (the Unix socket),
-//! [`prefault`], [`size`].
+//! [`startup`] (re-adopt, create or refuse the segments), [`prefault`],
+//! [`size`].
 
 pub mod cache;
 pub mod config;
@@ -14,17 +15,15 @@ pub mod owner;
 pub mod prefault;
 pub mod server;
 pub mod size;
+pub mod startup;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 
 use pegaflow_shm::header::owner_state;
-use pegaflow_shm::segment::{
-    self, ControlSegment, CreateOptions, Opened, PoolBacking, PoolSegment,
-};
+use pegaflow_shm::segment::{self, OwnerLock, Perms, PoolBacking};
 use pegaflow_shm::sync::Ordering;
-use pegaflow_shm::Geometry;
 use tracing::info;
 
 use crate::cache::Cache;
@@ -39,12 +38,37 @@ pub enum StartError {
     Segment(#[from] pegaflow_shm::SegmentError),
     #[error(transparent)]
     Geometry(#[from] pegaflow_shm::GeometryError),
+    #[error(transparent)]
+    Socket(#[from] server::BindError),
     #[error("--name '{0}' may only contain letters, digits, '-', '_' and '.'")]
     BadName(String),
     #[error("group '{0}' does not exist (--group)")]
     NoSuchGroup(String),
-    #[error("cannot listen on {path}: {source}; pass --socket with a writable path")]
-    Socket {
+    #[error(
+        "{path} holds a cache of {committed} committed blocks made with other settings \
+         ({changes}). To keep it, start with the old settings: {flags}. To drop those \
+         {committed} blocks and start with an empty cache of the new size, add --discard-existing"
+    )]
+    GeometryChanged {
+        path: PathBuf,
+        changes: String,
+        flags: String,
+        committed: u64,
+    },
+    #[error(
+        "{path} was created with its pool at {recorded}, but this start puts the pool at {asked} \
+         (--use-hugepages, --hugepage-dir or PEGAFLOW_SHM_DIR changed?). To keep its {committed} \
+         committed blocks, start with the old settings; to drop them, add --discard-existing"
+    )]
+    PoolMoved {
+        path: PathBuf,
+        recorded: PathBuf,
+        asked: PathBuf,
+        committed: u64,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -54,15 +78,41 @@ pub enum StartError {
     Metrics(String),
 }
 
-fn mode_and_group(args: &Args) -> Result<(u32, Option<u32>), StartError> {
+/// Mode and group of every file the owner makes: 0600, or 0660 and the
+/// `--group` group.
+fn perms(args: &Args) -> Result<Perms, StartError> {
     match &args.group {
-        None => Ok((0o600, None)),
+        None => Ok(Perms::PRIVATE),
         Some(name) => {
             let g = nix::unistd::Group::from_name(name)
                 .ok()
                 .flatten()
                 .ok_or_else(|| StartError::NoSuchGroup(name.clone()))?;
-            Ok((0o660, Some(g.gid.as_raw())))
+            Ok(Perms {
+                mode: 0o660,
+                gid: Some(g.gid.as_raw()),
+            })
+        }
+    }
+}
+
+/// Files this start created; removed if the start fails after all, so a
+/// refused start leaves nothing behind (files it found are never touched).
+#[derive(Default)]
+struct Created {
+    paths: Vec<PathBuf>,
+}
+
+impl Created {
+    fn keep(&mut self) {
+        self.paths.clear();
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -77,7 +127,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
     {
         return Err(StartError::BadName(args.name.clone()));
     }
-    let (mode, gid) = mode_and_group(&args)?;
+    let perms = perms(&args)?;
     let metrics_addr = args.metrics_addr().map_err(StartError::Config)?;
     let backing = if args.use_hugepages {
         PoolBacking::Hugetlbfs(match &args.hugepage_dir {
@@ -87,59 +137,24 @@ pub fn run(args: Args) -> Result<(), StartError> {
     } else {
         PoolBacking::Shm
     };
-    let pool_path = segment::pool_path(&args.name, &backing);
-    let pool_dir = pool_path
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(segment::shm_dir);
-    let existing_pool = std::fs::metadata(&pool_path)
-        .map(|m| m.len())
-        .ok()
-        .filter(|&n| n > 0);
-    let pool_bytes = match (args.pool_size, existing_pool) {
-        (Some(n), _) => n,
-        // Re-adopting: keep the pool the previous owner made.
-        (None, Some(n)) if !args.discard_existing => n,
-        _ => {
-            let (n, why) = config::default_pool_size(args.use_hugepages, &pool_dir);
-            info!("no --pool-size given: using {} ({why})", human(n));
-            n
-        }
-    };
-    let slab = args
-        .slab_size
-        .unwrap_or_else(|| config::default_slab_size(pool_bytes));
-    let pool_bytes = pool_bytes / slab * slab;
-    if pool_bytes == 0 {
-        return Err(StartError::Config(format!(
-            "pool size must be at least one slab ({}); raise --pool-size",
-            human(slab)
-        )));
+    let t = std::time::Instant::now();
+    // Held until run() returns; the kernel drops it if we die.
+    let _lock = OwnerLock::acquire(&args.name, perms)?;
+    for p in segment::remove_unpublished(&args.name, &backing) {
+        info!(path = %p.display(), "removed a temporary file of a start that did not finish");
     }
-    let geometry = Geometry::for_pool(
-        pool_bytes,
-        slab,
-        args.min_slot_size,
-        u64::from(args.max_clients),
-    )?;
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| segment::default_socket_path(&args.name));
+    // Before any segment is touched: a refused socket changes nothing.
+    server::check_socket_path(&socket)?;
 
-    // The index is only worth keeping with the pool it points into.
-    let pool_intact = existing_pool == Some(pool_bytes);
-    let (seg, opened) = ControlSegment::create_or_adopt(&CreateOptions {
-        name: &args.name,
-        geometry,
-        mode,
-        discard_existing: args.discard_existing || !pool_intact,
-    })?;
-    if opened == Opened::Created && existing_pool.is_some() && !pool_intact {
-        tracing::warn!(
-            path = %pool_path.display(),
-            found = existing_pool.unwrap_or(0),
-            requested = pool_bytes,
-            "pool file has another size than requested; starting with an empty cache"
-        );
-    }
-    let seg = Arc::new(seg);
+    let segs = startup::open_segments(&args, perms, &backing)?;
+    let adopted = segs.adopted();
+    let pool_path = segs.pool.path().to_path_buf();
+    let geometry = *segs.seg.geometry();
+    let seg = Arc::new(segs.seg);
     let header = seg.header();
     header
         .owner_state
@@ -147,68 +162,51 @@ pub fn run(args: Args) -> Result<(), StartError> {
     header.owner_pid.store(std::process::id(), Ordering::SeqCst);
     let epoch = header.owner_epoch.fetch_add(1, Ordering::SeqCst) + 1;
 
-    let t = std::time::Instant::now();
-    let (pool, pool_opened) = PoolSegment::create_or_adopt(
-        &pool_path,
-        pool_bytes,
-        mode,
-        args.use_hugepages,
-        opened == Opened::Created || args.discard_existing,
-    )?;
-    if let Some(g) = gid {
-        for p in [seg.path(), pool.path()] {
-            let _ = nix::unistd::chown(p, None, Some(nix::unistd::Gid::from_raw(g)));
-        }
-    }
-    seg.set_pool_info(&pool_path, args.use_hugepages);
-
-    let cache = if opened == Opened::Adopted && pool_opened == Opened::Adopted {
+    let cache = if adopted {
         let (cache, _report) = Cache::adopt(seg.clone(), !args.disable_lfu_admission);
-        info!(epoch, pool = human(pool_bytes), path = %pool_path.display(), "re-adopted existing segments; committed blocks kept");
+        info!(epoch, pool = human(geometry.pool_bytes), path = %pool_path.display(), "re-adopted existing segments; committed blocks kept");
         cache
     } else {
-        if !args.no_prefault && pool_opened == Opened::Created {
+        if !args.no_prefault {
             let page = if args.use_hugepages { 2 << 20 } else { 4096 };
             let threads = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
-            info!(pool = human(pool_bytes), threads, "prefaulting the pool");
-            let d = prefault::prefault(pool.as_ptr(), pool.len(), page, threads);
+            info!(
+                pool = human(geometry.pool_bytes),
+                threads, "prefaulting the pool"
+            );
+            let d = prefault::prefault(segs.pool.as_ptr(), segs.pool.len(), page, threads);
             info!(
                 "prefaulted {} in {:.2} s ({:.1} GB/s)",
-                human(pool_bytes),
+                human(geometry.pool_bytes),
                 d.as_secs_f64(),
-                pool_bytes as f64 / d.as_secs_f64().max(1e-9) / 1e9
+                geometry.pool_bytes as f64 / d.as_secs_f64().max(1e-9) / 1e9
             );
         }
         Cache::new(seg.clone(), !args.disable_lfu_admission)
     };
-    let owner = Arc::new(Owner::new(seg.clone(), pool, cache, epoch));
+    let owner = Arc::new(Owner::new(seg.clone(), segs.pool, cache, epoch));
 
-    let socket = args
-        .socket
-        .clone()
-        .unwrap_or_else(|| segment::default_socket_path(&args.name));
-    let socket_mode = if gid.is_some() { 0o660 } else { 0o600 };
-    let listener = server::bind(&socket, socket_mode).map_err(|source| StartError::Socket {
-        path: socket.clone(),
-        source,
-    })?;
-    if let Some(g) = gid {
-        let _ = nix::unistd::chown(&socket, None, Some(nix::unistd::Gid::from_raw(g)));
+    // From here on, what this start makes is removed again if it fails.
+    let mut created = Created::default();
+    for f in segs.unpublished {
+        created.paths.push(f.publish()?);
     }
+    let listener = server::bind(&socket, perms.mode, perms.gid)?;
+    created.paths.push(socket.clone());
     install_signal_handlers();
     let access = server::Access {
         uid: nix::unistd::geteuid().as_raw(),
-        gid,
+        gid: perms.gid,
     };
     info!(
         name = args.name,
         socket = %socket.display(),
         control = %seg.path().display(),
         pool = %pool_path.display(),
-        pool_size = human(pool_bytes),
-        slab = human(slab),
+        pool_size = human(geometry.pool_bytes),
+        slab = human(geometry.slab_bytes),
         slots = geometry.num_slots(),
         max_clients = args.max_clients,
         hugepages = args.use_hugepages,
@@ -220,6 +218,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
     if let Some(addr) = metrics_addr {
         metrics::start(addr, owner.clone(), &args.name)?;
     }
+    created.keep();
     let srv = server::Server::new(owner.clone(), listener, socket, access);
     let server_thread = std::thread::Builder::new()
         .name("pegaflow-socket".into())

@@ -1,11 +1,14 @@
 //! Touching every page of a fresh pool, in parallel, with progress in the log.
 //!
-//! Why prefault by default: a tmpfs or hugetlbfs file allocates its pages on
-//! first touch. Touching them at start-up (1) moves the cost out of the
-//! first engine's registration and the first saves, and (2) turns "the
-//! machine does not have that much memory" into a clear start-up failure
-//! instead of a SIGBUS in an engine hours later. A re-adopted pool already
-//! has its pages and is not touched again (restart in ~0 s).
+//! The memory itself is reserved before this runs (`pegaflow_shm::segment`:
+//! `fallocate` on tmpfs, the mapping's huge page reservation on hugetlbfs),
+//! so a machine without that much room refuses to start with a clear
+//! message instead of dying of SIGBUS here or in an engine later.
+//! Prefaulting moves the remaining first-touch cost out of the first saves:
+//! page tables on tmpfs; on hugetlbfs, allocating and zeroing the reserved
+//! pages, on every core (much faster than `fallocate` would on one).
+//! A re-adopted pool already has its pages and is not touched again
+//! (restart in milliseconds).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

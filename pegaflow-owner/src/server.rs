@@ -69,20 +69,174 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Bind the socket, replacing a stale file (the caller holds the segment
-/// lock, so no live owner uses it).
-pub fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// Why the owner will not listen on a socket path.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "socket {path} is in use by another pegaflow-owner{}; pick another --socket \
+         (or stop that owner)",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse { path: PathBuf, pid: Option<i32> },
+
+    #[error(
+        "--socket {path} exists and is not a socket ({kind}); the owner never deletes it: \
+         pick another --socket, or remove the file yourself if it is stale"
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
+
+    #[error(
+        "socket directory {dir} is owned by uid {uid}, not by this owner's user (uid {me}) or \
+         root: that user could replace the socket and receive every engine's hello. Remove the \
+         directory (or give it to uid {me}), or pick another --socket (or PEGAFLOW_RUN_DIR)"
+    )]
+    DirForeign { dir: PathBuf, uid: u32, me: u32 },
+
+    #[error(
+        "socket directory {dir} is writable by {who} (mode {mode:o}) without the sticky bit: \
+         anyone there could replace the socket. Run `chmod go-w {dir}` (or `chmod +t`), or pick \
+         another --socket (or PEGAFLOW_RUN_DIR)"
+    )]
+    DirOpen {
+        dir: PathBuf,
+        mode: u32,
+        who: &'static str,
+    },
+
+    #[error(
+        "cannot tell whether socket {path} is in use ({source}); remove it if no owner uses it, \
+         or pick another --socket"
+    )]
+    Probe { path: PathBuf, source: io::Error },
+
+    #[error("cannot listen on {path}: {source}; pass --socket with a writable path")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Check that the owner may take `path` without harming anyone: its
+/// directory is safe (owned by us or root, not writable by others unless
+/// sticky), and whatever is at the path is a socket nobody accepts on.
+/// Read-only: run it before touching anything else, so a refused start
+/// changes nothing. Returns whether a stale socket is there.
+pub fn check_socket_path(path: &Path) -> Result<bool, BindError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BindError::Io { path, source }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    match std::fs::metadata(&dir) {
+        Ok(m) => {
+            let me = nix::unistd::geteuid().as_raw();
+            if m.uid() != me && m.uid() != 0 {
+                return Err(BindError::DirForeign {
+                    dir,
+                    uid: m.uid(),
+                    me,
+                });
+            }
+            let mode = m.mode() & 0o7777;
+            if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+                let who = if mode & 0o002 != 0 {
+                    "everyone"
+                } else {
+                    "its group"
+                };
+                return Err(BindError::DirOpen { dir, mode, who });
+            }
+        }
+        // Created by bind(), as ours.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(&dir)(e)),
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => debug!(path = %path.display(), "removed stale socket"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let ft = meta.file_type();
+    if !ft.is_socket() {
+        let kind = if ft.is_file() {
+            "a regular file"
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_symlink() {
+            "a symbolic link"
+        } else {
+            "not a socket"
+        };
+        return Err(BindError::NotASocket {
+            path: path.into(),
+            kind,
+        });
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    listener.set_nonblocking(true)?;
+    match UnixStream::connect(path) {
+        Ok(s) => {
+            let pid = getsockopt(&s.as_fd(), PeerCredentials)
+                .ok()
+                .map(|c| c.pid())
+                .filter(|&p| p > 0);
+            Err(BindError::InUse {
+                path: path.into(),
+                pid,
+            })
+        }
+        // Nobody listens: a dead owner's socket.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(BindError::Probe {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// Bind the socket after [`check_socket_path`], replacing a stale one, and
+/// give it `mode` (and `gid`) explicitly, whatever the umask.
+pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, BindError> {
+    let io_err = |source| BindError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let stale = check_socket_path(path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            // Ours, and 0755 whatever the umask: engines must traverse it,
+            // nobody else may write to it.
+            std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o755,
+            )
+            .create(dir)
+            .map_err(io_err)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err)?;
+        }
+    }
+    if stale {
+        match std::fs::remove_file(path) {
+            Ok(()) => debug!(path = %path.display(), "removed a stale socket"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    // No moment with a socket more open than asked: bind under a umask
+    // that leaves at most `mode` (this runs before any other thread).
+    // SAFETY: umask has no preconditions; it is restored right after.
+    let old = unsafe { libc::umask(!mode & 0o777) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(io_err)?;
+    if let Some(g) = gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(g)))
+            .map_err(|e| io_err(e.into()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    listener.set_nonblocking(true).map_err(io_err)?;
     Ok(listener)
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use pegaflow_owner::cache::Cache;
 use pegaflow_shm::client::client_state;
 use pegaflow_shm::request::Request;
-use pegaflow_shm::segment::{ControlSegment, CreateOptions};
+use pegaflow_shm::segment::{create_published, ControlSegment, Perms};
 use pegaflow_shm::slot_table::{BlockKey, SlotKind};
 use pegaflow_shm::sync::Ordering;
 use pegaflow_shm::Geometry;
@@ -69,13 +69,7 @@ impl World {
         std::env::set_var("PEGAFLOW_SHM_DIR", dir.path());
         let g = Geometry::for_pool(4 << 20, 2 << 20, 64 << 10, u64::from(CLIENTS)).unwrap();
         let name = format!("props-{}", std::process::id());
-        let (seg, _) = ControlSegment::create_or_adopt(&CreateOptions {
-            name: &name,
-            geometry: g,
-            mode: 0o600,
-            discard_existing: true,
-        })
-        .unwrap();
+        let (seg, _pool) = create_published(&name, g, Perms::PRIVATE).unwrap();
         let seg = Arc::new(seg);
         let mut cache = Cache::new(seg.clone(), admission);
         let class = cache.class_for(SLOT).unwrap();

@@ -61,6 +61,23 @@ fn unit_asks_for_what_operations_md_promises() {
         .filter(|w| w.starts_with("--"))
         .collect();
     assert!(!flags.is_empty());
+    // Engines of group pegaflow map the segments: the owner gives them mode
+    // 0660 and that group itself, whatever the unit's UMask (default 0022;
+    // ops_startup checks the modes under umask 022).
+    assert!(exec.contains("--group pegaflow"), "{exec}");
+    assert!(has("Group", "pegaflow"));
+    // The socket directory must pass the owner's check: owned by the
+    // service user (RuntimeDirectory does that), not group/world-writable.
+    let mode = d
+        .iter()
+        .find(|(k, _)| k == "RuntimeDirectoryMode")
+        .map(|(_, v)| u32::from_str_radix(v, 8).expect("octal RuntimeDirectoryMode"))
+        .unwrap_or(0o755);
+    assert_eq!(
+        mode & 0o022,
+        0,
+        "RuntimeDirectoryMode {mode:o}: the owner refuses a socket directory others can write"
+    );
     for f in flags {
         assert!(
             help.contains(&format!("{f} ")) || help.contains(&format!("{f}\n")),

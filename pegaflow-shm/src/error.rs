@@ -24,7 +24,7 @@ pub enum SegmentError {
     },
 
     #[error(
-        "another pegaflow-owner (pid {pid}) already serves '{name}' ({path}); \
+        "another pegaflow-owner (pid {pid}) already serves '{name}' (it holds the lock {path}); \
          stop it first, or start this one with a different --name"
     )]
     OwnerAlive {
@@ -35,7 +35,7 @@ pub enum SegmentError {
 
     #[error(
         "{path} is not a PegaFlow control segment (bad magic); \
-         remove it or choose another --name"
+         choose another --name, or start the owner with --discard-existing to replace it"
     )]
     BadMagic { path: PathBuf },
 
@@ -50,23 +50,64 @@ pub enum SegmentError {
         expected: u32,
     },
 
-    #[error(
-        "{path} has pool geometry {found:?} but the owner was asked for {expected:?}; \
-         start with the same --pool-size/--slab-size/--min-slot-size/--max-clients to keep the cache, \
-         or with --discard-existing to drop it"
-    )]
-    GeometryMismatch {
-        path: PathBuf,
-        found: Box<Geometry>,
-        expected: Box<Geometry>,
-    },
-
-    #[error("{path} is {actual} bytes but its header describes {expected} bytes: the segment is truncated or corrupt")]
+    #[error("{path} is {actual} bytes but {expected} bytes were expected: the pool file was replaced or truncated")]
     SizeMismatch {
         path: PathBuf,
         actual: u64,
         expected: u64,
     },
+
+    #[error(
+        "{path} is {actual} bytes but its header describes {expected} bytes: the control segment \
+         is truncated or corrupt and its cache cannot be re-adopted; start the owner with \
+         --discard-existing to replace it with an empty one"
+    )]
+    Truncated {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+
+    #[error(
+        "{path} is not the pool file of this control segment (it is device {}, inode {}; the \
+         segment was created with device {}, inode {}): the owner made new segments since; \
+         reconnect to map the new ones",
+        found.0, found.1, expected.0, expected.1
+    )]
+    PoolReplaced {
+        path: PathBuf,
+        expected: (u64, u64),
+        found: (u64, u64),
+    },
+
+    #[error(
+        "cannot reserve {} for {path}: {} free on that filesystem{}. Free space there, \
+         start with a smaller --pool-size, or grow the filesystem (tmpfs: \
+         `mount -o remount,size=N /dev/shm`; huge pages: raise vm.nr_hugepages)",
+        human(*asked), human(*free), .hint
+    )]
+    NoSpace {
+        path: PathBuf,
+        asked: u64,
+        free: u64,
+        /// Extra context, e.g. what else on the filesystem holds space.
+        hint: String,
+    },
+
+    #[error(
+        "cannot give {path} mode {mode:o}{}: {source}; the owner's user must own the file \
+         and be a member of that group (or run as root)",
+        gid.map(|g| format!(" and group {g}")).unwrap_or_default()
+    )]
+    Permissions {
+        path: PathBuf,
+        mode: u32,
+        gid: Option<u32>,
+        source: std::io::Error,
+    },
+
+    #[error("{path}: the pool path is longer than the 255 bytes the control segment can record; use a shorter PEGAFLOW_SHM_DIR or --hugepage-dir")]
+    PathTooLong { path: PathBuf },
 
     #[error(transparent)]
     Geometry(#[from] GeometryError),
@@ -90,6 +131,22 @@ pub enum SegmentError {
 
     #[error("{path}: owner has not finished initialising the segment (state {state}); retry in a moment")]
     NotReady { path: PathBuf, state: u32 },
+}
+
+/// `3221225472` -> `3.0 GiB` (for messages only).
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Errors decoding a request that an engine put in its ring.

@@ -3,6 +3,10 @@
 //!
 //! The owner writes every field; engines and `pegaflow-inspect` only read,
 //! except for `doorbell`, which engines bump to wake a sleeping owner.
+//!
+//! The plain (non-atomic) fields are written once, while the segment is a
+//! fresh file under a temporary name that no other process can have mapped
+//! (see `segment`), and never again: every later reader sees them settled.
 
 use crate::geometry::Geometry;
 use crate::sync::{AtomicU32, AtomicU64};
@@ -51,7 +55,13 @@ pub struct Header {
     /// 1 when the pool is on hugetlbfs.
     pub hugepages: u32,
     pub _reserved0: u32,
-    pub _reserved: [u64; 16],
+    /// Device and inode of the pool file created with this segment. An
+    /// engine maps the pool only if the file at `pool_path` is this inode
+    /// (`PoolSegment::open_checked`): a restart that made new segments made
+    /// a new pool file, and an old mapping must never be taken for it.
+    pub pool_dev: u64,
+    pub pool_ino: u64,
+    pub _reserved: [u64; 14],
 }
 
 #[cfg(not(loom))]

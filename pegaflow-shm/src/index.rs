@@ -7,6 +7,17 @@
 //! - Each bucket is a seqlock: the writer makes `seq` odd, rewrites the
 //!   bucket, makes `seq` even again. A reader retries a bucket whose `seq`
 //!   was odd or changed while it read, so it never sees a torn key.
+//! - A reader retries at most [`READ_RETRIES`] times (tens of microseconds)
+//!   and then reports a miss. An owner killed between the two `seq` stores
+//!   leaves the bucket odd for good, and a live owner can be descheduled
+//!   mid-write: neither may stall an engine's lookup.
+//! - The writer never reads through the seqlock (it is the only writer, so
+//!   its own plain loads are stable), and it derives the odd and even values
+//!   from the old one as `odd = s | 1`, `even = odd + 1`: a bucket left odd
+//!   by a dead owner becomes even again on its next write, with a larger
+//!   `seq` than any value a reader may still hold.
+//! - [`Index::reset`] (re-adoption) rewrites every bucket that is not
+//!   plainly empty that way, without reading through the seqlock.
 //! - Linear probing with backward-shift deletion (no tombstones). A reader
 //!   racing a deletion can miss a key that is present (a false miss: the
 //!   engine recomputes the block). It can never return a slot for the
@@ -21,6 +32,13 @@ pub const BUCKET_BYTES: u64 = 64;
 /// Probes after which a reader gives up (a miss). The table is at most half
 /// full, so real probe chains are far shorter.
 pub const MAX_PROBES: usize = 128;
+/// Times a reader re-reads one bucket that is being written (odd or changed
+/// `seq`) before it gives up and reports a miss: about 20-50 µs of spinning.
+#[cfg(not(loom))]
+pub const READ_RETRIES: u32 = 1024;
+/// Under loom each retry is a yield the model explores; a few suffice.
+#[cfg(loom)]
+pub const READ_RETRIES: u32 = 4;
 
 #[repr(C, align(64))]
 #[derive(Default)]
@@ -45,35 +63,49 @@ struct Snapshot {
 }
 
 impl Bucket {
-    fn read(&self) -> Snapshot {
-        loop {
+    /// Reader: a consistent snapshot, or `None` after [`READ_RETRIES`]
+    /// attempts that found the bucket being written (or left torn by a dead
+    /// owner).
+    fn read(&self) -> Option<Snapshot> {
+        for _ in 0..READ_RETRIES {
             let s1 = self.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
                 spin_hint();
                 continue;
             }
-            let snap = Snapshot {
-                slot_plus_one: self.slot_plus_one.load(Ordering::Relaxed),
-                namespace: self.namespace.load(Ordering::Relaxed),
-                hash: [
-                    self.hash[0].load(Ordering::Relaxed),
-                    self.hash[1].load(Ordering::Relaxed),
-                    self.hash[2].load(Ordering::Relaxed),
-                    self.hash[3].load(Ordering::Relaxed),
-                ],
-            };
+            let snap = self.load_fields();
             // Order the data loads before the re-check of seq.
             fence(Ordering::Acquire);
             if self.seq.load(Ordering::Relaxed) == s1 {
-                return snap;
+                return Some(snap);
             }
             spin_hint();
         }
+        None
     }
 
+    /// The fields, with no consistency check: for the single writer (whose
+    /// own earlier stores are all it can see change) or raw inspection.
+    fn load_fields(&self) -> Snapshot {
+        Snapshot {
+            slot_plus_one: self.slot_plus_one.load(Ordering::Relaxed),
+            namespace: self.namespace.load(Ordering::Relaxed),
+            hash: [
+                self.hash[0].load(Ordering::Relaxed),
+                self.hash[1].load(Ordering::Relaxed),
+                self.hash[2].load(Ordering::Relaxed),
+                self.hash[3].load(Ordering::Relaxed),
+            ],
+        }
+    }
+
+    /// Writer only. `odd = s | 1` rather than `s + 1`: a bucket a dead owner
+    /// left odd keeps its parity meaning (odd = being written) instead of
+    /// inverting it for good.
     fn write(&self, snap: Snapshot) {
         let s = self.seq.load(Ordering::Relaxed);
-        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        let odd = s | 1;
+        self.seq.store(odd, Ordering::Relaxed);
         // Readers that see any of the new data also see the odd seq.
         fence(Ordering::Release);
         self.slot_plus_one
@@ -82,9 +114,15 @@ impl Bucket {
         for (dst, w) in self.hash.iter().zip(snap.hash) {
             dst.store(w, Ordering::Relaxed);
         }
-        self.seq.store(s.wrapping_add(2), Ordering::Release);
+        self.seq.store(odd.wrapping_add(1), Ordering::Release);
     }
 }
+
+const EMPTY: Snapshot = Snapshot {
+    slot_plus_one: 0,
+    namespace: 0,
+    hash: [0; 4],
+};
 
 /// The bucket a key starts probing at: a mix of all 32 hash bytes and the
 /// namespace. Engines' hashes are usually uniform already, but an engine may
@@ -154,7 +192,8 @@ impl<'a> Index<'a> {
         let words = key.words();
         let start = home(key, self.mask);
         for i in start..start + MAX_PROBES as u64 {
-            let b = self.bucket(i).read();
+            // A bucket that stays mid-write is a miss: never wait on it.
+            let b = self.bucket(i).read()?;
             if b.slot_plus_one == 0 {
                 return None;
             }
@@ -171,7 +210,7 @@ impl<'a> Index<'a> {
         let start = home(key, self.mask);
         for i in start..start + MAX_PROBES.min(self.buckets.len()) as u64 {
             let bucket = self.bucket(i);
-            let b = bucket.read();
+            let b = bucket.load_fields();
             if b.slot_plus_one == 0 {
                 bucket.write(Snapshot {
                     slot_plus_one: slot + 1,
@@ -193,7 +232,7 @@ impl<'a> Index<'a> {
         let start = home(key, self.mask);
         let mut found = None;
         for i in start..start + MAX_PROBES.min(self.buckets.len()) as u64 {
-            let b = self.bucket(i).read();
+            let b = self.bucket(i).load_fields();
             if b.slot_plus_one == 0 {
                 break;
             }
@@ -210,7 +249,7 @@ impl<'a> Index<'a> {
         let mut j = hole;
         for _ in 1..self.buckets.len() {
             j += 1;
-            let b = self.bucket(j).read();
+            let b = self.bucket(j).load_fields();
             if b.slot_plus_one == 0 {
                 break;
             }
@@ -224,31 +263,30 @@ impl<'a> Index<'a> {
                 hole = j;
             }
         }
-        self.bucket(hole).write(Snapshot {
-            slot_plus_one: 0,
-            namespace: 0,
-            hash: [0; 4],
-        });
+        self.bucket(hole).write(EMPTY);
         true
     }
 
-    /// Owner: empty every bucket (used when rebuilding after a crash).
-    pub fn clear(&self) {
+    /// Owner, re-adopting a segment: empty every bucket, whatever state a
+    /// dead owner left it in. Never reads through the seqlock (a torn bucket
+    /// would make it spin); every bucket that is not plainly empty and even
+    /// is rewritten, which leaves its `seq` even and larger than before.
+    /// Engines still reading (orphans of the dead owner) see misses.
+    pub fn reset(&self) {
         for b in self.buckets {
-            if b.read().slot_plus_one != 0 {
-                b.write(Snapshot {
-                    slot_plus_one: 0,
-                    namespace: 0,
-                    hash: [0; 4],
-                });
+            let s = b.seq.load(Ordering::Relaxed);
+            if s & 1 == 0 && b.slot_plus_one.load(Ordering::Relaxed) == 0 {
+                continue;
             }
+            b.write(EMPTY);
         }
     }
 
-    /// Every (key, slot) present; for verification and inspection.
+    /// Every (key, slot) present; for verification and inspection. A bucket
+    /// that stays mid-write is skipped.
     pub fn entries(&self) -> impl Iterator<Item = (usize, BlockKey, u32)> + '_ {
         self.buckets.iter().enumerate().filter_map(|(i, b)| {
-            let s = b.read();
+            let s = b.read()?;
             (s.slot_plus_one != 0).then(|| {
                 (
                     i,
@@ -260,15 +298,16 @@ impl<'a> Index<'a> {
     }
 
     /// Whether `key`, found in bucket `at`, is reachable by a reader (no
-    /// empty bucket between its home and `at`).
+    /// empty bucket between its home and `at`, and none a reader gives up on).
     pub fn reachable(&self, key: &BlockKey, at: usize) -> bool {
         let start = home(key, self.mask);
         for i in start..start + MAX_PROBES as u64 {
             if (i & self.mask) as usize == at {
                 return true;
             }
-            if self.bucket(i).read().slot_plus_one == 0 {
-                return false;
+            match self.bucket(i).read() {
+                Some(b) if b.slot_plus_one != 0 => {}
+                _ => return false,
             }
         }
         false
@@ -355,5 +394,96 @@ mod tests {
         for (i, k, _) in idx.entries() {
             assert!(idx.reachable(&k, i));
         }
+    }
+
+    /// A bucket as an owner killed between its two `seq` stores leaves it.
+    fn tear(b: &Bucket) {
+        let s = b.seq.load(Ordering::Relaxed);
+        b.seq.store(s | 1, Ordering::Relaxed);
+    }
+
+    /// Run `f` on another thread; `None` if it has not returned in 10 s
+    /// (the old reader spun forever on a torn bucket).
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10)).ok()
+    }
+
+    #[test]
+    fn a_torn_bucket_is_a_miss_not_a_hang() {
+        let b: &'static [Bucket] = Box::leak(buckets(64).into_boxed_slice());
+        let idx = Index::new(b);
+        let k = BlockKey::new(1, [9; 32]);
+        idx.insert(&k, 5).unwrap();
+        let at = home(&k, 63) as usize;
+        tear(&b[at]);
+        let got = within_10s(move || {
+            let idx = Index::new(b);
+            // Anything past the torn bucket is unreachable to a reader.
+            (
+                idx.get(&k),
+                idx.entries().count(),
+                idx.reachable(&k, (at + 1) % 64),
+            )
+        });
+        assert_eq!(
+            got,
+            Some((None, 0, false)),
+            "a reader must give up on a torn bucket"
+        );
+    }
+
+    #[test]
+    fn reset_repairs_torn_buckets_without_reading_them() {
+        let b: &'static [Bucket] = Box::leak(buckets(16).into_boxed_slice());
+        let idx = Index::new(b);
+        let keys: Vec<_> = (0..6u8).map(|i| BlockKey::new(2, [i; 32])).collect();
+        for (i, k) in keys.iter().enumerate() {
+            idx.insert(k, i as u32).unwrap();
+        }
+        let before: Vec<u32> = b.iter().map(|x| x.seq.load(Ordering::Relaxed)).collect();
+        for x in b.iter().step_by(3) {
+            tear(x);
+        }
+        let done = within_10s(move || Index::new(b).reset());
+        assert!(done.is_some(), "reset must not read through the seqlock");
+        for (i, x) in b.iter().enumerate() {
+            let s = x.seq.load(Ordering::Relaxed);
+            assert_eq!(s & 1, 0, "bucket {i} left odd");
+            assert!(
+                s >= before[i],
+                "bucket {i}: seq went back from {} to {s}",
+                before[i]
+            );
+            assert_eq!(x.slot_plus_one.load(Ordering::Relaxed), 0);
+        }
+        // Every torn bucket moved past its odd value, so a reader holding
+        // the even value from before the tear cannot validate against it.
+        for x in b.iter().step_by(3) {
+            assert!(x.seq.load(Ordering::Relaxed) > 0);
+        }
+        // And the index works again, parity intact.
+        for (i, k) in keys.iter().enumerate() {
+            idx.insert(k, i as u32).unwrap();
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(idx.get(k), Some(i as u32));
+        }
+        assert!(b.iter().all(|x| x.seq.load(Ordering::Relaxed) & 1 == 0));
+    }
+
+    #[test]
+    fn a_write_over_a_torn_bucket_keeps_parity() {
+        let b = buckets(8);
+        let idx = Index::new(&b);
+        let k = BlockKey::new(3, [1; 32]);
+        let at = home(&k, 7) as usize;
+        b[at].seq.store(7, Ordering::Relaxed); // torn: odd
+        idx.insert(&k, 1).unwrap();
+        assert_eq!(b[at].seq.load(Ordering::Relaxed), 8);
+        assert_eq!(idx.get(&k), Some(1));
     }
 }

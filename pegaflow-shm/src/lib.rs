@@ -62,9 +62,11 @@ mod abi_layout {
                 offset_of!(Header, owner_tick),
                 offset_of!(Header, pool_path),
                 offset_of!(Header, hugepages),
+                offset_of!(Header, pool_dev),
+                offset_of!(Header, pool_ino),
                 size_of::<Header>(),
             ],
-            [8, 16, 72, 88, 92, 96, 104, 108, 112, 120, 376, 512]
+            [8, 16, 72, 88, 92, 96, 104, 108, 112, 120, 376, 384, 392, 512]
         );
         assert_eq!(
             [

@@ -6,10 +6,29 @@
 //!   hugetlbfs mount with `--use-hugepages`) holds KV bytes only.
 //!
 //! Both are plain files, so they outlive any process: a restarted owner
-//! re-adopts them and every committed block is still there. The owner holds
-//! an exclusive `flock` on the control file for as long as it lives; the
+//! re-adopts them and every committed block is still there.
+//!
+//! ## Owner lock
+//!
+//! The owner holds an exclusive `flock` on a third file,
+//! `pegaflow-<name>.lock` ([`OwnerLock`]), for as long as it lives; the
 //! kernel drops it when the owner dies, however it dies, so a second owner
-//! is refused exactly while the first one is alive.
+//! is refused exactly while the first one is alive. The lock file is never
+//! replaced, unlike the segments.
+//!
+//! ## New segments are new files
+//!
+//! A segment is never truncated or rewritten in place. A new one is built
+//! under a temporary name in the same directory ([`NewFile`]): created,
+//! given its mode and group explicitly, its whole size reserved
+//! (`fallocate`, or the mapping's reservation on hugetlbfs: a full
+//! filesystem is a clear error at start, not a SIGBUS later), its header written while no other process can have it mapped,
+//! and only then renamed over the final path. An engine that still maps the
+//! old file keeps the old pages (and its CUDA registration keeps covering
+//! them): it can never see another key's bytes at an offset it had
+//! validated. The control header records the pool file's device and inode,
+//! and engines map a pool only if the file at its path is that inode
+//! ([`PoolSegment::open_checked`]).
 //!
 //! This is the only module that turns mapped bytes into references: every
 //! accessor below checks offsets against the validated [`Layout`] first.
@@ -17,7 +36,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -28,7 +47,7 @@ use crate::geometry::{Geometry, Layout, REQUEST_BYTES};
 use crate::header::{Header, ABI_VERSION, MAGIC};
 use crate::index::{Bucket, Index};
 use crate::ring::{Ring, RingHeader};
-use crate::slot_table::{SlabEntry, SlotEntry};
+use crate::slot_table::{SlabEntry, SlotEntry, SlotKind};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Where a pool lives.
@@ -49,6 +68,11 @@ pub fn shm_dir() -> PathBuf {
 
 pub fn control_path(name: &str) -> PathBuf {
     shm_dir().join(format!("pegaflow-{name}.ctl"))
+}
+
+/// The owner's lock file: `<shm_dir>/pegaflow-<name>.lock`.
+pub fn lock_path(name: &str) -> PathBuf {
+    shm_dir().join(format!("pegaflow-{name}.lock"))
 }
 
 pub fn pool_path(name: &str, backing: &PoolBacking) -> PathBuf {
@@ -76,13 +100,17 @@ pub fn find_hugetlbfs() -> Result<PathBuf, SegmentError> {
         .ok_or(SegmentError::NoHugetlbfs)
 }
 
-/// Free 2 MiB huge pages, from /proc/meminfo.
+/// 2 MiB huge pages free and not reserved by a mapping, from /proc/meminfo
+/// (`HugePages_Free - HugePages_Rsvd`): what a new pool can still get.
 pub fn free_hugepages() -> u64 {
     let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let field = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SegmentError + '_ {
@@ -107,28 +135,365 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// How the owner came to hold the control segment.
+/// Mode and group the owner gives every file it creates or re-adopts
+/// (lock, segments, socket).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Opened {
-    Created,
-    Adopted,
+pub struct Perms {
+    /// 0o600, or 0o660 with a group.
+    pub mode: u32,
+    pub gid: Option<u32>,
 }
 
-/// Owner-side options for [`ControlSegment::create_or_adopt`].
-pub struct CreateOptions<'a> {
-    pub name: &'a str,
-    pub geometry: Geometry,
-    /// File mode of both segments (0o600, or 0o660 with a group).
-    pub mode: u32,
-    /// Drop an existing segment of this name instead of re-adopting it.
-    pub discard_existing: bool,
+impl Perms {
+    pub const PRIVATE: Perms = Perms {
+        mode: 0o600,
+        gid: None,
+    };
+
+    /// Give `file` this mode and group, explicitly: `open(2)`'s mode is
+    /// masked by the process umask (0o022 makes 0o660 into 0o640, and a
+    /// group member could not map the segment), `fchmod(2)`'s is not.
+    /// Changes only what differs, so re-adopting a file someone else owns
+    /// with the right mode already is no error.
+    pub fn apply(&self, file: &File, path: &Path) -> Result<(), SegmentError> {
+        let meta = file.metadata().map_err(io_err(path))?;
+        let fail = |source| SegmentError::Permissions {
+            path: path.into(),
+            mode: self.mode,
+            gid: self.gid,
+            source,
+        };
+        if let Some(gid) = self.gid.filter(|&g| g != meta.gid()) {
+            // SAFETY: fchown on an owned, open descriptor; uid -1 keeps the owner.
+            if unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, gid) } != 0 {
+                return Err(fail(io::Error::last_os_error()));
+            }
+        }
+        if meta.mode() & 0o7777 != self.mode {
+            // SAFETY: fchmod on an owned, open descriptor.
+            if unsafe { libc::fchmod(file.as_raw_fd(), self.mode) } != 0 {
+                return Err(fail(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The single-owner lock of an instance name, held for the owner's life.
+///
+/// An exclusive `flock` on `pegaflow-<name>.lock`, a file that is created
+/// once and never replaced or truncated to another inode: whoever holds it
+/// may replace the segments. It contains the holder's pid (text), so a
+/// refused owner can name the one that runs.
+pub struct OwnerLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl OwnerLock {
+    /// Take the lock of `name`, or fail with [`SegmentError::OwnerAlive`]
+    /// naming the owner that holds it.
+    pub fn acquire(name: &str, perms: Perms) -> Result<OwnerLock, SegmentError> {
+        let path = lock_path(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(perms.mode)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(SegmentError::Io { path, source: err });
+            }
+            return Err(SegmentError::OwnerAlive {
+                name: name.into(),
+                pid: lock_holder(&path, name),
+                path,
+            });
+        }
+        perms.apply(&file, &path)?;
+        let pid = format!("{}\n", std::process::id());
+        file.set_len(0).map_err(io_err(&path))?;
+        file.write_all_at(pid.as_bytes(), 0)
+            .map_err(io_err(&path))?;
+        Ok(OwnerLock { _file: file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Pid of the owner holding `name`'s lock: from the lock file, else from
+/// the control header (0 if neither says).
+fn lock_holder(lock: &Path, name: &str) -> u32 {
+    std::fs::read_to_string(lock)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&p| p != 0)
+        .or_else(|| {
+            ControlSegment::open_read_only(&control_path(name))
+                .ok()
+                .map(|s| s.header().owner_pid.load(Ordering::SeqCst))
+        })
+        .unwrap_or(0)
+}
+
+/// A file being built under a temporary name beside its final path.
+/// [`NewFile::publish`] renames it into place; dropping it unpublished
+/// removes it, so a start that fails half-way leaves nothing behind.
+pub struct NewFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    published: bool,
+}
+
+impl NewFile {
+    /// Create `.<file name>.new-<pid>-<random>` beside `path` (same
+    /// directory, so the rename is atomic), with `perms` applied.
+    fn create(path: &Path, perms: Perms) -> Result<(File, NewFile), SegmentError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let base = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(
+            ".{base}.new-{}-{:016x}",
+            std::process::id(),
+            random_u64()
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(perms.mode)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        let new = NewFile {
+            tmp,
+            path: path.into(),
+            published: false,
+        };
+        perms.apply(&file, &new.tmp)?;
+        Ok((file, new))
+    }
+
+    /// The path the file will have once published.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rename the file over its final path (replacing any file there; whoever
+    /// maps that one keeps its pages).
+    pub fn publish(mut self) -> Result<PathBuf, SegmentError> {
+        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        self.published = true;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Remove the temporary files of a start of `name` that died before
+/// publishing them. Call only while holding `name`'s [`OwnerLock`]: then no
+/// other process is building any. Returns the paths removed.
+pub fn remove_unpublished(name: &str, backing: &PoolBacking) -> Vec<PathBuf> {
+    let targets = [control_path(name), pool_path(name, backing)];
+    let mut removed = Vec::new();
+    for target in &targets {
+        let (Some(dir), Some(base)) = (target.parent(), target.file_name()) else {
+            continue;
+        };
+        let prefix = format!(".{}.new-", base.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let fname = e.file_name().to_string_lossy().into_owned();
+            // Exactly `<prefix><pid>-<hex>`: another name's files never match.
+            let ours = fname.strip_prefix(&prefix).is_some_and(|rest| {
+                rest.split_once('-').is_some_and(|(pid, rnd)| {
+                    !pid.is_empty()
+                        && pid.bytes().all(|b| b.is_ascii_digit())
+                        && !rnd.is_empty()
+                        && rnd.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+            });
+            if ours && std::fs::remove_file(e.path()).is_ok() {
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
+/// What is at a segment path before the owner touches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileState {
+    Missing,
+    /// Zero bytes long (a start cut short by an older version, or a file
+    /// someone truncated).
+    Empty,
+    Present {
+        len: u64,
+        /// (device, inode)
+        id: (u64, u64),
+    },
+}
+
+/// Look at `path` without opening it.
+pub fn probe_file(path: &Path) -> Result<FileState, SegmentError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() == 0 => Ok(FileState::Empty),
+        Ok(m) => Ok(FileState::Present {
+            len: m.len(),
+            id: (m.dev(), m.ino()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(FileState::Missing),
+        Err(e) => Err(SegmentError::Io {
+            path: path.into(),
+            source: e,
+        }),
+    }
+}
+
+/// Allocate `bytes` for `file` up front (`fallocate(2)`), 1 GiB at a time,
+/// calling `progress` with the bytes reserved so far. On a filesystem that
+/// does not support it, the file is only extended (its pages are then
+/// allocated on first touch).
+///
+/// On hugetlbfs (`hugepages`) the file is only sized: there the shared
+/// mapping the owner makes next reserves every huge page of it (mmap fails
+/// with ENOMEM otherwise, see [`PoolSegment::create`]), and faults on a
+/// reserved mapping cannot fail. `fallocate` would reserve them too, but
+/// it zeroes each page on one thread, where the parallel prefault that
+/// follows is many times faster on a large pool.
+fn reserve(
+    file: &File,
+    new: &NewFile,
+    bytes: u64,
+    hugepages: bool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(), SegmentError> {
+    const CHUNK: u64 = 1 << 30;
+    if hugepages {
+        return file.set_len(bytes).map_err(io_err(&new.path));
+    }
+    let mut off = 0;
+    while off < bytes {
+        let len = CHUNK.min(bytes - off);
+        // SAFETY: fallocate on an owned, open descriptor; no memory is passed.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off as i64, len as i64) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) => {
+                    return file.set_len(bytes).map_err(io_err(&new.path));
+                }
+                Some(libc::ENOSPC) => {
+                    // What we reserved so far is given back before measuring.
+                    file.set_len(0).map_err(io_err(&new.path))?;
+                    return Err(no_space(&new.path, bytes, hugepages));
+                }
+                _ => {
+                    return Err(SegmentError::Io {
+                        path: new.path.clone(),
+                        source: err,
+                    })
+                }
+            }
+        }
+        off += len;
+        progress(off);
+    }
+    Ok(())
+}
+
+fn no_space(path: &Path, asked: u64, hugepages: bool) -> SegmentError {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let fs = nix::sys::statvfs::statvfs(dir).ok();
+    let fs_free = fs
+        .as_ref()
+        .map(|s| s.blocks_available() * s.fragment_size());
+    let free = if hugepages {
+        // A hugetlbfs mount with size= reports its own limit; one without
+        // reports no blocks at all.
+        let global = free_hugepages() * (2 << 20);
+        match fs.as_ref().filter(|s| s.blocks() > 0) {
+            Some(_) => global.min(fs_free.unwrap_or(global)),
+            None => global,
+        }
+    } else {
+        fs_free.unwrap_or(0)
+    };
+    let hint = if hugepages {
+        format!(
+            " ({} free 2 MiB huge pages not reserved by other mappings; the mount's size= \
+             option can also limit it)",
+            free_hugepages()
+        )
+    } else {
+        format!(" ({})", dir.display())
+    };
+    SegmentError::NoSpace {
+        path: path.into(),
+        asked,
+        free,
+        hint,
+    }
+}
+
+/// Reserve whatever of an adopted file is not allocated yet (a file someone
+/// copied sparse): cheap to check (`st_blocks`), and it keeps the promise
+/// that a running owner never meets a full filesystem in its segments. On
+/// hugetlbfs the mapping reserves the pages (see [`reserve`]).
+fn ensure_reserved(file: &File, path: &Path, hugepages: bool) -> Result<(), SegmentError> {
+    if hugepages {
+        return Ok(());
+    }
+    let meta = file.metadata().map_err(io_err(path))?;
+    if meta.blocks() * 512 >= meta.len() {
+        return Ok(());
+    }
+    // SAFETY: fallocate on an owned, open descriptor; KEEP_SIZE never
+    // changes the file's length.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            meta.len() as i64,
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Ok(()),
+            Some(libc::ENOSPC) => Err(no_space(path, meta.len(), hugepages)),
+            _ => Err(SegmentError::Io {
+                path: path.into(),
+                source: err,
+            }),
+        };
+    }
+    Ok(())
 }
 
 /// A mapped control segment.
 pub struct ControlSegment {
     map: MmapRaw,
-    /// Kept open by the owner: it carries the flock.
-    _file: File,
+    file: File,
     path: PathBuf,
     geometry: Geometry,
     layout: Layout,
@@ -147,50 +512,49 @@ pub struct ClientView<'a> {
 }
 
 impl ControlSegment {
-    /// Owner: create the segment, or re-adopt the one a previous owner left.
-    pub fn create_or_adopt(
-        opts: &CreateOptions<'_>,
-    ) -> Result<(ControlSegment, Opened), SegmentError> {
-        opts.geometry.validate()?;
-        let path = control_path(opts.name);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(opts.mode)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        lock_exclusive(&file, &path, opts.name)?;
-        let size = file.metadata().map_err(io_err(&path))?.len();
-        let layout = opts.geometry.layout();
-        if size > 0 && !opts.discard_existing {
-            let seg = Self::map(file, &path, false)?;
-            if seg.geometry != opts.geometry {
-                return Err(SegmentError::GeometryMismatch {
-                    path,
-                    found: Box::new(seg.geometry),
-                    expected: Box::new(opts.geometry),
-                });
-            }
-            return Ok((seg, Opened::Adopted));
+    /// Owner: build a new, empty control segment for `path` as a
+    /// [`NewFile`] (publish it to make it visible), recording `pool` as its
+    /// pool. Its whole size is reserved up front.
+    pub fn create(
+        path: &Path,
+        geometry: Geometry,
+        perms: Perms,
+        pool: &PoolSegment,
+        hugepages: bool,
+    ) -> Result<(ControlSegment, NewFile), SegmentError> {
+        geometry.validate()?;
+        let pool_path = pool.path().as_os_str().as_encoded_bytes();
+        if pool_path.len() > 255 {
+            return Err(SegmentError::PathTooLong {
+                path: pool.path().into(),
+            });
         }
-        // Fresh segment: zero it (ftruncate to 0 drops any old content).
-        file.set_len(0).map_err(io_err(&path))?;
-        file.set_len(layout.total).map_err(io_err(&path))?;
+        let layout = geometry.layout();
+        let (file, new) = NewFile::create(path, perms)?;
+        reserve(&file, &new, layout.total, false, &mut |_| {})?;
         let map = MmapOptions::new()
             .len(layout.total as usize)
             .map_raw(&file)
-            .map_err(io_err(&path))?;
+            .map_err(io_err(path))?;
         let seg = ControlSegment {
             map,
-            _file: file,
-            path,
-            geometry: opts.geometry,
+            file,
+            path: path.into(),
+            geometry,
             layout,
         };
-        seg.init_header();
-        Ok((seg, Opened::Created))
+        // SAFETY: the file was created by us a moment ago under a random
+        // temporary name (O_EXCL) and is not published yet, so no other
+        // process has it mapped.
+        unsafe { seg.init_header(pool_path, hugepages, pool.identity) };
+        Ok((seg, new))
+    }
+
+    /// Owner, re-adopting a segment opened with [`ControlSegment::open`]:
+    /// give it `perms` and reserve any part of it that is not allocated.
+    pub fn take_over(&self, perms: Perms) -> Result<(), SegmentError> {
+        perms.apply(&self.file, &self.path)?;
+        ensure_reserved(&self.file, &self.path, false)
     }
 
     /// Engine: open a running owner's segment read-write.
@@ -214,7 +578,7 @@ impl ControlSegment {
         let size = file.metadata().map_err(io_err(path))?.len();
         let hdr_len = std::mem::size_of::<Header>() as u64;
         if size < hdr_len {
-            return Err(SegmentError::SizeMismatch {
+            return Err(SegmentError::Truncated {
                 path: path.into(),
                 actual: size,
                 expected: hdr_len,
@@ -248,7 +612,7 @@ impl ControlSegment {
         geometry.validate()?;
         let layout = geometry.layout();
         if size < layout.total {
-            return Err(SegmentError::SizeMismatch {
+            return Err(SegmentError::Truncated {
                 path: path.into(),
                 actual: size,
                 expected: layout.total,
@@ -258,18 +622,21 @@ impl ControlSegment {
         let map = map_hdr(layout.total).map_err(io_err(path))?;
         Ok(ControlSegment {
             map,
-            _file: file,
+            file,
             path: path.into(),
             geometry,
             layout,
         })
     }
 
-    fn init_header(&self) {
-        // SAFETY: the file was just truncated to zero and re-extended, so
-        // nobody else has a view of it that could observe a torn header; the
-        // mapping is writable, page-aligned and larger than a Header.
-        let h = unsafe { &mut *(self.map.as_mut_ptr() as *mut Header) };
+    /// # Safety
+    ///
+    /// No other process may have the file mapped (it is a fresh, unpublished
+    /// [`NewFile`]): the header's plain fields are written through a `&mut`.
+    unsafe fn init_header(&self, pool_path: &[u8], hugepages: bool, pool_id: (u64, u64)) {
+        // The mapping is writable, page-aligned and larger than a Header;
+        // exclusive per the caller's contract.
+        let h = &mut *(self.map.as_mut_ptr() as *mut Header);
         h.magic = MAGIC;
         h.abi_version = ABI_VERSION;
         h.header_bytes = std::mem::size_of::<Header>() as u32;
@@ -279,27 +646,34 @@ impl ControlSegment {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
+        let n = pool_path.len().min(h.pool_path.len() - 1);
+        h.pool_path[..n].copy_from_slice(&pool_path[..n]);
+        h.hugepages = u32::from(hugepages);
+        (h.pool_dev, h.pool_ino) = pool_id;
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Owner only: record where the pool lives, for `pegaflow-inspect`.
-    pub fn set_pool_info(&self, pool: &Path, hugepages: bool) {
-        let bytes = pool.as_os_str().as_encoded_bytes();
-        let h = self.map.as_mut_ptr() as *mut Header;
-        let n = bytes.len().min(255);
-        // SAFETY: the mapping is writable and holds a Header at offset 0.
-        // Only the owner (holding the segment lock) writes these plain
-        // fields; readers treat them as informational and tolerate a torn
-        // read. No reference to them is formed, only raw writes.
-        unsafe {
-            let dst = std::ptr::addr_of_mut!((*h).pool_path) as *mut u8;
-            std::ptr::write_bytes(dst, 0, 256);
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, n);
-            std::ptr::addr_of_mut!((*h).hugepages).write(u32::from(hugepages));
-        }
+    /// The pool file's (device, inode) recorded at creation.
+    pub fn pool_identity(&self) -> (u64, u64) {
+        let h = self.header();
+        (h.pool_dev, h.pool_ino)
+    }
+
+    /// Slots whose state is committed (or evicting): the blocks this
+    /// segment caches. For logging what a discarded segment held.
+    pub fn committed_slots(&self) -> u64 {
+        self.slots()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.load_state().map(|s| s.kind),
+                    Some(SlotKind::Committed | SlotKind::Evicting)
+                )
+            })
+            .count() as u64
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -409,6 +783,28 @@ impl ControlSegment {
     }
 }
 
+/// Create and publish a new pool and control segment of `name` (tmpfs
+/// backing), replacing any: no lock, no adoption. For tests and tools; the
+/// owner decides between adopting and creating in `pegaflow-owner`.
+pub fn create_published(
+    name: &str,
+    geometry: Geometry,
+    perms: Perms,
+) -> Result<(ControlSegment, PoolSegment), SegmentError> {
+    let (pool, pool_new) = PoolSegment::create(
+        &pool_path(name, &PoolBacking::Shm),
+        geometry.pool_bytes,
+        perms,
+        false,
+        &mut |_| {},
+    )?;
+    let (seg, ctl_new) =
+        ControlSegment::create(&control_path(name), geometry, perms, &pool, false)?;
+    pool_new.publish()?;
+    ctl_new.publish()?;
+    Ok((seg, pool))
+}
+
 /// Whether a process with this pid exists and is not a zombie.
 pub fn pid_alive(pid: u32) -> bool {
     if pid == 0 {
@@ -435,30 +831,6 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-fn lock_exclusive(file: &File, path: &Path, name: &str) -> Result<(), SegmentError> {
-    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-        return Err(SegmentError::Io {
-            path: path.into(),
-            source: err,
-        });
-    }
-    // Someone holds it: name them if the header says who.
-    let pid = ControlSegment::open_read_only(path)
-        .map(|s| s.header().owner_pid.load(Ordering::SeqCst))
-        .unwrap_or(0);
-    Err(SegmentError::OwnerAlive {
-        name: name.into(),
-        pid,
-        path: path.into(),
-    })
-}
-
 /// A mapped pool segment.
 pub struct PoolSegment {
     map: MmapRaw,
@@ -468,75 +840,111 @@ pub struct PoolSegment {
 }
 
 impl PoolSegment {
-    /// Owner: create or re-adopt the pool file. Returns whether it already
-    /// existed with the right size (its content is then kept).
-    pub fn create_or_adopt(
+    /// Owner: build a new pool file for `path` as a [`NewFile`] (publish it
+    /// to make it visible). Its whole size is reserved up front; `progress`
+    /// is called with the bytes reserved so far, every GiB.
+    pub fn create(
         path: &Path,
         bytes: u64,
-        mode: u32,
+        perms: Perms,
         hugepages: bool,
-        discard_existing: bool,
-    ) -> Result<(PoolSegment, Opened), SegmentError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(mode)
-            .open(path)
-            .map_err(io_err(path))?;
-        let meta = file.metadata().map_err(io_err(path))?;
-        let opened = if meta.len() == bytes && !discard_existing {
-            Opened::Adopted
-        } else {
-            if hugepages {
-                let needed = bytes.div_ceil(2 << 20);
-                // Pages this file already holds come back when it is truncated.
-                let free = free_hugepages() + meta.len() / (2 << 20);
-                if free < needed {
-                    return Err(SegmentError::NotEnoughHugepages {
-                        needed,
-                        free,
-                        suggest: free_total_hugepages() + (needed - free),
-                    });
-                }
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(PoolSegment, NewFile), SegmentError> {
+        if hugepages {
+            let needed = bytes.div_ceil(2 << 20);
+            let free = free_hugepages();
+            if free < needed {
+                return Err(SegmentError::NotEnoughHugepages {
+                    needed,
+                    free,
+                    suggest: free_total_hugepages() + (needed - free),
+                });
             }
-            file.set_len(0).map_err(io_err(path))?;
-            file.set_len(bytes).map_err(io_err(path))?;
-            Opened::Created
-        };
-        let map = MmapOptions::new()
-            .len(bytes as usize)
-            .map_raw(&file)
-            .map_err(io_err(path))?;
-        Ok((
-            PoolSegment {
-                map,
-                path: path.into(),
-                identity: (meta.dev(), meta.ino()),
-            },
-            opened,
-        ))
+        }
+        let (file, new) = NewFile::create(path, perms)?;
+        reserve(&file, &new, bytes, hugepages, progress)?;
+        let pool = Self::map(&file, path, bytes).map_err(|e| match e {
+            // hugetlbfs: the huge pages could not be reserved for the mapping.
+            SegmentError::Io { source, .. }
+                if hugepages && source.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                no_space(path, bytes, true)
+            }
+            e => e,
+        })?;
+        Ok((pool, new))
+    }
+
+    /// Owner: map the existing pool file to re-adopt it. It must be the
+    /// inode the control segment recorded, of `bytes` bytes; it is given
+    /// `perms` and any part not allocated is reserved.
+    pub fn adopt(
+        path: &Path,
+        bytes: u64,
+        expected: (u64, u64),
+        perms: Perms,
+        hugepages: bool,
+    ) -> Result<PoolSegment, SegmentError> {
+        let file = Self::open_file(path, bytes, Some(expected))?;
+        perms.apply(&file, path)?;
+        ensure_reserved(&file, path, hugepages)?;
+        Self::map(&file, path, bytes)
     }
 
     /// Engine: map an existing pool read-write.
     pub fn open(path: &Path, expected_bytes: u64) -> Result<PoolSegment, SegmentError> {
+        let file = Self::open_file(path, expected_bytes, None)?;
+        Self::map(&file, path, expected_bytes)
+    }
+
+    /// Engine: map the pool only if the file now at `path` is the inode the
+    /// control header names (`Header::pool_dev`, `pool_ino`), so a mapping
+    /// of a file the owner has since replaced is never taken for the new
+    /// one. The check is made on the opened descriptor, not the path.
+    pub fn open_checked(
+        path: &Path,
+        expected_bytes: u64,
+        expected_dev: u64,
+        expected_ino: u64,
+    ) -> Result<PoolSegment, SegmentError> {
+        let file = Self::open_file(path, expected_bytes, Some((expected_dev, expected_ino)))?;
+        Self::map(&file, path, expected_bytes)
+    }
+
+    fn open_file(
+        path: &Path,
+        bytes: u64,
+        expected: Option<(u64, u64)>,
+    ) -> Result<File, SegmentError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
             .map_err(io_err(path))?;
         let meta = file.metadata().map_err(io_err(path))?;
-        if meta.len() != expected_bytes {
+        let found = (meta.dev(), meta.ino());
+        if let Some(expected) = expected.filter(|&e| e != found) {
+            return Err(SegmentError::PoolReplaced {
+                path: path.into(),
+                expected,
+                found,
+            });
+        }
+        if meta.len() != bytes {
             return Err(SegmentError::SizeMismatch {
                 path: path.into(),
                 actual: meta.len(),
-                expected: expected_bytes,
+                expected: bytes,
             });
         }
+        Ok(file)
+    }
+
+    fn map(file: &File, path: &Path, bytes: u64) -> Result<PoolSegment, SegmentError> {
+        let meta = file.metadata().map_err(io_err(path))?;
         let map = MmapOptions::new()
-            .len(expected_bytes as usize)
-            .map_raw(&file)
+            .len(bytes as usize)
+            .map_raw(file)
             .map_err(io_err(path))?;
         Ok(PoolSegment {
             map,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use pegaflow_shm::doorbell::Doorbell;
 use pegaflow_shm::geometry::Geometry;
 use pegaflow_shm::request::Request;
-use pegaflow_shm::segment::{ControlSegment, CreateOptions, PoolSegment};
+use pegaflow_shm::segment::{create_published, ControlSegment, Perms, PoolSegment};
 use pegaflow_shm::slot_table::{any_pinned, withdraw_pin, BlockKey, SlotKind, SlotState};
 
 /// One temporary directory (on tmpfs when there is one) for every segment
@@ -38,18 +38,12 @@ fn shm_dir() -> PathBuf {
     .to_path_buf()
 }
 
-fn control(test: &str) -> ControlSegment {
+/// A fresh control segment and its 2 MiB pool, published.
+fn segments(test: &str) -> (ControlSegment, PoolSegment) {
     shm_dir();
     let name = format!("stress-{}-{test}", std::process::id());
     let geometry = Geometry::for_pool(2 << 20, 2 << 20, 4096, 4).expect("geometry");
-    let (seg, _) = ControlSegment::create_or_adopt(&CreateOptions {
-        name: &name,
-        geometry,
-        mode: 0o600,
-        discard_existing: true,
-    })
-    .expect("control segment");
-    seg
+    create_published(&name, geometry, Perms::PRIVATE).expect("segments")
 }
 
 /// A page of shared anonymous memory for the test's own bookkeeping (the
@@ -150,7 +144,7 @@ fn request(c: u32, i: u64) -> Request {
 /// each ring delivers exactly its stream, in order.
 #[test]
 fn request_rings_across_processes() {
-    let seg = control("rings");
+    let (seg, _pool) = segments("rings");
     let producers: Vec<_> = (0..2u32)
         .map(|c| {
             let seg = &seg;
@@ -251,10 +245,7 @@ const FREED_WHILE_PINNED: i32 = 11;
 /// from pins. Any reuse under a pin shows as wrong bytes in an engine.
 #[test]
 fn pins_against_eviction_across_processes() {
-    let seg = control("pins");
-    let pool_path = shm_dir().join(format!("pegaflow-stress-{}-pins.pool", std::process::id()));
-    let (pool, _) =
-        PoolSegment::create_or_adopt(&pool_path, 2 << 20, 0o600, false, true).expect("pool");
+    let (seg, pool) = segments("pins");
     let data = |slot: u32| -> &[AtomicU64] {
         // SAFETY: slot * 4096 + 64 bytes lie inside the 2 MiB pool mapping,
         // page aligned; the pool is only accessed through atomics here.
@@ -363,5 +354,4 @@ fn pins_against_eviction_across_processes() {
     assert!(evictions > 100, "owner starved: {evictions} evictions");
     assert!(pins.iter().all(|&p| p > 100), "engines starved: {pins:?}");
     assert!(aborts > 0, "no contention: the test did not test anything");
-    let _ = std::fs::remove_file(&pool_path);
 }

@@ -181,6 +181,7 @@ impl Drop for OwnerProc {
     fn drop(&mut self) {
         self.kill9();
         let _ = std::fs::remove_file(control_path(&self.name));
+        let _ = std::fs::remove_file(pegaflow_shm::segment::lock_path(&self.name));
         let _ = std::fs::remove_file(pegaflow_shm::segment::pool_path(
             &self.name,
             &pegaflow_shm::segment::PoolBacking::Shm,

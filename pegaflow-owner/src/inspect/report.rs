@@ -79,8 +79,12 @@ fn slot_json(c: &SlotCounts) -> Value {
     })
 }
 
-fn file_len(path: &str) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.len())
+/// Length and (device, inode) of the file at `path`.
+fn file_facts(path: &str) -> Option<(u64, (u64, u64))> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.len(), (m.dev(), m.ino())))
 }
 
 pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
@@ -103,7 +107,11 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         }
     }
     let pool_path = h.pool_path();
-    let pool_file = file_len(&pool_path);
+    let pool_facts = file_facts(&pool_path);
+    let pool_file = pool_facts.map(|(len, _)| len);
+    // Whether the file at the pool path is the one this segment was created
+    // with (an owner that made new segments replaced both files).
+    let pool_is_ours = pool_facts.map(|(_, id)| id == (h.pool_dev, h.pool_ino));
     let owner_summary = if o.alive {
         format!("{} (pid {}, alive)", owner_state_name(o.state), o.pid)
     } else if o.state == pegaflow_shm::header::owner_state::STOPPED {
@@ -134,6 +142,9 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
             "path": pool_path,
             "bytes": g.pool_bytes,
             "file_bytes": pool_file,
+            "file_is_this_segments": pool_is_ours,
+            "dev": h.pool_dev,
+            "ino": h.pool_ino,
             "hugepages": h.hugepages != 0,
         },
         "geometry": {
@@ -177,10 +188,11 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
             &pool_path
         },
         if h.hugepages != 0 { " (hugepages)" } else { "" },
-        match pool_file {
-            None => " [file missing]".to_string(),
-            Some(n) if n != g.pool_bytes => format!(" [file is {} bytes]", n),
-            Some(_) => String::new(),
+        match (pool_file, pool_is_ours) {
+            (None, _) => " [file missing]".to_string(),
+            (_, Some(false)) => " [another file: this segment's pool was replaced]".to_string(),
+            (Some(n), _) if n != g.pool_bytes => format!(" [file is {} bytes]", n),
+            _ => String::new(),
         }
     );
     let _ = writeln!(
