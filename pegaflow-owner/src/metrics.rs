@@ -621,16 +621,26 @@ impl Collector {
             .iter()
             .filter(|c| c.state == client_state::ORPHANED)
             .count();
+        let quarantined = clients
+            .iter()
+            .filter(|c| c.state == client_state::QUARANTINED)
+            .count();
         m.gauge(
             "pegaflow_connected_clients",
             "Engines connected to the owner now.",
             vec![],
             live as f64,
         );
-        for (state, n) in [("live", live), ("orphaned", orphaned)] {
+        for (state, n) in [
+            ("live", live),
+            ("orphaned", orphaned),
+            ("quarantined", quarantined),
+        ] {
             m.gauge(
                 "pegaflow_clients",
-                "Client entries by state; orphaned: alive engines of a previous owner not yet reconnected.",
+                "Client entries by state; orphaned: alive engines of a previous owner not yet reconnected; \
+                 quarantined: engines disconnected without a goodbye whose process may still run (their \
+                 pins and writing slots are kept until it exits).",
                 vec![Label::new("state", state)],
                 n as f64,
             );
@@ -652,10 +662,10 @@ impl Collector {
             let mut info = labels();
             info.push(Label::new(
                 "state",
-                if c.state == client_state::LIVE {
-                    "live"
-                } else {
-                    "orphaned"
+                match c.state {
+                    client_state::LIVE => "live",
+                    client_state::ORPHANED => "orphaned",
+                    _ => "quarantined",
                 },
             ));
             info.push(Label::new("namespace", format!("{:#018x}", c.namespace)));

@@ -588,6 +588,49 @@ fn a_trickling_peer_stalls_nobody() {
         "admission took {:?} behind a trickling peer",
         t.elapsed()
     );
+    // A killed engine is reclaimed promptly meanwhile, too.
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pf-engine"));
+    let mut child = KillOnDrop(
+        pegaflow_tests::engine_cmd(
+            &bin,
+            &[
+                "hangup".into(),
+                owner.socket.display().to_string(),
+                owner.name.clone(),
+                NS.to_string(),
+                SLOT.to_string(),
+                "4".into(),
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let held: Vec<u32> = line
+        .trim()
+        .strip_prefix("hungup ")
+        .unwrap()
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || held.iter().all(|&s| slot_state(
+            &owner.control(),
+            s
+        )
+        .0
+            != SlotKind::Writing)),
+        "a killed engine was not reclaimed within 1 s behind a trickling peer"
+    );
     drop(e);
     let _ = trickle.join();
 }
@@ -712,4 +755,86 @@ fn a_discarding_restart_never_mixes_segments() {
     drop(pinned);
     let audit = Audit::read(&owner.control());
     assert_eq!(audit.bad_index_entries, 0, "{audit:?}");
+}
+
+/// Issue 9 item 10: `pegaflow-inspect verify` flags writing slots that are
+/// neither in a client's stash nor held by the engine, and accepts the
+/// same slots while the engine says it holds them.
+#[test]
+fn verify_flags_leaked_writing_slots() {
+    let owner = OwnerProc::start("verifyleak");
+    let raw = Raw::connect(&owner, SLOT);
+    raw.take(3);
+    let inspect = |args: &[&str]| {
+        std::process::Command::new(pegaflow_tests::target_bin("pegaflow-inspect"))
+            .args(["--name", &owner.name])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = inspect(&["verify", "--recheck-ms", "20"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "verify passed with 3 leaked slots:\n{text}"
+    );
+    assert!(text.contains("writing-slots-leaked"), "{text}");
+    // An engine that holds them for a copy in flight says so.
+    raw.client().entry.held_slots.store(3, Ordering::Relaxed);
+    let out = inspect(&["verify", "--recheck-ms", "20"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+}
+
+/// Issue 9 item 13: an engine cannot grow the owner without bound: distinct
+/// block sizes are capped (each costs the owner an LRU), brokered IPC
+/// handles are capped, and the handles of an engine that left are dropped.
+#[test]
+fn owner_memory_is_bounded_against_engines() {
+    let owner = OwnerProc::start("bounded");
+    let mut held = Vec::new();
+    let mut refused = None;
+    for i in 0..40u64 {
+        let mut s = UnixStream::connect(&owner.socket).unwrap();
+        let hello = ClientMsg::Hello(Hello {
+            abi_version: pegaflow_shm::ABI_VERSION,
+            pid: std::process::id(),
+            label: format!("size {i}"),
+            namespace: NS + i,
+            slot_bytes: SLOT + i * 4096,
+            resume: None,
+        });
+        proto::send(&mut s, &hello).unwrap();
+        match proto::recv::<OwnerMsg>(&mut s).unwrap() {
+            OwnerMsg::Welcome(_) => held.push(s),
+            OwnerMsg::Rejected { message, .. } => {
+                refused = Some((i, message));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let (at, message) = refused.expect("40 distinct block sizes were all accepted");
+    assert_eq!(at, 32, "refused at the {at}th size: {message}");
+    assert!(message.contains("distinct block sizes"), "{message}");
+    drop(held);
+
+    let e = connected(&owner, 0, 0);
+    let big = vec![0x5au8; 1000 << 10];
+    for i in 0..70 {
+        e.publish_ipc(&format!("k{i}"), &big).unwrap();
+    }
+    let fetch = |k: &str| e.fetch_ipc(k, Duration::from_secs(2)).unwrap();
+    assert!(eventually(Duration::from_secs(5), || fetch("k0").is_some()));
+    assert_eq!(fetch("k69"), None, "handles beyond 64 MiB must be refused");
+    assert!(owner.log_text().contains("IPC handle refused"));
+
+    let publisher = connected(&owner, 0, 0);
+    publisher.publish_ipc("gone", &[1u8; 64]).unwrap();
+    assert!(eventually(Duration::from_secs(2), || fetch("gone").is_some()));
+    drop(publisher);
+    assert!(
+        eventually(Duration::from_secs(3), || fetch("gone").is_none()),
+        "the handle of an engine that left is still brokered"
+    );
 }

@@ -207,6 +207,7 @@ pub fn client_state_name(s: u32) -> &'static str {
         client_state::FREE => "free",
         client_state::LIVE => "live",
         client_state::ORPHANED => "orphaned",
+        client_state::QUARANTINED => "quarantined",
         _ => "invalid",
     }
 }

@@ -98,11 +98,12 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         .iter()
         .filter(|b| matches!(b, BucketRead::Entry { .. }))
         .count() as u64;
-    let (mut live, mut orphaned) = (0u64, 0u64);
+    let (mut live, mut orphaned, mut quarantined) = (0u64, 0u64, 0u64);
     for i in 0..seg.max_clients() {
         match seg.client(i).map(|c| c.entry.state()) {
             Some(client_state::LIVE) => live += 1,
             Some(client_state::ORPHANED) => orphaned += 1,
+            Some(client_state::QUARANTINED) => quarantined += 1,
             _ => {}
         }
     }
@@ -161,7 +162,7 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         "slots": slot_json(&counts),
         "committed_bytes": counts.committed_bytes,
         "index_entries": index_entries,
-        "clients": { "live": live, "orphaned": orphaned },
+        "clients": { "live": live, "orphaned": orphaned, "quarantined": quarantined },
     });
     let mut s = String::new();
     let _ = writeln!(s, "control     {}", t.path.display());
@@ -216,7 +217,10 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         counts.invalid
     );
     let _ = writeln!(s, "index       {index_entries} entries");
-    let _ = writeln!(s, "clients     {live} live, {orphaned} orphaned");
+    let _ = writeln!(
+        s,
+        "clients     {live} live, {orphaned} orphaned, {quarantined} quarantined"
+    );
     Ok((v, s))
 }
 

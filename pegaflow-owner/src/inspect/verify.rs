@@ -15,7 +15,9 @@
 //! - clients: states are known; ring positions satisfy
 //!   `head <= tail <= head + cap`; stash entries are in-range slots in state
 //!   `Writing(that client)` with the generation the stash claims; a FREE
-//!   entry holds no pins; a live entry pins only committed slots.
+//!   entry holds no pins; a live entry pins only committed slots; a client
+//!   has no more `Writing` slots than its stash holds plus what it says it
+//!   holds (`held_slots`): any beyond are leaked.
 //!
 //! Findings have a severity: an `error` is corruption (exit status 1), a
 //! `warning` is a state a crash leaves behind that the next owner repairs
@@ -142,6 +144,7 @@ pub fn check(t: &Target) -> (Vec<Finding>, Counts) {
 
     // Slot table.
     let assigned = assigned_slots(seg);
+    let mut writing: HashMap<u32, u64> = HashMap::new();
     let in_assigned: std::collections::HashSet<u32> = assigned.iter().map(|s| s.slot).collect();
     let slots = seg.slots();
     for (id, e) in slots.iter().enumerate() {
@@ -193,10 +196,11 @@ pub fn check(t: &Target) -> (Vec<Finding>, Counts) {
             SlotKind::Free => {}
             SlotKind::Writing => {
                 let c = u32::from(st.client);
+                *writing.entry(c).or_default() += 1;
                 let owner_ok = seg
                     .client(c)
                     .map(|v| v.entry.state())
-                    .filter(|&cs| cs == client_state::LIVE || cs == client_state::ORPHANED);
+                    .filter(|&cs| cs != client_state::FREE);
                 if owner_ok.is_none() {
                     f.push(Finding::error(
                         "writing-slot-without-client",
@@ -366,7 +370,10 @@ pub fn check(t: &Target) -> (Vec<Finding>, Counts) {
             }
             continue;
         }
-        if state != client_state::LIVE && state != client_state::ORPHANED {
+        if !matches!(
+            state,
+            client_state::LIVE | client_state::ORPHANED | client_state::QUARANTINED
+        ) {
             f.push(Finding::error(
                 "client-bad-state",
                 subject,
@@ -400,6 +407,20 @@ pub fn check(t: &Target) -> (Vec<Finding>, Counts) {
             }
         }
         let (head, tail) = c.stash.positions();
+        let held = c.entry.held_slots.load(Ordering::Relaxed);
+        let mine = writing.get(&i).copied().unwrap_or(0);
+        if tail >= head && tail - head <= c.stash.capacity() && mine > (tail - head) + held {
+            f.push(Finding::error(
+                "writing-slots-leaked",
+                subject.clone(),
+                format!(
+                    "has {mine} slots in Writing, but only {} in its stash and {held} held by the \
+                     engine: {} are leaked until the engine exits",
+                    tail - head,
+                    mine - (tail - head) - held
+                ),
+            ));
+        }
         if tail >= head && tail - head <= c.stash.capacity() {
             match t.stash_words(i, head, tail) {
                 Ok(words) => {
