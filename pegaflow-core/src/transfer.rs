@@ -3,8 +3,11 @@
 //! [`KvTransfer`] owns a validated [`KvLayout`] and a copy backend.
 //!
 //! * **Save** ([`KvTransfer::save`]): called once per layer (segment) right
-//!   after the forward pass wrote it, on the engine's stream; the copy is
-//!   queued behind the layer's compute, and an event is recorded after it.
+//!   after the forward pass queued it, naming the engine's stream. The copy
+//!   runs on the transfer's own save stream, which waits (on the GPU, the
+//!   host never blocks) for an event recorded on the engine's stream: the
+//!   copy starts once the layer is computed and never holds up the compute
+//!   queued after it. An event is recorded after the copy.
 //!   [`KvTransfer::save_done`] queries or waits for everything saved so
 //!   far; commit the slots once it returns true. The save event is
 //!   interprocess, so another engine can wait for it on its own stream
@@ -24,7 +27,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::copy::{CopyBackend, CopyError, Direction};
-use crate::cuda::{ipc, CudaDevice, CudaError, Event, HostRegistration, StreamRef};
+use crate::cuda::{ipc, CudaDevice, CudaError, Event, HostRegistration, Stream, StreamRef};
 use crate::layout::{KvLayout, LayoutError, Piece, PlanError};
 
 /// Transfer failures.
@@ -62,6 +65,12 @@ pub struct KvTransfer {
     pool: Option<Arc<HostRegistration>>,
     scratch: Vec<Piece>,
     save_event: Option<Event>,
+    /// Where saves run, so the copies overlap the engine's compute instead
+    /// of sitting between its kernels.
+    save_stream: Option<Stream>,
+    /// Recorded on the engine's stream before a save: the save stream waits
+    /// for it.
+    save_ready: Option<Event>,
     load_events: Vec<Event>,
 }
 
@@ -73,8 +82,8 @@ impl KvTransfer {
         device: Option<Arc<CudaDevice>>,
     ) -> Result<Self, TransferError> {
         layout.validate()?;
-        let (save_event, load_events) = if backend.is_synchronous() {
-            (None, Vec::new())
+        let (save_event, save_stream, save_ready, load_events) = if backend.is_synchronous() {
+            (None, None, None, Vec::new())
         } else {
             let d = device
                 .as_ref()
@@ -83,7 +92,12 @@ impl KvTransfer {
             let loads = (0..layout.num_segments())
                 .map(|_| Event::new(d))
                 .collect::<Result<Vec<_>, _>>()?;
-            (Some(save), loads)
+            (
+                Some(save),
+                Some(Stream::new(d)?),
+                Some(Event::new(d)?),
+                loads,
+            )
         };
         Ok(KvTransfer {
             layout,
@@ -92,6 +106,8 @@ impl KvTransfer {
             pool: None,
             scratch: Vec::new(),
             save_event,
+            save_stream,
+            save_ready,
             load_events,
         })
     }
@@ -141,9 +157,9 @@ impl KvTransfer {
         Ok(())
     }
 
-    /// Copies `segments` of `gpu_blocks[i]` into slot `slots[i]` on
-    /// `stream`, after the work already queued there, and records the save
-    /// event.
+    /// Copies `segments` of `gpu_blocks[i]` into slot `slots[i]` once the
+    /// work already queued on `stream` (the layer's compute) is done, on the
+    /// transfer's own save stream, and records the save event.
     ///
     /// # Safety
     /// `slots` are addresses of slots of [`KvLayout::slot_bytes`] this
@@ -159,16 +175,35 @@ impl KvTransfer {
         stream: StreamRef,
     ) -> Result<(), TransferError> {
         self.plan(gpu_blocks, slots, segments)?;
+        let on = match (&self.save_stream, &self.save_ready) {
+            (Some(side), Some(ready)) => {
+                ready.record(stream)?;
+                ready.wait_on(side.as_ref())?;
+                side.as_ref()
+            }
+            _ => stream,
+        };
         // SAFETY: the pieces come from a validated layout and in-range
         // block ids (plan checked them); the caller guarantees the memory.
         unsafe {
             self.backend
-                .copy(&self.scratch, Direction::DeviceToHost, stream)?
+                .copy(&self.scratch, Direction::DeviceToHost, on)?
         };
         if let Some(e) = &self.save_event {
-            e.record(stream)?;
+            e.record(on)?;
         }
         Ok(())
+    }
+
+    /// Makes `stream` wait (on the GPU) for every save queued so far. An
+    /// engine calls it before the next step's compute: saves run on their
+    /// own stream, and a block they still read must not be rewritten by a
+    /// later step (a block vLLM freed and handed to another request).
+    pub fn stream_wait_saves(&self, stream: StreamRef) -> Result<(), TransferError> {
+        match (&self.save_event, &self.save_stream) {
+            (Some(e), Some(_)) => e.wait_on(stream).map_err(Into::into),
+            _ => Ok(()),
+        }
     }
 
     /// True when every save queued so far has completed; with `wait`,

@@ -373,7 +373,7 @@ impl PyKvCache {
 impl PyKvCache {
     /// See `pegaflow/_native.pyi`.
     #[new]
-    #[pyo3(signature = (*, kind, order, segment_bases, num_layers, num_blocks, block_tokens, block_stride, kv_stride, piece_bytes, dtype_size, model, dtype, tp_size=1, tp_rank=None, namespace=None, name=None, socket=None, label=String::new(), backend="auto", device=None, keepalive=None))]
+    #[pyo3(signature = (*, kind, order, segment_bases, num_layers, num_blocks, block_tokens, block_stride, kv_stride, piece_bytes, dtype_size, model, dtype, tp_size=1, tp_rank=None, namespace=None, name=None, socket=None, label=String::new(), backend="auto", device=None, keepalive=None, reserve_wait=0.002))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -398,7 +398,13 @@ impl PyKvCache {
         backend: &str,
         device: Option<i32>,
         keepalive: Option<Py<PyAny>>,
+        reserve_wait: f64,
     ) -> PyResult<Self> {
+        if !(reserve_wait.is_finite() && (0.0..=10.0).contains(&reserve_wait)) {
+            return Err(ConfigError::new_err(format!(
+                "reserve_wait must be between 0 and 10 seconds, got {reserve_wait}"
+            )));
+        }
         let layout = KvLayout {
             kind: parse_kind(kind)?,
             order: parse_order(order)?,
@@ -444,6 +450,7 @@ impl PyKvCache {
         cfg.label = label;
         cfg.namespace = namespace;
         cfg.slot_bytes = layout.slot_bytes() as u64;
+        cfg.reserve_wait = std::time::Duration::from_secs_f64(reserve_wait);
         let core = py.detach(|| Engine::connect(cfg)).map_err(engine_err)?;
         let engine = Py::new(
             py,
@@ -744,6 +751,28 @@ impl PyKvCache {
     /// Loads in flight (not yet reported by `poll_loads`).
     fn pending_loads(&self) -> usize {
         self.lock().loads.len()
+    }
+
+    /// Makes `stream` (the forward pass's) wait on the GPU until the loads
+    /// of `layer` arrived; the host does not block. Layer-wise loading:
+    /// call it before the layer's attention reads its KV.
+    #[pyo3(signature = (layer, stream=0))]
+    fn stream_wait_layer(&self, layer: usize, stream: u64) -> PyResult<()> {
+        self.lock()
+            .transfer
+            .stream_wait_layer(layer, StreamRef(stream))
+            .map_err(transfer_err)
+    }
+
+    /// Makes `stream` wait on the GPU for every save queued so far (saves
+    /// run on their own stream): call it before a step's compute, so no
+    /// block is rewritten while a save still reads it.
+    #[pyo3(signature = (stream=0))]
+    fn fence_saves(&self, stream: u64) -> PyResult<()> {
+        self.lock()
+            .transfer
+            .stream_wait_saves(StreamRef(stream))
+            .map_err(transfer_err)
     }
 
     /// Blocks until the loads of `layer` arrived.

@@ -9,8 +9,9 @@
 //! * [`kernel::KernelBackend`]: a gather/scatter kernel over device-mapped
 //!   pinned memory. Gets full PCIe speed on small pieces, where the copy
 //!   engines pay a per-piece cost, at the price of some SM time.
-//! * [`AutoBackend`]: batched DMA for loads, the kernel for small saves,
-//!   DMA for large pieces either way.
+//! * [`AutoBackend`]: the copy engines whenever they can do the job well
+//!   (batched DMA), so the SMs stay with the engine's compute; the kernel
+//!   only where the driver has no batched DMA and pieces are small.
 //!
 //! Every backend passes the same [`conformance`] suite: the host backend in
 //! the unit tests here, the GPU backends in `tests/tests/gpu.rs` on a GPU
@@ -142,23 +143,25 @@ pub trait CopyBackend: Send + Sync + fmt::Debug {
 /// keeps the SMs free, so DMA from 256 KiB.
 pub const AUTO_DMA_THRESHOLD: usize = 256 << 10;
 
-/// Mean piece size at and above which [`AutoBackend`] loads (host to
-/// device) with batched DMA.
+/// Mean piece size at and above which [`AutoBackend`] copies with batched
+/// DMA.
 ///
 /// Measured on the H200 through the connector (docs/benchmarks.md): at
 /// 32-64 KiB pieces batched DMA loads at 97-98% of the copy ceiling where the
-/// kernel reaches 91%, and it leaves the SMs to the forward pass the load
-/// overlaps with. Saves stay on the kernel below [`AUTO_DMA_THRESHOLD`]:
-/// batched device-to-host DMA of small pieces is far slower there.
+/// kernel reaches 91%. Device-to-host batched DMA of such pieces is slower
+/// in isolation (34-40 GB/s against the kernel's 52), but saves run on their
+/// own stream, overlapped with the forward pass, where the kernel's SM time
+/// would slow the compute (a cold 10K-token prefill took 3.5-4% longer with
+/// kernel saves inside a real vLLM): the engine's user sees the compute,
+/// not the save.
 pub const AUTO_DMA_LOAD_THRESHOLD: usize = 32 << 10;
 
-/// The choice is made per call from the direction, the mean piece length
-/// after coalescing and whether loads are in flight: large pieces go to DMA;
-/// small loads to batched DMA when the driver has `cuMemcpyBatchAsync`; small
-/// saves to the kernel, except while loads are in flight, when they go to
-/// batched DMA too. Measured on the H200 (docs/benchmarks.md): saving with
-/// the kernel while loading with DMA reaches only 55% of the bidirectional
-/// ceiling, DMA both ways 92%, the kernel both ways 69%.
+/// The choice is made per call from the mean piece length after
+/// coalescing: batched DMA when the driver has `cuMemcpyBatchAsync` and
+/// pieces are at least [`AUTO_DMA_LOAD_THRESHOLD`], plain DMA for pieces of
+/// [`AUTO_DMA_THRESHOLD`] and more, the kernel otherwise. Measured on the
+/// H200 (docs/benchmarks.md): DMA both ways reaches 92% of the
+/// bidirectional ceiling, the kernel both ways 69%.
 #[derive(Debug)]
 pub struct AutoBackend {
     dma: dma::DmaBackend,
@@ -181,56 +184,19 @@ impl AutoBackend {
         self
     }
 
-    /// Which backend a call with these pieces would use.
-    pub fn choose(&self, pieces: &[Piece], dir: Direction) -> CopyBackendKind {
+    /// Which backend a call with these pieces would use (both directions
+    /// choose alike; see [`AUTO_DMA_LOAD_THRESHOLD`]).
+    pub fn choose(&self, pieces: &[Piece], _dir: Direction) -> CopyBackendKind {
         if pieces.is_empty() {
             return CopyBackendKind::Dma;
         }
         let mean = pieces.iter().map(|p| p.len).sum::<usize>() / pieces.len();
         let batched = self.dma.batch_api().is_some() && mean >= AUTO_DMA_LOAD_THRESHOLD;
-        let small_dma = match dir {
-            Direction::HostToDevice => batched,
-            Direction::DeviceToHost => batched && link::loads_in_flight(),
-        };
-        if mean >= self.threshold || small_dma {
+        if mean >= self.threshold || batched {
             CopyBackendKind::Dma
         } else {
             CopyBackendKind::Kernel
         }
-    }
-}
-
-/// A process-wide estimate of when the loads issued so far will be done.
-/// Copies are asynchronous, so the backend cannot see them finish; it
-/// assumes they drain at [`link::LOAD_RATE`] from when they were issued.
-/// All transfers of a process share the GPU's link, hence one estimate.
-pub mod link {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    use std::time::Instant;
-
-    /// Bytes per second a load is assumed to drain at (a little under the
-    /// H200's 55 GB/s, so the estimate errs towards "still busy").
-    pub const LOAD_RATE: f64 = 45e9;
-
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    static LOADS_BUSY_UNTIL_NS: AtomicU64 = AtomicU64::new(0);
-
-    fn now_ns() -> u64 {
-        BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
-    }
-
-    /// A load of `bytes` was just issued.
-    pub fn note_load(bytes: usize) {
-        let now = now_ns();
-        let cur = LOADS_BUSY_UNTIL_NS.load(Ordering::Relaxed).max(now);
-        let until = cur + (bytes as f64 / LOAD_RATE * 1e9) as u64;
-        LOADS_BUSY_UNTIL_NS.fetch_max(until, Ordering::Relaxed);
-    }
-
-    /// Whether issued loads are probably still moving.
-    pub fn loads_in_flight() -> bool {
-        now_ns() < LOADS_BUSY_UNTIL_NS.load(Ordering::Relaxed)
     }
 }
 
@@ -250,9 +216,6 @@ impl CopyBackend for AutoBackend {
         dir: Direction,
         stream: StreamRef,
     ) -> Result<(), CopyError> {
-        if dir == Direction::HostToDevice {
-            link::note_load(pieces.iter().map(|p| p.len).sum());
-        }
         match self.choose(pieces, dir) {
             // SAFETY: forwarded contract, identical for both backends.
             CopyBackendKind::Kernel => unsafe { self.kernel.copy(pieces, dir, stream) },
@@ -350,22 +313,5 @@ mod tests {
             check_aligned(CopyBackendKind::Dma, &[ok, bad]),
             Err(CopyError::Misaligned { index: 1, .. })
         ));
-    }
-}
-
-#[cfg(test)]
-mod link_tests {
-    use super::link;
-
-    #[test]
-    fn issued_loads_keep_the_link_busy_for_their_drain_time() {
-        // 4.5 MB drains in ~0.1 ms at LOAD_RATE; 45 MB in ~1 ms.
-        link::note_load(45_000_000);
-        assert!(link::loads_in_flight());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(
-            !link::loads_in_flight(),
-            "a drained load must not count as in flight"
-        );
     }
 }

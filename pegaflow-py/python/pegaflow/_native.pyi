@@ -93,7 +93,10 @@ class KvCache:
         backend: str = "auto",
         device: Optional[int] = None,
         keepalive: Any = None,
-    ) -> None: ...
+        reserve_wait: float = 0.002,
+    ) -> None:
+        """``reserve_wait``: the longest a save waits (GIL released) for the
+        owner to refill a short stash before the rest of the save is dropped."""
     @property
     def engine(self) -> Engine: ...
     @property
@@ -140,6 +143,11 @@ class KvCache:
         a failed block changed under the copy and must be recomputed."""
     def pending_loads(self) -> int: ...
     def wait_layer(self, layer: int) -> None: ...
+    def stream_wait_layer(self, layer: int, stream: int = 0) -> None:
+        """Make ``stream`` wait on the GPU (host not blocked) for ``layer``'s loads."""
+    def fence_saves(self, stream: int = 0) -> None:
+        """Make ``stream`` wait on the GPU for every save queued so far (call
+        before a step's compute: saves run on their own stream)."""
     def layer_ready(self, layer: int) -> bool: ...
 
 def namespace_fingerprint(
