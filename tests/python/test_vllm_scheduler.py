@@ -129,7 +129,7 @@ def test_repeated_lookup_has_no_side_effects(tiny_model_dir, owner):
     assert first == (3 * BLOCK, True)
     # vLLM never scheduled it: finishing releases the pins
     assert conn.request_finished(r, []) == (False, None)
-    assert not conn._reqs
+    assert not conn.scheduler_side._reqs
 
 
 def test_abort_while_loading_releases_everything(tiny_model_dir, owner):
@@ -164,7 +164,7 @@ def test_abort_while_loading_releases_everything(tiny_model_dir, owner):
     step(b)
     assert "b1" not in b.scheduler.requests
     assert b.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free0
-    assert not b.connector._reqs and not b.connector._loading
+    assert not b.connector.scheduler_side._reqs and not b.connector.scheduler_side._loading
 
 
 def test_request_finishing_while_its_save_is_in_flight(tiny_model_dir, owner):
