@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pegaflow.connector.keys import request_keys
 from vllm_harness import (
     BLOCK,
     make_instance,
@@ -29,7 +30,7 @@ def wait_ready(*insts, timeout=5.0):
 
 def wait_hits(inst, prompt_req, n_blocks, timeout=5.0):
     conn = inst.connector
-    hashes = [bytes(h) for h in prompt_req.block_hashes][:n_blocks]
+    hashes = request_keys(prompt_req, BLOCK, n_blocks)
     deadline = time.monotonic() + timeout
     while min(conn.engine.count_hits(ns, hashes) for ns in conn.namespaces) < n_blocks:
         assert time.monotonic() < deadline, "saved blocks never became visible"

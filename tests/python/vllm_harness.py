@@ -251,7 +251,10 @@ def make_instance(
 _hasher_ready = False
 
 
-def make_request(req_id: str, prompt: list[int], max_tokens: int = 4) -> Request:
+def make_request(req_id: str, prompt: list[int], max_tokens: int = 4, **extra: Any) -> Request:
+    """A vLLM Request with vLLM's own block hasher (sha256, as vLLM's
+    default); ``extra``: Request arguments such as cache_salt, lora_request,
+    mm_features."""
     global _hasher_ready
     if not _hasher_ready:
         init_none_hash(sha256)
@@ -264,6 +267,7 @@ def make_request(req_id: str, prompt: list[int], max_tokens: int = 4) -> Request
         sampling_params=sp,
         pooling_params=None,
         block_hasher=get_request_block_hasher(BLOCK, sha256),
+        **extra,
     )
 
 

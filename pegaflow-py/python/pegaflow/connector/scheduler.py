@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from pegaflow import _native
 from pegaflow.config import PegaflowConfig
-from pegaflow.connector.keys import request_keys
+from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from pegaflow.exceptions import PegaflowError
 
@@ -46,6 +46,8 @@ class ReqState:
     """What the scheduler side remembers about one request."""
 
     request: "Request"
+    #: the request's block keys, computed as its blocks fill
+    keys: KeyChain
     block_ids: list[int] = field(default_factory=list)
     #: blocks [0, saved) are in the pool (hit, loaded or saved already)
     saved: int = 0
@@ -79,7 +81,7 @@ class SchedulerSide:
     def _state(self, request: "Request") -> ReqState:
         st = self._reqs.get(request.request_id)
         if st is None:
-            st = ReqState(request=request)
+            st = ReqState(request=request, keys=KeyChain(request, self.block_size))
             self._reqs[request.request_id] = st
         return st
 
@@ -99,10 +101,9 @@ class SchedulerSide:
         try:
             st = self._state(request)
             if st.pins is None:
-                hashes = request_keys(request)
                 # Never the whole prompt: vLLM must compute at least one token.
                 max_blocks = max(0, (request.num_tokens - 1) // self.block_size + 1)
-                hashes = hashes[:max_blocks]
+                hashes = st.keys.upto(max_blocks)
                 local = num_computed_tokens // self.block_size
                 if len(hashes) <= local or not self.engine.is_connected():
                     return 0, False
@@ -191,7 +192,7 @@ class SchedulerSide:
 
     def _plan_save(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
         full = min(computed // self.block_size, len(st.block_ids))
-        hashes = request_keys(st.request, full)
+        hashes = st.keys.upto(full)
         full = min(full, len(hashes))
         if full <= st.saved:
             return
