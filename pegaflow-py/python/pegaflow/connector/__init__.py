@@ -17,6 +17,10 @@ This class is only the face vLLM sees; the work is done by the role objects:
 * :mod:`.namespace`: the KV shape and the namespaces both sides compute;
 * :mod:`.keys`: the block keys.
 
+At start-up vLLM passes each worker's :class:`PegaHandshake` (its TP rank
+and namespace) to the scheduler, which looks blocks up under exactly those
+namespaces and refuses to start when a rank is wrong or missing.
+
 When the owner is down, lookups miss and saves are skipped (counted); a load
 in flight that cannot reach its slots is reported through
 ``get_block_ids_with_load_errors`` (vLLM recomputes those blocks with
@@ -37,11 +41,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pegaflow.config import PegaflowConfig
-from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
+from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from pegaflow.connector.namespace import (
     SUPPORTED_VLLM,
     KvShape,
     kv_shape,
+    layout_tag,
     namespaces_for,
     vllm_version,
     worker_tp_rank,
@@ -69,6 +74,7 @@ __all__ = [
     "PegaConnectorMetadata",
     "LoadSpec",
     "SaveSpec",
+    "PegaHandshake",
     "KvShape",
     "namespaces_for",
     "register",
@@ -105,7 +111,8 @@ class PegaKVConnector(KVConnectorBase_V1):
             )
         self.shape = kv_shape(kv_cache_config)
         self.block_size = self.shape.block_size
-        self.namespaces = namespaces_for(vllm_config, self.shape, self.cfg.model_id)
+        layout = layout_tag(vllm_config, kv_cache_config)
+        namespaces = namespaces_for(vllm_config, self.shape, self.cfg.model_id, kv_cache_config)
         self.is_mla = self.shape.is_mla
         if getattr(ktc, "kv_load_failure_policy", "recompute") == "fail":
             logger.warning(
@@ -114,11 +121,24 @@ class PegaKVConnector(KVConnectorBase_V1):
             )
         self.scheduler_side: Optional[SchedulerSide] = None
         self.worker_side: Optional[WorkerSide] = None
+        self._namespaces = namespaces
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(self.cfg, self.block_size, self.namespaces)
+            self.scheduler_side = SchedulerSide(
+                self.cfg,
+                self.block_size,
+                namespaces,
+                tp_size=int(vllm_config.parallel_config.tensor_parallel_size),
+                is_mla=self.is_mla,
+                layout=layout,
+            )
         else:
             self.worker_side = WorkerSide(
-                self.cfg, self.shape, kv_cache_config, self.namespaces, worker_tp_rank(vllm_config)
+                self.cfg,
+                self.shape,
+                kv_cache_config,
+                namespaces,
+                worker_tp_rank(vllm_config),
+                layout,
             )
 
     # Handles of the role objects (tests, debugging).
@@ -134,6 +154,13 @@ class PegaKVConnector(KVConnectorBase_V1):
         if self.worker_side is None:
             raise RuntimeError("a worker-side method was called on a scheduler-role connector")
         return self.worker_side
+
+    @property
+    def namespaces(self) -> list[int]:
+        """Each TP rank's namespace (MLA: one), as the scheduler looks them up."""
+        if self.scheduler_side is not None:
+            return self.scheduler_side.namespaces
+        return self._namespaces
 
     @property
     def engine(self) -> Any:
@@ -177,6 +204,21 @@ class PegaKVConnector(KVConnectorBase_V1):
     ) -> tuple[bool, Optional[dict[str, Any]]]:
         return self._sched.request_finished(request, block_ids)
 
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        """vLLM hands over what each worker's connector sent, keyed by TP rank."""
+        self._sched.adopt_worker_namespaces(metadata)
+
+    def set_xfer_handshake_metadata_pp_aware(self, metadata: dict[tuple[int, int], Any]) -> None:
+        # (another connector's handshakes, under MultiConnector, may come
+        # from any stage; only ours say this connector runs in a stage > 0)
+        if any(pp != 0 and isinstance(m, PegaHandshake) for (pp, _tp), m in metadata.items()):
+            raise ConfigError(
+                "PegaKVConnector does not support pipeline parallelism "
+                "(pipeline_parallel_size > 1): its namespaces do not tell pipeline stages "
+                "apart. Run with tensor parallelism only, or without the connector."
+            )
+        self.set_xfer_handshake_metadata({tp: m for (pp, tp), m in metadata.items() if pp == 0})
+
     def get_scheduler_stats(self) -> dict[str, Any]:
         """Counters of the scheduler's owner client (tests, debugging)."""
         return self._sched.stats()
@@ -188,6 +230,10 @@ class PegaKVConnector(KVConnectorBase_V1):
             return None
         meta = self._get_connector_metadata()
         return meta if isinstance(meta, PegaConnectorMetadata) else None
+
+    def get_handshake_metadata(self) -> Optional[PegaHandshake]:
+        """Sent once to the scheduler: this worker's rank and namespace."""
+        return self._worker.handshake()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)

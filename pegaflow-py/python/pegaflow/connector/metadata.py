@@ -1,4 +1,4 @@
-"""What the scheduler tells the workers each step.
+"""What the scheduler and the workers tell each other.
 
 vLLM pickles one :class:`PegaConnectorMetadata` per step from the scheduler
 process to every worker (``build_connector_meta`` -> ``bind_connector_metadata``),
@@ -11,13 +11,21 @@ Invariants:
   MLA caches have one list, shared by all ranks.
 * ``SaveSpec.hashes[i]`` is the block key of ``SaveSpec.block_ids[i]``; every
   rank saves the same keys under its own namespace.
+
+Once at start-up, each worker sends the scheduler a :class:`PegaHandshake`
+(vLLM's ``get_handshake_metadata`` -> ``set_xfer_handshake_metadata``, keyed
+by vLLM's own TP rank of that worker): the namespace the worker saves
+under. The scheduler looks blocks up under exactly those namespaces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+)
 
 
 @dataclass
@@ -46,3 +54,15 @@ class PegaConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PegaHandshake(KVConnectorHandshakeMetadata):
+    """A worker's identity, sent to the scheduler once at start-up."""
+
+    #: the TP rank the worker believes it has (vLLM keys the message by its own)
+    tp_rank: int
+    #: the namespace the worker saves under
+    namespace: int
+    #: the KV layout tag that went into the namespace (for error messages)
+    layout: str

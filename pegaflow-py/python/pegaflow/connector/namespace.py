@@ -2,21 +2,23 @@
 
 A namespace is a 64-bit fingerprint of everything that changes a block's
 bytes (model, dtype, layout, block size, layers, tensor-parallel size and
-rank; see ``_native.namespace_fingerprint``). The scheduler computes every
-rank's namespace to look blocks up; each worker computes its own to save and
-load. Both must compute it from the same inputs, so everything here is a
-function of vLLM's config and ``KVCacheConfig`` only.
+rank; see ``_native.namespace_fingerprint``). Each worker computes its own
+to save and load; the scheduler computes every rank's to look blocks up,
+then replaces them by what the workers report at start-up (the handshake,
+see :mod:`.metadata`), so a difference between processes cannot make every
+lookup miss. Everything here is a function of vLLM's config and
+``KVCacheConfig``, not of process state, so the two normally agree anyway.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from pegaflow import _native
-from pegaflow.exceptions import LayoutError
+from pegaflow.exceptions import ConfigError, LayoutError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
@@ -80,22 +82,69 @@ def kv_shape(kv_cache_config: "KVCacheConfig") -> KvShape:
     )
 
 
-def layout_tag(vllm_config: "VllmConfig") -> str:
-    """What decides the byte order inside a block, as this vLLM resolves it."""
-    cc = vllm_config.cache_config
-    tag = getattr(cc, "kv_cache_layout", None)
-    if tag is None:
-        try:  # vLLM 0.2x: one global NHD/HND switch
-            from vllm.v1.attention.backends.utils import get_kv_cache_layout
+def layout_tag(
+    vllm_config: "VllmConfig", kv_cache_config: "Optional[KVCacheConfig]" = None
+) -> str:
+    """What decides the byte order inside a block, as this vLLM resolves it.
 
-            tag = get_kv_cache_layout()
-        except Exception:  # noqa: BLE001 - older/newer vLLM or uninitialized
-            tag = None
+    vLLM 0.3x resolves the layout once, in the engine core, and hands it to
+    the scheduler and every worker (``KVCacheConfig.kv_cache_layout``,
+    ``CacheConfig.kv_cache_layout``). vLLM 0.2x has one process-global
+    NHD/HND switch whose lookup (``get_kv_cache_layout``) depends on the
+    process: it raises outside a worker's config context and caches its
+    first answer. Its inputs are read here directly instead, so a scheduler
+    and a worker in different processes (tensor parallelism) agree. Only an
+    attention backend that forces a layout in the worker (vLLM 0.25's CPU
+    backend, FlashInfer on Blackwell) can still make them differ; the
+    workers' handshake settles that (``SchedulerSide.adopt_worker_namespaces``).
+    """
+    tag = getattr(kv_cache_config, "kv_cache_layout", None)
+    cc = vllm_config.cache_config
+    if tag is None:
+        tag = getattr(cc, "kv_cache_layout", None)
+    if tag is None and not hasattr(cc, "kv_cache_layout"):
+        tag = _layout_tag_02x(vllm_config)
     return str(tag or "default")
 
 
+def _layout_tag_02x(vllm_config: "VllmConfig") -> Optional[str]:
+    # vLLM 0.2x get_kv_cache_layout(), minus its process-dependent parts:
+    # a backend's override (set in this process only), the environment,
+    # what the configured connector requires, else NHD.
+    try:
+        from vllm.v1.attention.backends import utils as attn_utils
+    except ImportError:  # pragma: no cover - a vLLM without it
+        return None
+    override = getattr(attn_utils, "_KV_CACHE_LAYOUT_OVERRIDE", None)
+    if override is not None:
+        return str(override)
+    try:
+        import vllm.envs as envs
+
+        env = envs.VLLM_KV_CACHE_LAYOUT
+    except (ImportError, AttributeError):  # pragma: no cover
+        env = None
+    if env:
+        return str(env)
+    ktc = vllm_config.kv_transfer_config
+    if ktc is not None:
+        try:
+            from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+            cls = KVConnectorFactory.get_connector_class(ktc)
+            required = cls.get_required_kvcache_layout(vllm_config)
+        except Exception:  # noqa: BLE001 - an unregistered or broken connector
+            required = None
+        if required is not None:
+            return str(required)
+    return "NHD"
+
+
 def namespaces_for(
-    vllm_config: "VllmConfig", shape: KvShape, model_id: Optional[str]
+    vllm_config: "VllmConfig",
+    shape: KvShape,
+    model_id: Optional[str],
+    kv_cache_config: "Optional[KVCacheConfig]" = None,
 ) -> list[int]:
     """The namespace of each TP rank (MLA: one, shared by all ranks)."""
     tp = int(vllm_config.parallel_config.tensor_parallel_size)
@@ -103,7 +152,7 @@ def namespaces_for(
     major, minor = vllm_version()
     # The vLLM minor version is part of the format: its KV layouts change
     # between releases, and a wrong guess would load garbage.
-    fmt = f"{shape.dtype}|vllm{major}.{minor}|{layout_tag(vllm_config)}"
+    fmt = f"{shape.dtype}|vllm{major}.{minor}|{layout_tag(vllm_config, kv_cache_config)}"
     common = dict(
         model=model,
         dtype=fmt,
@@ -122,11 +171,45 @@ def namespaces_for(
 
 
 def worker_tp_rank(vllm_config: "VllmConfig") -> int:
-    """This worker's tensor-parallel rank."""
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+    """This worker's tensor-parallel rank.
 
-        return int(get_tensor_model_parallel_rank())
-    except Exception:  # noqa: BLE001 - not initialized (tests, single process)
-        pc = vllm_config.parallel_config
-        return int(getattr(pc, "rank", 0)) % max(1, int(pc.tensor_parallel_size))
+    In a vLLM worker the TP group is initialized before the connector is
+    built (vLLM 0.25 and 0.32 even broadcast over it first), and its
+    ``rank_in_group`` is the rank vLLM itself uses. Without a TP group (a
+    process that is not a vLLM worker: tests, tools) the rank vLLM's
+    ``Worker`` writes into ``parallel_config.rank`` is used. Either way an
+    impossible value is an error, never a silent rank 0; the scheduler then
+    checks each worker's rank against vLLM's (``adopt_worker_namespaces``).
+    """
+    pc = vllm_config.parallel_config
+    tp = int(pc.tensor_parallel_size)
+    group = _tp_group()
+    if group is not None:
+        world, rank = int(group.world_size), int(group.rank_in_group)
+        if world != tp or not 0 <= rank < tp:
+            raise ConfigError(
+                f"vLLM's tensor-parallel group has rank {rank} of {world} but "
+                f"tensor_parallel_size is {tp}; PegaFlow cannot tell which shard this "
+                "worker holds (a vLLM bug or an unsupported parallel setup)"
+            )
+        return rank
+    rank = getattr(pc, "rank", None)
+    world = int(getattr(pc, "world_size", tp) or tp)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < max(world, tp):
+        raise ConfigError(
+            f"PegaKVConnector worker: no tensor-parallel group and parallel_config.rank is "
+            f"{rank!r} (world size {world}); build worker connectors in a vLLM worker, or set "
+            "parallel_config.rank to this worker's rank"
+        )
+    return rank % tp
+
+
+def _tp_group() -> Any:
+    """vLLM's TP group in this process, or None when it has none."""
+    try:
+        from vllm.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
+    except ImportError:  # pragma: no cover - a vLLM without them
+        return None
+    if not model_parallel_is_initialized():
+        return None
+    return get_tp_group()

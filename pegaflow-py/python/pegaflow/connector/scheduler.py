@@ -14,6 +14,11 @@ KV tensors. Per request:
 * ``request_finished``: keeps the blocks of a request that had saves until
   every worker reported them done (``finished_sending``).
 
+Before the first request, ``adopt_worker_namespaces`` replaces the
+namespaces the scheduler computed from the config by those the workers
+report (vLLM hands them over once at start-up); the TP rank each worker
+reports must be the one vLLM gave it.
+
 Invariants: a request's pins are taken once and released exactly once
 (when its load finished, when vLLM decides not to load, or when it finishes
 without a load in flight); blocks ``[0, saved)`` of a request are never
@@ -29,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from pegaflow import _native
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.keys import KeyChain
-from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
-from pegaflow.exceptions import PegaflowError
+from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
+from pegaflow.exceptions import ConfigError, PegaflowError
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -63,10 +68,22 @@ class ReqState:
 class SchedulerSide:
     """Scheduler-role state of one vLLM instance."""
 
-    def __init__(self, cfg: PegaflowConfig, block_size: int, namespaces: list[int]):
+    def __init__(
+        self,
+        cfg: PegaflowConfig,
+        block_size: int,
+        namespaces: list[int],
+        tp_size: int,
+        is_mla: bool,
+        layout: str,
+    ):
         self.cfg = cfg
         self.block_size = block_size
+        #: per TP rank (MLA: one for all), from the config until the workers report
         self.namespaces = namespaces
+        self.tp_size = tp_size
+        self.is_mla = is_mla
+        self.layout = layout
         self.engine = _native.Engine(
             name=cfg.name,
             socket=cfg.socket,
@@ -77,6 +94,55 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         #: req_id -> pins to release once its load reported finished
         self._loading: dict[str, ReqState] = {}
+
+    def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
+        """Look blocks up under the namespaces the workers save under.
+
+        ``metadata``: vLLM's TP rank of each worker -> what its connector
+        sent (:class:`PegaHandshake`). Raises :class:`ConfigError` when a
+        rank is missing, reported twice, or not the one vLLM gave the worker:
+        the lookups could never match the saves.
+        """
+        ours = {int(r): m for r, m in metadata.items() if isinstance(m, PegaHandshake)}
+        if not ours:
+            # Another connector's handshake (MultiConnector hands every
+            # sub-connector the first one); keep the config's namespaces.
+            return
+        ranks = sorted(ours)
+        if ranks != list(range(self.tp_size)):
+            raise ConfigError(
+                f"PegaFlow heard from workers of TP ranks {ranks} but tensor_parallel_size is "
+                f"{self.tp_size}; every rank's worker must load the PegaKVConnector"
+            )
+        for r, m in ours.items():
+            if m.tp_rank != r:
+                raise ConfigError(
+                    f"the vLLM worker of TP rank {r} built its PegaFlow connector as rank "
+                    f"{m.tp_rank}: it would save rank {m.tp_rank}'s namespace and no lookup "
+                    "would ever match; this is a bug, please report it"
+                )
+        if self.is_mla:
+            found = {m.namespace for m in ours.values()}
+            if len(found) != 1:
+                raise ConfigError(
+                    f"MLA workers disagree on the shared namespace: {sorted(found)} "
+                    f"(KV layouts {sorted({m.layout for m in ours.values()})})"
+                )
+            namespaces = [found.pop()]
+        else:
+            namespaces = [ours[r].namespace for r in range(self.tp_size)]
+            if len(set(namespaces)) != len(namespaces):
+                raise ConfigError(
+                    f"two TP ranks' workers save under the same namespace ({namespaces}); "
+                    "this is a bug, please report it"
+                )
+        if namespaces != self.namespaces:
+            logger.info(
+                "PegaFlow looks blocks up under the workers' namespaces (their KV layout %s; "
+                "the config said %s)",
+                sorted({m.layout for m in ours.values()}), self.layout,
+            )
+        self.namespaces = namespaces
 
     def _state(self, request: "Request") -> ReqState:
         st = self._reqs.get(request.request_id)

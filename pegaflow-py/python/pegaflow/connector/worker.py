@@ -30,7 +30,7 @@ import torch
 
 from pegaflow import _native
 from pegaflow.config import PegaflowConfig
-from pegaflow.connector.metadata import PegaConnectorMetadata
+from pegaflow.connector.metadata import PegaConnectorMetadata, PegaHandshake
 from pegaflow.connector.namespace import KvShape
 from pegaflow.exceptions import LayoutError, PegaflowError
 from pegaflow.tensors import describe_kv_tensors
@@ -51,6 +51,7 @@ class WorkerSide:
         kv_cache_config: "KVCacheConfig",
         namespaces: list[int],
         tp_rank: int,
+        layout: str,
     ):
         self.cfg = cfg
         self.shape = shape
@@ -59,6 +60,7 @@ class WorkerSide:
         self.tp_rank = tp_rank
         self.rank_index = 0 if shape.is_mla else tp_rank
         self.namespace = namespaces[self.rank_index]
+        self.layout = layout
         self.kv: Optional[_native.KvCache] = None
         self.layer_index: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -74,6 +76,10 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._load_stream: Any = None
         self._device_is_cuda = False
+
+    def handshake(self) -> PegaHandshake:
+        """What the scheduler must know about this worker (sent once)."""
+        return PegaHandshake(tp_rank=self.tp_rank, namespace=self.namespace, layout=self.layout)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = list(kv_caches)
