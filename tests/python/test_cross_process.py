@@ -18,7 +18,7 @@ from vllm_harness import BLOCK
 HERE = Path(__file__).resolve().parent
 
 
-def run_child(owner, model_dir, role, seed, *args):
+def start_child(owner, model_dir, role, seed, *args) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("PYTHONHASHSEED", None)
     if seed is not None:
@@ -26,20 +26,27 @@ def run_child(owner, model_dir, role, seed, *args):
     env["PYTHONPATH"] = os.pathsep.join(
         [str(HERE)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
-    p = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(HERE / "xproc_child.py"), role, owner.name, owner.socket,
          model_dir, *args],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert p.returncode == 0, f"{role} process failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def result(p: subprocess.Popen, what: str) -> dict:
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 0, f"{what} process failed:\n{out[-2000:]}\n{err[-4000:]}"
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_second_process_hits_what_the_first_saved(tiny_model_dir, owner):
-    saved = run_child(owner, tiny_model_dir, "save", "1")
-    for seed in ("2", None):
-        # (a salt of its own: the first load process saves what it computed)
-        got = run_child(owner, tiny_model_dir, "load", seed, f"tenant-2-{seed}")
+    saved = result(start_child(owner, tiny_model_dir, "save", "1"), "save")
+    # two more vLLM processes at once, one with another seed, one with none;
+    # each asks for the salted prompt under a salt of its own too
+    seeds = ("2", None)
+    loads = [start_child(owner, tiny_model_dir, "load", s, f"tenant-2-{s}") for s in seeds]
+    for seed, p in zip(seeds, loads):
+        got = result(p, f"load (PYTHONHASHSEED={seed})")
         # the processes really disagree on vLLM's own block hashes ...
         assert got["vllm_hash0"]["plain"] != saved["vllm_hash0"]["plain"]
         # ... and still share the cache: 3 full blocks loaded, byte-exact
