@@ -3,12 +3,14 @@
 //!
 //! - [`engine`]: the client of the owner (lookups, pins, saves, releases
 //!   through shared memory; reconnects by itself);
+//! - [`keys`]: block keys derived from content (the same in every process);
 //! - [`layout`], [`copy`], [`transfer`], [`cuda`]: the data path between an
 //!   engine's KV cache (GPU or host) and the pool.
 pub mod copy;
 pub mod cuda;
 pub mod engine;
 pub mod error;
+pub mod keys;
 pub mod layout;
 mod session;
 pub mod transfer;

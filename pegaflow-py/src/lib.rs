@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use pegaflow_core::{Engine, EngineConfig, Pinned};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use errors::{engine_err, ConfigError};
 
@@ -261,6 +261,36 @@ fn init_logging() {
     });
 }
 
+/// Block keys of `token_ids` (see `pegaflow_core::keys` for the byte
+/// format): one 32-byte key per full block, chained from `parent`.
+#[pyfunction]
+#[pyo3(signature = (parent, token_ids, block_size, extra=None))]
+fn chain_keys<'py>(
+    py: Python<'py>,
+    parent: Option<Bound<'py, PyBytes>>,
+    token_ids: Vec<u32>,
+    block_size: usize,
+    extra: Option<Vec<Option<Bound<'py, PyBytes>>>>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let parent: Option<[u8; 32]> = match &parent {
+        None => None,
+        Some(p) => Some(p.as_bytes().try_into().map_err(|_| {
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "parent key has {} bytes; block keys are 32",
+                p.as_bytes().len()
+            ))
+        })?),
+    };
+    let extra: Vec<Option<&[u8]>> = extra
+        .iter()
+        .flatten()
+        .map(|e| e.as_ref().map(|b| b.as_bytes()))
+        .collect();
+    let keys = pegaflow_core::keys::chain_keys(parent.as_ref(), &token_ids, block_size, &extra)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    Ok(keys.iter().map(|k| PyBytes::new(py, k)).collect())
+}
+
 /// Whether a CUDA driver can be loaded in this process.
 #[pyfunction]
 fn cuda_driver_present() -> bool {
@@ -275,6 +305,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kv_cache::PyKvCache>()?;
     m.add_function(wrap_pyfunction!(kv_cache::namespace_fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
+    m.add_function(wrap_pyfunction!(chain_keys, m)?)?;
     errors::register(m)?;
     Ok(())
 }

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pegaflow.connector.keys import request_keys
 from vllm_harness import (
     BLOCK,
     make_instance,
@@ -29,7 +30,7 @@ def wait_ready(*insts, timeout=5.0):
 
 def wait_hits(inst, prompt_req, n_blocks, timeout=5.0):
     conn = inst.connector
-    hashes = [bytes(h) for h in prompt_req.block_hashes][:n_blocks]
+    hashes = request_keys(prompt_req, BLOCK, n_blocks)
     deadline = time.monotonic() + timeout
     while min(conn.engine.count_hits(ns, hashes) for ns in conn.namespaces) < n_blocks:
         assert time.monotonic() < deadline, "saved blocks never became visible"
@@ -129,7 +130,7 @@ def test_repeated_lookup_has_no_side_effects(tiny_model_dir, owner):
     assert first == (3 * BLOCK, True)
     # vLLM never scheduled it: finishing releases the pins
     assert conn.request_finished(r, []) == (False, None)
-    assert not conn._reqs
+    assert not conn.scheduler_side._reqs
 
 
 def test_abort_while_loading_releases_everything(tiny_model_dir, owner):
@@ -164,7 +165,7 @@ def test_abort_while_loading_releases_everything(tiny_model_dir, owner):
     step(b)
     assert "b1" not in b.scheduler.requests
     assert b.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free0
-    assert not b.connector._reqs and not b.connector._loading
+    assert not b.connector.scheduler_side._reqs and not b.connector.scheduler_side._loading
 
 
 def test_request_finishing_while_its_save_is_in_flight(tiny_model_dir, owner):

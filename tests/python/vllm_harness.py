@@ -222,7 +222,14 @@ class Instance:
 
 
 def make_instance(
-    model_dir: str, owner: Any, *, tp: int = 1, num_blocks: int = 64, layout: str = "LBHNC", **kw
+    model_dir: str,
+    owner: Any,
+    *,
+    tp: int = 1,
+    num_blocks: int = 64,
+    layout: str = "LBHNC",
+    handshake: bool = True,
+    **kw,
 ) -> Instance:
     vc = make_vllm_config(model_dir, owner, tp=tp, num_blocks=num_blocks, **kw)
     if VLLM_MINOR >= (0, 30):
@@ -245,13 +252,22 @@ def make_instance(
         kvs.append(kv)
         fwd.append(FakeForward(kv, r))
     vc.parallel_config.rank = 0
+    if handshake:
+        # vLLM's EngineCore, once the workers registered their caches:
+        # each worker's handshake, keyed by (pp_rank, vLLM's tp_rank)
+        sched.connector.set_xfer_handshake_metadata_pp_aware(
+            {(0, r): w.get_handshake_metadata() for r, w in enumerate(workers)}
+        )
     return Instance(vc, sched, workers, fwd, kvs)
 
 
 _hasher_ready = False
 
 
-def make_request(req_id: str, prompt: list[int], max_tokens: int = 4) -> Request:
+def make_request(req_id: str, prompt: list[int], max_tokens: int = 4, **extra: Any) -> Request:
+    """A vLLM Request with vLLM's own block hasher (sha256, as vLLM's
+    default); ``extra``: Request arguments such as cache_salt, lora_request,
+    mm_features."""
     global _hasher_ready
     if not _hasher_ready:
         init_none_hash(sha256)
@@ -264,6 +280,7 @@ def make_request(req_id: str, prompt: list[int], max_tokens: int = 4) -> Request
         sampling_params=sp,
         pooling_params=None,
         block_hasher=get_request_block_hasher(BLOCK, sha256),
+        **extra,
     )
 
 

@@ -10,6 +10,7 @@ Public API::
     KvCache                an engine's KV cache bound to the pool (save / load)
     kv_cache_from_tensors  build a KvCache from torch tensors (CPU or CUDA)
     namespace_fingerprint  the 64-bit namespace of a KV format
+    chain_keys             content-derived, prefix-chained 32-byte block keys
     exceptions             PegaflowError and its subclasses
 """
 
@@ -17,6 +18,7 @@ from pegaflow._native import (
     Engine,
     KvCache,
     __version__,
+    chain_keys,
     cuda_driver_present,
     namespace_fingerprint,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "describe_kv_tensors",
     "kv_cache_from_tensors",
     "namespace_fingerprint",
+    "chain_keys",
     "cuda_driver_present",
     "__version__",
     "PegaflowError",

@@ -165,3 +165,13 @@ def namespace_fingerprint(
     tp_rank: Optional[int],
 ) -> int: ...
 def cuda_driver_present() -> bool: ...
+def chain_keys(
+    parent: Optional[bytes],
+    token_ids: Sequence[int],
+    block_size: int,
+    extra: Optional[Sequence[Optional[bytes]]] = None,
+) -> list[bytes]:
+    """32-byte keys of the full blocks of ``token_ids``, prefix-chained from
+    ``parent`` (the key of the block before, None at the start). ``extra``:
+    None, or one entry (bytes or None) per full block. Byte format:
+    ``pegaflow_core::keys`` (raises ValueError on bad arguments)."""

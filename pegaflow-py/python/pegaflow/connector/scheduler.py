@@ -1,0 +1,296 @@
+"""The scheduler side of ``PegaKVConnector``: lookups, pins, save plans.
+
+Runs in vLLM's scheduler process with one owner client (``Engine``) and no
+KV tensors. Per request:
+
+* ``get_num_new_matched_tokens``: counts the leading blocks of the request's
+  key chain that *every* TP rank's namespace holds, pins them (once per
+  request: repeated calls reuse the pins) and returns them as an async load.
+* ``update_state_after_alloc``: records the GPU blocks to load into, or
+  releases the pins when vLLM decided not to load.
+* ``build_connector_meta``: per step, the loads (GPU block ids + each rank's
+  pinned slots) and the saves (newly completed blocks + their keys).
+* ``update_connector_output``: releases the pins of finished loads.
+* ``request_finished``: keeps the blocks of a request that had saves until
+  every worker reported them done (``finished_sending``).
+
+Before the first request, ``adopt_worker_namespaces`` replaces the
+namespaces the scheduler computed from the config by those the workers
+report (vLLM hands them over once at start-up); the TP rank each worker
+reports must be the one vLLM gave it.
+
+Invariants: a request's pins are taken once and released exactly once
+(when its load finished, when vLLM decides not to load, or when it finishes
+without a load in flight); blocks ``[0, saved)`` of a request are never
+planned for saving again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from pegaflow import _native
+from pegaflow.config import PegaflowConfig
+from pegaflow.connector.keys import KeyChain
+from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
+from pegaflow.exceptions import ConfigError, PegaflowError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("pegaflow.connector")
+
+
+@dataclass
+class ReqState:
+    """What the scheduler side remembers about one request."""
+
+    request: "Request"
+    #: the request's block keys, computed as its blocks fill
+    keys: KeyChain
+    block_ids: list[int] = field(default_factory=list)
+    #: blocks [0, saved) are in the pool (hit, loaded or saved already)
+    saved: int = 0
+    #: pins taken by get_num_new_matched_tokens: per namespace, (slot, gen)
+    pins: Optional[list[list[tuple[int, int]]]] = None
+    pinned_blocks: int = 0
+    #: first block to load (the local prefix-cache hit ends there)
+    load_from: int = 0
+    load_pending: bool = False
+    had_saves: bool = False
+
+
+class SchedulerSide:
+    """Scheduler-role state of one vLLM instance."""
+
+    def __init__(
+        self,
+        cfg: PegaflowConfig,
+        block_size: int,
+        namespaces: list[int],
+        tp_size: int,
+        is_mla: bool,
+        layout: str,
+    ):
+        self.cfg = cfg
+        self.block_size = block_size
+        #: per TP rank (MLA: one for all), from the config until the workers report
+        self.namespaces = namespaces
+        self.tp_size = tp_size
+        self.is_mla = is_mla
+        self.layout = layout
+        self.engine = _native.Engine(
+            name=cfg.name,
+            socket=cfg.socket,
+            label="vllm-scheduler",
+            reconnect_interval=cfg.reconnect_interval,
+        )
+        self._reqs: dict[str, ReqState] = {}
+        self._loads: list[LoadSpec] = []
+        #: req_id -> pins to release once its load reported finished
+        self._loading: dict[str, ReqState] = {}
+
+    def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
+        """Look blocks up under the namespaces the workers save under.
+
+        ``metadata``: vLLM's TP rank of each worker -> what its connector
+        sent (:class:`PegaHandshake`). Raises :class:`ConfigError` when a
+        rank is missing, reported twice, or not the one vLLM gave the worker:
+        the lookups could never match the saves.
+        """
+        ours = {int(r): m for r, m in metadata.items() if isinstance(m, PegaHandshake)}
+        if not ours:
+            # Another connector's handshake (MultiConnector hands every
+            # sub-connector the first one); keep the config's namespaces.
+            return
+        ranks = sorted(ours)
+        if ranks != list(range(self.tp_size)):
+            raise ConfigError(
+                f"PegaFlow heard from workers of TP ranks {ranks} but tensor_parallel_size is "
+                f"{self.tp_size}; every rank's worker must load the PegaKVConnector"
+            )
+        for r, m in ours.items():
+            if m.tp_rank != r:
+                raise ConfigError(
+                    f"the vLLM worker of TP rank {r} built its PegaFlow connector as rank "
+                    f"{m.tp_rank}: it would save rank {m.tp_rank}'s namespace and no lookup "
+                    "would ever match; this is a bug, please report it"
+                )
+        if self.is_mla:
+            found = {m.namespace for m in ours.values()}
+            if len(found) != 1:
+                raise ConfigError(
+                    f"MLA workers disagree on the shared namespace: {sorted(found)} "
+                    f"(KV layouts {sorted({m.layout for m in ours.values()})})"
+                )
+            namespaces = [found.pop()]
+        else:
+            namespaces = [ours[r].namespace for r in range(self.tp_size)]
+            if len(set(namespaces)) != len(namespaces):
+                raise ConfigError(
+                    f"two TP ranks' workers save under the same namespace ({namespaces}); "
+                    "this is a bug, please report it"
+                )
+        if namespaces != self.namespaces:
+            logger.info(
+                "PegaFlow looks blocks up under the workers' namespaces (their KV layout %s; "
+                "the config said %s)",
+                sorted({m.layout for m in ours.values()}), self.layout,
+            )
+        self.namespaces = namespaces
+
+    def _state(self, request: "Request") -> ReqState:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = ReqState(request=request, keys=KeyChain(request, self.block_size))
+            self._reqs[request.request_id] = st
+        return st
+
+    def _release(self, st: ReqState) -> None:
+        if st.pins is not None:
+            for pins in st.pins:
+                if pins:
+                    self.engine.release(pins)
+        st.pins = None
+        st.pinned_blocks = 0
+
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> tuple[Optional[int], bool]:
+        if not self.cfg.load:
+            return 0, False
+        try:
+            st = self._state(request)
+            if st.pins is None:
+                # Never the whole prompt: vLLM must compute at least one token.
+                max_blocks = max(0, (request.num_tokens - 1) // self.block_size + 1)
+                hashes = st.keys.upto(max_blocks)
+                local = num_computed_tokens // self.block_size
+                if len(hashes) <= local or not self.engine.is_connected():
+                    return 0, False
+                # A block is a hit only when every rank's namespace has it.
+                n = min(self.engine.count_hits(ns, hashes) for ns in self.namespaces)
+                if n <= local:
+                    st.saved = max(st.saved, n)
+                    return 0, False
+                pins = [self.engine.lookup(ns, hashes[:n]) for ns in self.namespaces]
+                got = min(len(p) for p in pins)
+                # Keep exactly the blocks to load on every rank.
+                st.pins = []
+                for p in pins:
+                    if p[:local]:
+                        self.engine.release(p[:local])
+                    if p[got:]:
+                        self.engine.release(p[got:])
+                    st.pins.append(p[local:got])
+                st.pinned_blocks = got
+                st.load_from = local
+                st.saved = max(st.saved, got)
+                if got <= local:
+                    self._release(st)
+                    return 0, False
+            hit_tokens = min(st.pinned_blocks * self.block_size, request.num_tokens - 1)
+            ext = hit_tokens - num_computed_tokens
+            if ext <= 0:
+                return 0, False
+            return ext, True
+        except PegaflowError:
+            logger.exception("PegaFlow lookup failed; treating as a miss")
+            return 0, False
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
+        st = self._state(request)
+        try:
+            ids = blocks.get_block_ids()[0]
+        except (AttributeError, IndexError, TypeError):
+            ids = []
+        if num_external_tokens <= 0:
+            # Not loading (local cache covers it, or the second call after
+            # the async load): drop pins that no load will use.
+            if st.pins is not None and not st.load_pending:
+                self._release(st)
+            return
+        if st.pins is None:
+            return
+        n = st.pinned_blocks - st.load_from
+        block_ids = list(ids[st.load_from : st.load_from + n])
+        if len(block_ids) < n:
+            # Fewer blocks than hits were allocated: load what fits.
+            n = len(block_ids)
+        slots = [[slot for slot, _gen in pins[:n]] for pins in st.pins]
+        st.load_pending = True
+        self._loads.append(LoadSpec(req_id=request.request_id, block_ids=block_ids, slots=slots))
+        self._loading[request.request_id] = st
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> PegaConnectorMetadata:
+        meta = PegaConnectorMetadata(loads=self._loads)
+        self._loads = []
+        if not self.cfg.save:
+            return meta
+        nst = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0]) if new.block_ids else []
+            self._plan_save(meta, st, new.num_computed_tokens + nst.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            nb = cached.new_block_ids[i]
+            if nb is not None:
+                if req_id in resumed:
+                    st.block_ids = list(nb[0])
+                else:
+                    st.block_ids.extend(nb[0])
+            self._plan_save(meta, st, cached.num_computed_tokens[i] + nst.get(req_id, 0))
+        return meta
+
+    def _plan_save(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
+        full = min(computed // self.block_size, len(st.block_ids))
+        hashes = st.keys.upto(full)
+        full = min(full, len(hashes))
+        if full <= st.saved:
+            return
+        meta.saves.append(
+            SaveSpec(
+                req_id=st.request.request_id,
+                block_ids=st.block_ids[st.saved : full],
+                hashes=hashes[st.saved : full],
+            )
+        )
+        st.saved = full
+        st.had_saves = True
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        for req_id in connector_output.finished_recving or ():
+            st = self._loading.pop(req_id, None)
+            if st is not None:
+                st.load_pending = False
+                self._release(st)
+
+    def request_finished(
+        self, request: "Request", block_ids: list[int]
+    ) -> tuple[bool, Optional[dict[str, Any]]]:
+        st = self._reqs.pop(request.request_id, None)
+        if st is None:
+            return False, None
+        if not st.load_pending:
+            self._release(st)
+        # else: the load still reads its pinned slots; update_connector_output
+        # releases them when the workers report it finished.
+        return st.had_saves, None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the scheduler's owner client (tests, debugging)."""
+        return dict(self.engine.stats())
