@@ -133,6 +133,19 @@ def run_layout(torch, pegaflow, a, owner: Owner, layout: str, it_seed: int) -> d
     )
     if not kv.engine.wait_connected(30):
         sys.exit("could not connect to the owner")
+    # The inference path never waits for the pool's CUDA registration (it
+    # runs in the background, seconds on a large pool): a load right now
+    # fails fast (vLLM would recompute), it does not block.
+    t = time.perf_counter()
+    try:
+        kv.load(0, [(0, 0)], [0])  # segment 0 is never served
+        fast_fail = "loaded?!"
+    except pegaflow.OwnerUnavailable as e:
+        fast_fail = str(e).split(";")[0]
+    first_load_ms = (time.perf_counter() - t) * 1e3
+    print(f"first load right after KvCache(): {first_load_ms:.2f} ms ({fast_fail})")
+    if first_load_ms > 100:
+        sys.exit(f"the first load blocked for {first_load_ms:.0f} ms")
     n = min(a.blocks, a.gpu_blocks // 2)
     slot_bytes = kv.slot_bytes
     stream = torch.cuda.current_stream(a.device)
@@ -179,6 +192,7 @@ def run_layout(torch, pegaflow, a, owner: Owner, layout: str, it_seed: int) -> d
                 sys.exit(1)
             time.sleep(0.001)
         pins = kv.engine.lookup(kv.namespace, hashes[:saved])
+        assert len(pins) == saved, f"{len(pins)} of {saved} pinned"
         bd = 1 if layout == "v025" else 0
         s_idx = torch.tensor(src[:saved], device=caches[0].device)
         d_idx = torch.tensor(dst[:saved], device=caches[0].device)
@@ -188,11 +202,15 @@ def run_layout(torch, pegaflow, a, owner: Owner, layout: str, it_seed: int) -> d
         side = torch.cuda.Stream(a.device)
         torch.cuda.synchronize(a.device)
         t0 = time.perf_counter()
-        kv.load([s for s, _ in pins], dst[:saved], stream=side.cuda_stream)
+        kv.load(pins.segment_id, pins.blocks(), dst[:saved], stream=side.cuda_stream)
         for l in range(kv.num_segments):
             kv.wait_layer(l)
         load_secs = time.perf_counter() - t0
-        kv.engine.release(pins)
+        failed = [f for _, f in kv.poll_loads(wait=True) if f]
+        if failed:
+            print(f"{sum(map(len, failed))} blocks changed under the load", file=sys.stderr)
+            ok = False
+        pins.release()
         best_load = max(best_load, gbps(len(pins) * slot_bytes, load_secs))
         # ---- byte-exact check of every loaded block, every layer
         torch.cuda.synchronize(a.device)

@@ -48,7 +48,7 @@ class Owner:
         self.log = tmp / f"{self.name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Owner":
+    def start(self, timeout: float = 30.0, extra: tuple[str, ...] = ()) -> "Owner":
         args = [
             str(self.binary),
             "--name", self.name,
@@ -56,6 +56,7 @@ class Owner:
             "--pool-size", self.pool_size,
             "--metrics-addr", "",
             "--log-level", "info",
+            *extra,
         ]
         self.proc = subprocess.Popen(
             args, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT
@@ -75,9 +76,11 @@ class Owner:
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def restart(self) -> None:
+    def restart(self, *extra: str) -> None:
         self.kill()
-        self.start()
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)  # start() waits for the new one
+        self.start(extra=extra)
 
     def cleanup(self) -> None:
         self.kill()

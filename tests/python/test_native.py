@@ -28,8 +28,10 @@ def test_engine_without_owner_degrades(tmp_path):
     assert not e.is_connected()
     assert not e.wait_connected(0.1)
     assert e.count_hits(7, [b"\x01" * 32]) == 0
-    assert e.lookup(7, [b"\x01" * 32]) == []
-    e.release([(1, 1)])  # harmless while disconnected
+    pins = e.lookup(7, [b"\x01" * 32])
+    assert len(pins) == 0 and pins.segment_id == 0
+    pins.release()  # harmless while disconnected
+    e.release(pins)
     assert e.stats()["connected"] is False
     with pytest.raises(ConfigError):
         e.count_hits(7, [b"x" * 33])
@@ -96,11 +98,13 @@ def test_cpu_round_trip_byte_exact(owner, shape_kind):
     save_all(a, [3, 7, 0, 11], hashes)
     wait_hits(b.engine, b.namespace, hashes, 4)
     pins = b.engine.lookup(b.namespace, hashes + [b"\xff" * 32])
-    assert len(pins) == 4
-    b.load([s for s, _ in pins], [1, 2, 5, 9])
+    assert len(pins) == 4 and pins.held() == 4
+    h = b.load(pins.segment_id, pins.blocks(), [1, 2, 5, 9])
     for l in range(layers):
         b.wait_layer(l)
+    assert b.poll_loads(wait=True) == [(h, [])]
     b.engine.release(pins)
+    assert pins.held() == 0
     bd = 1 if shape_kind == "kv_leading" else 0
     for s, d_ in zip(src, dst):
         for sb, db in zip([3, 7, 0, 11], [1, 2, 5, 9]):
@@ -127,3 +131,50 @@ def test_layer_wise_save_commits_only_after_end(owner):
     wait_hits(kv.engine, kv.namespace, [b"a" * 32, b"b" * 32], 2)
     with pytest.raises(ConfigError):
         kv.save_layers(h, 0, 1)  # handle is gone
+
+
+def test_a_waiting_save_releases_the_gil(owner):
+    """Issue 9 item 8: begin_save may wait (at most reserve_wait) for the
+    owner to refill a short stash; other Python threads (vLLM's) must run
+    meanwhile."""
+    import os
+    import signal
+    import threading
+    import time
+
+    t = [torch.zeros(2, 64, 16, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
+    lay = pegaflow.tensors.describe_kv_tensors(t, 64, 16)
+    kv = pegaflow._native.KvCache(
+        **lay.native_layout(), model="gil", dtype="bf16", name=owner.name, socket=owner.socket,
+        keepalive=t, reserve_wait=0.5,
+    )
+    assert kv.engine.wait_connected(5)
+    time.sleep(0.2)  # the owner fills the stash (a few slots, fewer than 64)
+    os.kill(owner.proc.pid, signal.SIGSTOP)  # nobody refills it now
+    window = [float("inf"), float("inf")]
+    inside = 0
+    stop = threading.Event()
+
+    def spin():
+        nonlocal inside
+        while not stop.is_set():
+            now = time.monotonic()
+            if window[0] < now < window[1]:
+                inside += 1
+
+    th = threading.Thread(target=spin)
+    th.start()
+    try:
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        # the middle of the wait: only a released GIL lets the thread in
+        window[:] = [t0 + 0.1, t0 + 0.35]
+        h, n = kv.begin_save(list(range(64)), [bytes([i]) * 32 for i in range(64)])
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        th.join()
+        os.kill(owner.proc.pid, signal.SIGCONT)
+    assert n < 64 and took >= 0.4, (n, took)  # it did wait for the refill
+    assert inside > 100, f"other threads ran {inside} loop turns while the save waited {took:.2f} s"
+    kv.abort_save(h)

@@ -131,7 +131,7 @@ def test_lookups_use_the_namespaces_the_workers_report(tiny_model_dir, owner):
     )
     assert conn.namespaces == workers_ns
     probe = make_request("probe2", PROMPT)
-    assert conn.get_num_new_matched_tokens(probe, 0) == (3 * BLOCK, True)
+    assert conn.get_num_new_matched_tokens(probe, 0) == (3 * BLOCK, False)  # layer-wise
     conn.request_finished(probe, [])
 
 

@@ -57,10 +57,12 @@ def first_schedule(inst, req):
     return step(inst)
 
 
+@pytest.mark.parametrize("mode", ["layerwise", "async"])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_miss_then_hit_across_instances(tiny_model_dir, owner, tp):
+def test_miss_then_hit_across_instances(tiny_model_dir, owner, tp, mode):
     a = make_instance(tiny_model_dir, owner, tp=tp)
-    b = make_instance(tiny_model_dir, owner, tp=tp)  # a second vLLM instance
+    # a second vLLM instance
+    b = make_instance(tiny_model_dir, owner, tp=tp, extra={"pegaflow.load_mode": mode})
     wait_ready(a, b)
     # miss: A computes everything and saves the 3 full prompt blocks
     ra = run_one(a, "a1", PROMPT)
@@ -69,10 +71,15 @@ def test_miss_then_hit_across_instances(tiny_model_dir, owner, tp):
     # hit: B loads 3 blocks, computes only the tail
     rb = make_request("b1", PROMPT, max_tokens=3)
     so = first_schedule(b, rb)
-    # first step: async load only, nothing computed
-    assert "b1" not in so.num_scheduled_tokens
-    assert rb.status == RequestStatus.WAITING_FOR_REMOTE_KVS or "b1" in b.scheduler.requests
-    step(b)  # the load finished; now it runs
+    if mode == "async":
+        # first step: async load only, nothing computed
+        assert "b1" not in so.num_scheduled_tokens
+        assert rb.status == RequestStatus.WAITING_FOR_REMOTE_KVS or "b1" in b.scheduler.requests
+        step(b)  # the load finished; now it runs
+    else:
+        # layer-wise: loaded and the tail computed in the same step
+        assert so.num_scheduled_tokens["b1"] == len(PROMPT) - 3 * BLOCK
+        assert so.kv_connector_metadata.loads
     verify_blocks(b, rb, 3 * BLOCK)  # byte-exact KV that B never computed
     assert not any(p < 3 * BLOCK for p in b.computed["b1"]), "B recomputed hit tokens"
     run_until_done(b, ["b1"])
@@ -127,7 +134,7 @@ def test_repeated_lookup_has_no_side_effects(tiny_model_dir, owner):
     for _ in range(5):
         assert conn.get_num_new_matched_tokens(r, 0) == first
     assert conn.get_scheduler_stats()["lookups"] == lookups  # pinned once
-    assert first == (3 * BLOCK, True)
+    assert first == (3 * BLOCK, False)  # layer-wise: loaded in the step that computes the tail
     # vLLM never scheduled it: finishing releases the pins
     assert conn.request_finished(r, []) == (False, None)
     assert not conn.scheduler_side._reqs
@@ -137,7 +144,7 @@ def test_abort_while_loading_releases_everything(tiny_model_dir, owner):
     a = make_instance(tiny_model_dir, owner)
     wait_ready(a)
     run_one(a, "a1", PROMPT)
-    b = make_instance(tiny_model_dir, owner)
+    b = make_instance(tiny_model_dir, owner, extra={"pegaflow.load_mode": "async"})
     wait_ready(b)
     wait_hits(b, make_request("p", PROMPT), 3)
     free0 = b.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -214,3 +221,43 @@ def test_preemption_resumes_from_the_pool(tiny_model_dir, owner):
     assert preempted, "the scenario must preempt"
     assert "p1" not in a.scheduler.requests and "p2" not in a.scheduler.requests
     assert a.connector.get_scheduler_stats()["hit_blocks"] > 0, "resume did not use the pool"
+
+
+def test_layerwise_pins_outlive_an_abort_until_the_step_is_back(tiny_model_dir, owner):
+    """A request aborted while its layer-wise load runs on the GPU: the pins
+    stay until that step's output is back (the copy may still read the
+    slots), then go; nothing leaks."""
+    a = make_instance(tiny_model_dir, owner)
+    wait_ready(a)
+    run_one(a, "a1", PROMPT)
+    b = make_instance(tiny_model_dir, owner)
+    wait_ready(b)
+    wait_hits(b, make_request("p", PROMPT), 3)
+    r = make_request("b1", PROMPT)
+    b.scheduler.add_request(r)
+    so = b.scheduler.schedule()  # the load is in this step
+    assert so.kv_connector_metadata.loads
+    side = b.connector.scheduler_side
+    st = side._reqs["b1"]
+    pins = list(st.pins)
+    b.scheduler.finish_requests("b1", RequestStatus.FINISHED_ABORTED)
+    assert all(p.held() == 3 for p in pins), "pins released while the step may still copy"
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    w = b.workers[0]
+    w.bind_connector_metadata(so.kv_connector_metadata)
+    w.start_load_kv(None)
+    w.wait_for_save()
+    send, recv = w.get_finished(set())
+    errors = w.get_block_ids_with_load_errors()
+    w.clear_connector_metadata()
+    assert not errors
+    mro = ModelRunnerOutput(
+        req_ids=[], req_id_to_index={}, sampled_token_ids=[],
+        kv_connector_output=KVConnectorOutput(finished_sending=send, finished_recving=recv),
+    )
+    b.scheduler.update_from_output(so, mro)
+    assert all(p.held() == 0 for p in pins), "pins leaked after the step came back"
+    step(b)
+    assert "b1" not in b.scheduler.requests
+    assert not side._reqs and not any(side._steps_loading)

@@ -102,9 +102,13 @@ def test_owner_restart_mid_run(tiny_model_dir, owner):
     wait_hits(a, make_request("p3", p3), 2)
 
 
-def test_owner_killed_while_a_load_is_in_flight(tiny_model_dir, owner):
+@pytest.mark.parametrize("mode", ["layerwise", "async"])
+def test_owner_killed_while_a_load_is_in_flight(tiny_model_dir, owner, mode):
     a = make_instance(tiny_model_dir, owner)
-    b = make_instance(tiny_model_dir, owner, extra={"pegaflow.reconnect_interval": 0.05})
+    b = make_instance(
+        tiny_model_dir, owner,
+        extra={"pegaflow.reconnect_interval": 0.05, "pegaflow.load_mode": mode},
+    )
     wait_ready(a, b)
     run_one(a, "a1", PROMPT)
     wait_hits(b, make_request("p", PROMPT), 3)
@@ -130,7 +134,62 @@ def test_owner_killed_while_a_load_is_in_flight(tiny_model_dir, owner):
     send, recv = w.get_finished(set())
     errors = w.get_block_ids_with_load_errors()
     w.clear_connector_metadata()
-    assert recv == {"b1"} and errors
+    assert errors
+    assert recv == ({"b1"} if mode == "async" else None)
+    mro = ModelRunnerOutput(
+        req_ids=[], req_id_to_index={}, sampled_token_ids=[],
+        kv_connector_output=KVConnectorOutput(
+            finished_sending=send, finished_recving=recv, invalid_block_ids=errors
+        ),
+    )
+    b.scheduler.update_from_output(so, mro)
+    run_until_done(b, ["b1"])
+    assert all(p in b.computed["b1"] for p in range(len(PROMPT))), "failed blocks recomputed"
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "async"])
+def test_a_discarding_restart_never_loads_another_keys_bytes(tiny_model_dir, owner, mode):
+    """Issue 9 item 1 through vLLM: pins taken before an owner restart that
+    drops the cache name blocks of the old segment; the worker refuses them
+    (the load is reported failed and recomputed), even though the new
+    segment holds other keys' blocks at the same slot ids."""
+    a = make_instance(tiny_model_dir, owner)
+    b = make_instance(
+        tiny_model_dir, owner,
+        extra={"pegaflow.reconnect_interval": 0.05, "pegaflow.load_mode": mode},
+    )
+    wait_ready(a, b)
+    run_one(a, "a1", PROMPT)
+    wait_hits(b, make_request("p", PROMPT), 3)
+    r = make_request("b1", PROMPT)
+    b.scheduler.add_request(r)
+    so = b.scheduler.schedule()  # pins taken, load scheduled
+    assert so.kv_connector_metadata.loads
+    old_segment = so.kv_connector_metadata.loads[0].segment_id
+    owner.restart("--discard-existing")
+    for inst in (a, b):
+        for w in inst.workers:
+            deadline = time.monotonic() + 10
+            while not (w.kv.engine.is_connected() and w.kv.engine.stats()["epoch"] >= 1
+                       and w.kv.engine.stats()["reconnects"] >= 1):
+                assert time.monotonic() < deadline, "worker did not reconnect"
+                time.sleep(0.01)
+    # Another prompt fills the new segment: slot ids of the old pins now
+    # hold other keys' bytes.
+    other = [t + 400 for t in PROMPT]
+    run_one(a, "a2", other)
+    wait_hits(a, make_request("p2", other), 3)
+    from vllm_harness import KVConnectorOutput, ModelRunnerOutput
+
+    w = b.workers[0]
+    w.bind_connector_metadata(so.kv_connector_metadata)
+    w.start_load_kv(None)
+    w.wait_for_save()
+    send, recv = w.get_finished(set())
+    errors = w.get_block_ids_with_load_errors()
+    w.clear_connector_metadata()
+    assert old_segment != 0
+    assert set(so.kv_connector_metadata.loads[0].block_ids) <= errors, "an old pin was loaded"
     mro = ModelRunnerOutput(
         req_ids=[], req_id_to_index={}, sampled_token_ids=[],
         kv_connector_output=KVConnectorOutput(

@@ -76,12 +76,14 @@ def main() -> None:
             out["vllm_hash0"][case] = bytes(r.block_hashes[0]).hex()
             inst.scheduler.add_request(r)
             so = step(inst)
-            loading = case not in so.num_scheduled_tokens
-            hit = 0
-            if loading:
+            if case not in so.num_scheduled_tokens:
+                # an async load: the request waits for it a step
                 assert r.status == RequestStatus.WAITING_FOR_REMOTE_KVS
                 step(inst)  # the load finished; the tail is computed now
-                hit = min(p for p in inst.computed[case]) if inst.computed.get(case) else 0
+            # a layer-wise load happens in the step that computes the tail:
+            # either way the first position computed is where the hit ends
+            hit = min(inst.computed[case]) if inst.computed.get(case) else 0
+            if hit:
                 verify_blocks(inst, r, hit)
                 out["byte_exact"][case] = True
             out["hit_tokens"][case] = hit

@@ -18,6 +18,7 @@ from pegaflow.exceptions import ConfigError
 logger = logging.getLogger("pegaflow")
 
 _BACKENDS = ("auto", "host", "dma", "kernel")
+_LOAD_MODES = ("layerwise", "async")
 _LEGACY = ("pegaflow.host", "pegaflow.port")
 
 
@@ -49,6 +50,14 @@ class PegaflowConfig:
     model_id: Optional[str] = None
     #: Seconds between reconnect attempts while the owner is away.
     reconnect_interval: float = 0.2
+    #: How hits are loaded: ``layerwise`` (in the step that computes the rest
+    #: of the prompt, each layer's attention waiting on the GPU for that
+    #: layer's copy) or ``async`` (the request waits in
+    #: WAITING_FOR_REMOTE_KVS until the whole copy is done, then runs).
+    load_mode: str = "layerwise"
+    #: Longest a step's saves wait for the owner to refill a short stash
+    #: (seconds); blocks beyond what could be reserved are not saved.
+    reserve_wait: float = 0.002
 
     @classmethod
     def from_extra_config(cls, extra: Optional[Mapping[str, Any]]) -> "PegaflowConfig":
@@ -61,6 +70,8 @@ class PegaflowConfig:
             "pegaflow.load": "load",
             "pegaflow.model_id": "model_id",
             "pegaflow.reconnect_interval": "reconnect_interval",
+            "pegaflow.load_mode": "load_mode",
+            "pegaflow.reserve_wait": "reserve_wait",
         }
         kw: dict[str, Any] = {}
         for key, value in extra.items():
@@ -87,6 +98,22 @@ class PegaflowConfig:
                     f"pegaflow.copy_backend must be one of {', '.join(_BACKENDS)}, got {kw['copy_backend']!r}"
                 )
             kw["copy_backend"] = b
+        if "load_mode" in kw:
+            m = str(kw["load_mode"]).strip().lower()
+            if m not in _LOAD_MODES:
+                raise ConfigError(
+                    f"pegaflow.load_mode must be one of {', '.join(_LOAD_MODES)}, got {kw['load_mode']!r}"
+                )
+            kw["load_mode"] = m
+        if "reserve_wait" in kw:
+            try:
+                kw["reserve_wait"] = float(kw["reserve_wait"])
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"pegaflow.reserve_wait must be seconds, got {kw['reserve_wait']!r}"
+                ) from None
+            if not 0 <= kw["reserve_wait"] <= 1:
+                raise ConfigError("pegaflow.reserve_wait must be between 0 and 1 second")
         for b in ("save", "load"):
             if b in kw:
                 kw[b] = _bool(f"pegaflow.{b}", kw[b])

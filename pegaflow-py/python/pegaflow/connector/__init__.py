@@ -242,8 +242,7 @@ class PegaKVConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads are asynchronous (whole requests), reported by get_finished.
-        return
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(
         self,

@@ -6,9 +6,13 @@ so it holds plain lists and bytes only: no tensors, no handles.
 
 Invariants:
 
-* ``LoadSpec.slots[rank][i]`` is pinned by the scheduler until the workers
-  report the load finished (``finished_recving``); workers only read them.
-  MLA caches have one list, shared by all ranks.
+* ``LoadSpec.blocks[rank][i]`` is a ``(slot, generation)`` the scheduler
+  pinned in segment ``LoadSpec.segment_id``, and keeps pinned until the
+  load is over (a layer-wise load: the step's output came back; an async
+  one: the workers reported it in ``finished_recving``). Workers copy a
+  block only if they are connected to that segment and the slot still holds
+  that generation, and check again after the copy. MLA caches have one
+  list, shared by all ranks.
 * ``SaveSpec.hashes[i]`` is the block key of ``SaveSpec.block_ids[i]``; every
   rank saves the same keys under its own namespace.
 
@@ -34,9 +38,11 @@ class LoadSpec:
 
     req_id: str
     block_ids: list[int]
-    #: slots[rank][i] is the pinned slot holding block_ids[i] for that rank
-    #: (one list for MLA, shared by all ranks).
-    slots: list[list[int]]
+    #: the owner's segment the blocks were pinned in
+    segment_id: int
+    #: blocks[rank][i] is the (slot, generation) holding block_ids[i] for
+    #: that rank (one list for MLA, shared by all ranks).
+    blocks: list[list[tuple[int, int]]]
 
 
 @dataclass

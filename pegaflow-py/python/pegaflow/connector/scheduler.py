@@ -5,12 +5,17 @@ KV tensors. Per request:
 
 * ``get_num_new_matched_tokens``: counts the leading blocks of the request's
   key chain that *every* TP rank's namespace holds, pins them (once per
-  request: repeated calls reuse the pins) and returns them as an async load.
+  request: repeated calls reuse the pins) and returns them as a layer-wise
+  load (loaded in the step that computes the rest of the prompt) or, with
+  ``pegaflow.load_mode: async``, as an asynchronous one.
 * ``update_state_after_alloc``: records the GPU blocks to load into, or
   releases the pins when vLLM decided not to load.
-* ``build_connector_meta``: per step, the loads (GPU block ids + each rank's
-  pinned slots) and the saves (newly completed blocks + their keys).
-* ``update_connector_output``: releases the pins of finished loads.
+* ``build_connector_meta``: per step, the loads (GPU block ids, the segment
+  and each rank's pinned ``(slot, generation)``) and the saves (newly
+  completed blocks + their keys).
+* ``update_connector_output``: releases the pins of finished loads: those
+  of a layer-wise load once its step's output is back, those of an async
+  one once the workers report it in ``finished_recving``.
 * ``request_finished``: keeps the blocks of a request that had saves until
   every worker reported them done (``finished_sending``).
 
@@ -19,15 +24,18 @@ namespaces the scheduler computed from the config by those the workers
 report (vLLM hands them over once at start-up); the TP rank each worker
 reports must be the one vLLM gave it.
 
-Invariants: a request's pins are taken once and released exactly once
-(when its load finished, when vLLM decides not to load, or when it finishes
-without a load in flight); blocks ``[0, saved)`` of a request are never
+Invariants: a request's pins are taken once (one ``Pins`` per namespace,
+all in one segment) and released through those objects (when its load is
+over, when vLLM decides not to load, or when it finishes without a load in
+flight; releasing twice is harmless, and a ``Pins`` that is dropped
+releases what it still holds); blocks ``[0, saved)`` of a request are never
 planned for saving again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -56,8 +64,9 @@ class ReqState:
     block_ids: list[int] = field(default_factory=list)
     #: blocks [0, saved) are in the pool (hit, loaded or saved already)
     saved: int = 0
-    #: pins taken by get_num_new_matched_tokens: per namespace, (slot, gen)
-    pins: Optional[list[list[tuple[int, int]]]] = None
+    #: pins taken by get_num_new_matched_tokens, one ``Pins`` per namespace;
+    #: blocks [load_from, pinned_blocks) of each are still pinned
+    pins: Optional[list[Any]] = None
     pinned_blocks: int = 0
     #: first block to load (the local prefix-cache hit ends there)
     load_from: int = 0
@@ -92,8 +101,13 @@ class SchedulerSide:
         )
         self._reqs: dict[str, ReqState] = {}
         self._loads: list[LoadSpec] = []
-        #: req_id -> pins to release once its load reported finished
+        self.layerwise = cfg.load_mode == "layerwise"
+        #: async loads: req_id -> pins to release once the load reported finished
         self._loading: dict[str, ReqState] = {}
+        #: layer-wise loads of the step being built, then of each step whose
+        #: output is not back yet (oldest first)
+        self._step_loading: list[ReqState] = []
+        self._steps_loading: deque[list[ReqState]] = deque()
 
     def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
         """Look blocks up under the namespaces the workers save under.
@@ -154,10 +168,10 @@ class SchedulerSide:
     def _release(self, st: ReqState) -> None:
         if st.pins is not None:
             for pins in st.pins:
-                if pins:
-                    self.engine.release(pins)
+                pins.release()
         st.pins = None
         st.pinned_blocks = 0
+        st.load_pending = False
 
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int
@@ -180,14 +194,14 @@ class SchedulerSide:
                     return 0, False
                 pins = [self.engine.lookup(ns, hashes[:n]) for ns in self.namespaces]
                 got = min(len(p) for p in pins)
+                if len({p.segment_id for p in pins}) != 1:
+                    # The owner changed segments between two lookups.
+                    got = 0
                 # Keep exactly the blocks to load on every rank.
-                st.pins = []
                 for p in pins:
-                    if p[:local]:
-                        self.engine.release(p[:local])
-                    if p[got:]:
-                        self.engine.release(p[got:])
-                    st.pins.append(p[local:got])
+                    p.release(0, min(local, len(p)))
+                    p.release(min(got, len(p)))
+                st.pins = pins
                 st.pinned_blocks = got
                 st.load_from = local
                 st.saved = max(st.saved, got)
@@ -198,7 +212,7 @@ class SchedulerSide:
             ext = hit_tokens - num_computed_tokens
             if ext <= 0:
                 return 0, False
-            return ext, True
+            return ext, not self.layerwise
         except PegaflowError:
             logger.exception("PegaFlow lookup failed; treating as a miss")
             return 0, False
@@ -224,14 +238,28 @@ class SchedulerSide:
         if len(block_ids) < n:
             # Fewer blocks than hits were allocated: load what fits.
             n = len(block_ids)
-        slots = [[slot for slot, _gen in pins[:n]] for pins in st.pins]
+        lo = st.load_from
         st.load_pending = True
-        self._loads.append(LoadSpec(req_id=request.request_id, block_ids=block_ids, slots=slots))
-        self._loading[request.request_id] = st
+        self._loads.append(
+            LoadSpec(
+                req_id=request.request_id,
+                block_ids=block_ids,
+                segment_id=st.pins[0].segment_id,
+                blocks=[p.blocks(lo, lo + n) for p in st.pins],
+            )
+        )
+        if self.layerwise:
+            self._step_loading.append(st)
+        else:
+            self._loading[request.request_id] = st
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> PegaConnectorMetadata:
         meta = PegaConnectorMetadata(loads=self._loads)
         self._loads = []
+        # Every step's output comes back once, in order: its layer-wise
+        # loads are over then.
+        self._steps_loading.append(self._step_loading)
+        self._step_loading = []
         if not self.cfg.save:
             return meta
         nst = scheduler_output.num_scheduled_tokens
@@ -273,10 +301,12 @@ class SchedulerSide:
         st.had_saves = True
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        if self._steps_loading:
+            for st in self._steps_loading.popleft():
+                self._release(st)
         for req_id in connector_output.finished_recving or ():
             st = self._loading.pop(req_id, None)
             if st is not None:
-                st.load_pending = False
                 self._release(st)
 
     def request_finished(
@@ -287,8 +317,9 @@ class SchedulerSide:
             return False, None
         if not st.load_pending:
             self._release(st)
-        # else: the load still reads its pinned slots; update_connector_output
-        # releases them when the workers report it finished.
+        # else: the load may still read its pinned slots (an aborted request
+        # whose step is on the GPU); update_connector_output releases them
+        # when that step's output, or the async load's end, is reported.
         return st.had_saves, None
 
     def stats(self) -> dict[str, Any]:

@@ -7,17 +7,25 @@ bound to this rank's namespace:
 * ``register_kv_caches``: describes vLLM's tensors (any supported layout,
   see :mod:`pegaflow.tensors`) and checks them against the shape the
   scheduler computed from the config; an unsupported layout fails here.
-* ``start_load_kv``: copies pinned slots into the allocated blocks (async,
-  on its own CUDA stream); ``get_finished`` reports them in
-  ``finished_recving``.
-* ``save_kv_layer`` / ``wait_for_save``: reserve slots, copy layer by
-  layer, commit once the copies completed; ``get_finished`` reports finished
-  requests whose saves are all committed in ``finished_sending``.
+* ``start_load_kv``: makes this step's compute wait (on the GPU) for the
+  saves still running, then queues the copies of the step's hits, named by
+  segment and ``(slot, generation)``, on its own CUDA stream. Layer-wise
+  (the default): ``wait_for_layer_load`` makes each attention layer wait on
+  the GPU for its own layer's copy, so the copies overlap the forward pass,
+  and ``get_block_ids_with_load_errors`` checks every copied block once the
+  copies are done. Async: ``get_finished`` reports the request in
+  ``finished_recving`` once its copies are done and checked.
+* ``save_kv_layer`` / ``wait_for_save``: reserve slots for the step's saves
+  at once (one bounded wait), copy layer by layer on the transfer's own
+  stream behind each layer's compute, commit once the copies completed;
+  ``get_finished`` reports finished requests whose saves are all committed
+  in ``finished_sending``.
 
-A failed load is reported through ``get_block_ids_with_load_errors`` (vLLM
-recomputes those blocks with ``kv_load_failure_policy: recompute``); a
-failed save is dropped and logged. No PegaFlow exception leaves the per-step
-methods.
+A load that cannot start (owner away, a block no longer the one pinned, the
+pool not registered with CUDA yet) or whose block changed under the copy is
+reported through ``get_block_ids_with_load_errors`` (vLLM recomputes those
+blocks with ``kv_load_failure_policy: recompute``); a failed save is dropped
+and logged. No PegaFlow exception leaves the per-step methods.
 """
 
 from __future__ import annotations
@@ -73,6 +81,10 @@ class WorkerSide:
         self._finished_waiting: set[str] = set()
         self._seen_save_reqs: set[str] = set()
         self._recving: set[str] = set()
+        #: async loads in flight: load handle -> req_id
+        self._load_handles: dict[int, str] = {}
+        #: a layer-wise load was queued this step: attention layers wait for it
+        self._layerwise_pending = False
         self._load_errors: set[int] = set()
         self._load_stream: Any = None
         self._device_is_cuda = False
@@ -109,6 +121,7 @@ class WorkerSide:
             backend=backend,
             device=lay.device_index,
             keepalive=tensors,
+            reserve_wait=self.cfg.reserve_wait,
         )
         self.layer_index = {n: i for i, n in enumerate(order)}
         if lay.is_cuda:
@@ -121,36 +134,88 @@ class WorkerSide:
         return int(torch.cuda.current_stream().cuda_stream)
 
     def start_load_kv(self, meta: Optional[PegaConnectorMetadata]) -> None:
-        if self.kv is None or meta is None:
+        if self.kv is None:
+            return
+        if self._device_is_cuda:
+            try:
+                # Saves run on their own stream and may still read blocks
+                # vLLM just handed to another request: this step's compute
+                # waits for them (on the GPU; they finished long ago unless
+                # the link is saturated).
+                self.kv.fence_saves(self._stream())
+            except PegaflowError as e:
+                logger.warning("PegaFlow could not order saves before the step: %s", e)
+        if meta is None or not meta.loads:
             return
         stream = 0
         if self._load_stream is not None:
-            # Loads are async (requests wait in WAITING_FOR_REMOTE_KVS), so
-            # they get their own stream, ordered after the work queued so far.
+            # Loads get their own stream, ordered after the work queued so
+            # far and after the saves (which may read blocks now loaded into).
             self._load_stream.wait_stream(torch.cuda.current_stream())
             stream = int(self._load_stream.cuda_stream)
+            try:
+                self.kv.fence_saves(stream)
+            except PegaflowError:
+                pass
         for ld in meta.loads:
-            self._recving.add(ld.req_id)
-            slots = ld.slots[0] if len(ld.slots) == 1 else ld.slots[self.rank_index]
-            n = min(len(slots), len(ld.block_ids))
+            blocks = ld.blocks[0] if len(ld.blocks) == 1 else ld.blocks[self.rank_index]
+            n = min(len(blocks), len(ld.block_ids))
+            if not self.cfg.load_mode == "layerwise":
+                self._recving.add(ld.req_id)
             if n == 0:
                 continue
             try:
-                self.kv.load(slots[:n], ld.block_ids[:n], stream=stream)
+                h = self.kv.load(ld.segment_id, blocks[:n], ld.block_ids[:n], stream=stream)
             except PegaflowError as e:
                 logger.warning("PegaFlow load of %s failed (%s); vLLM recomputes it", ld.req_id, e)
                 self._load_errors.update(ld.block_ids)
+                continue
+            if self.cfg.load_mode == "layerwise":
+                self._layerwise_pending = True
+            else:
+                self._load_handles[h] = ld.req_id
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if not self._layerwise_pending or self.kv is None or not self._device_is_cuda:
+            return
+        layer = self.layer_index.get(layer_name)
+        if layer is None:
+            return
+        try:
+            self.kv.stream_wait_layer(layer, self._stream())
+        except PegaflowError as e:
+            logger.warning("PegaFlow could not order layer %s after its load: %s", layer_name, e)
+
+    def _finish_loads(self, wait: bool) -> None:
+        """Check the copies that completed; failed blocks become load errors."""
+        if self.kv is None or not self.kv.pending_loads():
+            return
+        try:
+            done = self.kv.poll_loads(wait=wait)
+        except PegaflowError as e:
+            logger.warning("PegaFlow could not check its loads: %s", e)
+            return
+        for h, failed in done:
+            if failed:
+                logger.warning(
+                    "PegaFlow: %d loaded blocks changed under the copy; vLLM recomputes them",
+                    len(failed),
+                )
+                self._load_errors.update(failed)
+            self._load_handles.pop(h, None)
 
     def _begin_step_saves(self, meta: Optional[PegaConnectorMetadata]) -> None:
         if self._step_saves or self.kv is None or meta is None or not meta.saves:
             return
         for sv in meta.saves:
             self._seen_save_reqs.add(sv.req_id)
-            try:
-                h, n = self.kv.begin_save(sv.block_ids, sv.hashes)
-            except PegaflowError as e:
-                logger.warning("PegaFlow save of %s skipped: %s", sv.req_id, e)
-                continue
+        try:
+            # One reservation for the whole step: at most one bounded wait.
+            begun = self.kv.begin_saves([(sv.block_ids, sv.hashes) for sv in meta.saves])
+        except PegaflowError as e:
+            logger.warning("PegaFlow saves of this step skipped: %s", e)
+            return
+        for sv, (h, n) in zip(meta.saves, begun):
             if n:
                 self._step_saves[h] = sv.req_id
                 self._open.setdefault(sv.req_id, set()).add(h)
@@ -234,17 +299,18 @@ class WorkerSide:
                 self._seen_save_reqs.discard(r)
         recving: set[str] = set()
         if self._recving:
-            ready = True
-            if self._device_is_cuda and self.kv is not None:
-                try:
-                    ready = self.kv.layer_ready(self.kv.num_segments - 1)
-                except PegaflowError:
-                    ready = True
-            if ready:
-                recving, self._recving = self._recving, set()
+            self._finish_loads(wait=False)
+            still = set(self._load_handles.values())
+            recving = {r for r in self._recving if r not in still}
+            self._recving -= recving
         return (sending or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        if self._layerwise_pending:
+            # This step's forward waits for its loads on the GPU; they are
+            # done (or nearly) once it is queued: check what they copied.
+            self._layerwise_pending = False
+            self._finish_loads(wait=True)
         errs, self._load_errors = self._load_errors, set()
         return errs
 
@@ -254,11 +320,13 @@ class WorkerSide:
             return {}
         s = dict(self.kv.engine.stats())
         s["pending_saves"] = self.kv.pending_saves()
+        s["pending_loads"] = self.kv.pending_loads()
         return s
 
     def shutdown(self) -> None:
         if self.kv is not None:
             try:
                 self.kv.poll_saves(wait=True)
+                self.kv.poll_loads(wait=True)
             except PegaflowError:
                 pass
