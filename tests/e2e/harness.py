@@ -52,7 +52,7 @@ class Owner:
         self.log = tmp / f"{self.name}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30.0) -> "Owner":
+    def start(self, timeout: float = 30.0) -> Owner:
         args = [
             str(self.binary),
             "--name", self.name,
@@ -93,8 +93,16 @@ class Owner:
         label-summed totals, parsed with prometheus_client's own parser."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError as e:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"pegaflow-owner exited unexpectedly (code {self.proc.returncode}); its log "
+                    f"{self.log}:\n{self.log.read_text()[-3000:]}"
+                ) from e
+            raise
         out: dict[str, float] = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
@@ -169,7 +177,7 @@ class Vllm:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout: float = 300.0) -> "Vllm":
+    def wait_ready(self, timeout: float = 300.0) -> Vllm:
         if not self.ready:
             self._recv(timeout)
             self.ready = True
