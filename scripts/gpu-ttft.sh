@@ -32,7 +32,7 @@ if [[ "${1:-}" == "--stage" ]]; then
     cargo build --release -p pegaflow-owner --bin pegaflow-owner
     cp "$CARGO_TARGET_DIR/release/pegaflow-owner" "$B/pegaflow-owner"
     strip "$B/pegaflow-owner" 2>/dev/null || true
-    scripts/py-env.sh --env-only
+    "$PWD/scripts/py-env.sh" --env-only  # invoked as scripts/py-test.sh does: its stamp hashes the path
     rm -f "$B"/pegaflow-*.whl
     (cd pegaflow-py && "$VENV/bin/maturin" build --release -q -i "$VENV/bin/python" -o "../$B" >&2)
     # The original PegaFlow for the peer phase: its CUDA 13 build, for the
@@ -41,7 +41,8 @@ if [[ "${1:-}" == "--stage" ]]; then
         "$VENV/bin/pip" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_34_x86_64 -d "$B" pegaflow-llm-cu13==0.25.1 ||
         echo "note: could not download pegaflow-llm-cu13==0.25.1; the peer phase will be skipped" >&2
-    du -sh "$B" "$B"/* >&2
+    ls -l "$B" >&2
+    du -sh "$B" >&2
     exit 0
 fi
 

@@ -419,8 +419,7 @@ class Peer:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        if self.site:  # the peer's package is also named `pegaflow`: it must come first
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.site, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = peer_pythonpath(self.site, env.get("PYTHONPATH", ""))
         return env
 
     def start(self) -> None:
@@ -449,12 +448,19 @@ class Peer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def peer_pythonpath(site: str | None, pythonpath: str) -> str:
+    """PYTHONPATH for the peer's phase: its site first, without entries that
+    hold our `pegaflow` (the two packages share the name, and both register a
+    vLLM plugin)."""
+    keep = [p for p in pythonpath.split(os.pathsep) if p and not (Path(p) / "pegaflow" / "__init__.py").exists()]
+    return os.pathsep.join(([site] if site else []) + keep)
+
+
 def peer_available(site: str | None) -> str | None:
     """None when the original PegaFlow can run, else why not."""
     probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('pegaflow._server') else 3)"
     env = dict(os.environ)
-    if site:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = peer_pythonpath(site, env.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, check=False)
     if r.returncode == 0:
         return None
@@ -698,8 +704,7 @@ def main() -> int:
                     skipped["peer"] = str(e)
                     log(f"peer skipped: {e}")
                     continue
-                if args.peer_site:  # its `pegaflow` package shadows ours in this phase only
-                    env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.peer_site, env.get("PYTHONPATH")]))
+                env["PYTHONPATH"] = peer_pythonpath(args.peer_site, env.get("PYTHONPATH", ""))
                 spec.update(
                     kv_transfer_config={
                         "kv_connector": "PegaKVConnector",
