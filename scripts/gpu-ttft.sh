@@ -46,46 +46,48 @@ if [[ "${1:-}" == "--stage" ]]; then
     exit 0
 fi
 
+run() {
+    local t0=$SECONDS rc=0 PY=/opt/torch/.venv/bin/python3
+    [[ -x $PY ]] || PY=python3
+    if [[ ! -f "$BUNDLE" || ! -x "$B/pegaflow-owner" ]]; then
+        echo "missing $BUNDLE or $B/pegaflow-owner: run scripts/gpu-ttft.sh --stage here and carry .vbundle"
+        return 1
+    fi
+    # A warm machine keeps /tmp between calls: unpack only once.
+    if [[ ! -f /tmp/vllm-site/.from-$(basename "$BUNDLE") ]]; then
+        bash "$B/setup.sh" "$BUNDLE" >/dev/null
+        touch "/tmp/vllm-site/.from-$(basename "$BUNDLE")"
+    fi
+    rm -rf /tmp/pega-site /tmp/peer-site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/pega-site "$B"/pegaflow-*.whl
+    local peer=()
+    if ls "$B"/pegaflow_llm_cu13-*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/peer-site \
+            "$B"/pegaflow_llm_cu13-*.whl
+        peer=(--peer-site /tmp/peer-site)
+    fi
+    export PYTHONPATH=/tmp/pega-site:/tmp/vllm-site
+    export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
+    unset PYTHONHASHSEED
+    echo "setup took $((SECONDS - t0)) s"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    echo "cores: $(nproc), memory: $(free -g | awk '/Mem:/{print $2}') GiB;" \
+        "/dev/shm: $(df -h /dev/shm | awk 'NR==2{print $4}') free"
+
+    local decode=(--decode)
+    [[ "${TTFT_DECODE:-1}" == 0 ]] && decode=()
+    # Inside the 10-minute limit of one command, with time left to pack the logs.
+    timeout -k 10 530 "$PY" benches/ttft/ttft_bench.py --attention-backend TRITON_ATTN \
+        --owner-bin "$PWD/$B/pegaflow-owner" "${peer[@]}" "${decode[@]}" \
+        --workdir "$WORK" --json-out "$OUT/ttft.json" "$@" || rc=$?
+    tar -czf "$OUT/ttft-logs.tar.gz" -C "$WORK" --exclude prompts.json . 2>/dev/null || true
+    echo "gpu-ttft: exit $rc after $((SECONDS - t0)) s"
+    return $rc
+}
+
 OUT=${OUT:-/tmp/ttft-out}
-mkdir -p "$OUT"
 WORK=/tmp/ttft-work
 rm -rf "$WORK"
-mkdir -p "$WORK"
-exec > >(tee "$OUT/ttft.log") 2>&1
-t0=$SECONDS
-PY=/opt/torch/.venv/bin/python3
-[[ -x $PY ]] || PY=python3
-
-[[ -f "$BUNDLE" && -x "$B/pegaflow-owner" ]] || {
-    echo "missing $BUNDLE or $B/pegaflow-owner: run scripts/gpu-ttft.sh --stage here and carry .vbundle" >&2
-    exit 1
-}
-# A warm machine keeps /tmp between calls: unpack only once.
-if [[ ! -f /tmp/vllm-site/.from-$(basename "$BUNDLE") ]]; then
-    bash "$B/setup.sh" "$BUNDLE" >/dev/null
-    touch "/tmp/vllm-site/.from-$(basename "$BUNDLE")"
-fi
-rm -rf /tmp/pega-site /tmp/peer-site
-"$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/pega-site "$B"/pegaflow-*.whl
-peer=()
-if ls "$B"/pegaflow_llm_cu13-*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/peer-site "$B"/pegaflow_llm_cu13-*.whl
-    peer=(--peer-site /tmp/peer-site)
-fi
-export PYTHONPATH=/tmp/pega-site:/tmp/vllm-site
-export VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1
-unset PYTHONHASHSEED
-echo "setup took $((SECONDS - t0)) s"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-echo "cores: $(nproc), memory: $(free -g | awk '/Mem:/{print $2}') GiB; /dev/shm: $(df -h /dev/shm | awk 'NR==2{print $4}') free"
-
-decode=(--decode)
-[[ "${TTFT_DECODE:-1}" == 0 ]] && decode=()
-rc=0
-# Inside the 10-minute limit of one command, with time left to pack the logs.
-timeout -k 10 530 "$PY" benches/ttft/ttft_bench.py --attention-backend TRITON_ATTN \
-    --owner-bin "$PWD/$B/pegaflow-owner" "${peer[@]}" "${decode[@]}" \
-    --workdir "$WORK" --json-out "$OUT/ttft.json" "$@" || rc=$?
-tar -czf "$OUT/ttft-logs.tar.gz" -C "$WORK" --exclude prompts.json . 2>/dev/null || true
-echo "gpu-ttft: exit $rc after $((SECONDS - t0)) s"
-exit $rc
+mkdir -p "$OUT" "$WORK"
+run "$@" 2>&1 | tee "$OUT/ttft.log"
+exit "${PIPESTATUS[0]}"
