@@ -156,6 +156,23 @@ def scrape(addr: str | None) -> dict[str, float]:
     return out
 
 
+def settle(addr: str, quiet: float = 0.3, timeout: float = 5.0) -> float:
+    """Wait until the owner has published every commit in flight (its count
+    stops moving), so that a warm request measures a load, not a race with
+    the owner applying the last cold request's commits. Returns the wait."""
+    t0 = time.perf_counter()
+    last, since = None, t0
+    while time.perf_counter() - t0 < timeout:
+        n = scrape(addr).get("pegaflow_block_commits_total")
+        now = time.perf_counter()
+        if n != last:
+            last, since = n, now
+        elif now - since >= quiet:
+            break
+        time.sleep(0.02)
+    return time.perf_counter() - t0
+
+
 def llm_kwargs(spec: dict) -> dict:
     from vllm.config import KVTransferConfig
 
@@ -189,6 +206,8 @@ def ttft_phase(spec: dict) -> dict:
             if not ok:
                 raise RuntimeError("reset_prefix_cache() refused (requests still running?)")
             continue
+        if step == "warm" and spec.get("metrics_addr"):
+            res["settle_s"] = settle(spec["metrics_addr"])
         m0 = scrape(spec.get("metrics_addr"))
         res[step] = [one(p) for p in prompts["set"]]
         m1 = scrape(spec.get("metrics_addr"))
@@ -252,6 +271,8 @@ def decode_phase(spec: dict) -> dict:
         await single("warmup", prompts["warmup"])
         for i, p in enumerate(prompts["bg_warm"]):
             await single(f"prime{i}", p)
+        if spec.get("metrics_addr"):
+            await asyncio.to_thread(settle, spec["metrics_addr"])
         if spec.get("reset_before_decode") and not await engine.reset_prefix_cache():
             raise RuntimeError("reset_prefix_cache() refused")
 
@@ -719,7 +740,8 @@ def main() -> int:
                 spec["decode"] = {"max_decode_tokens": llm["max_model_len"] - args.decode_prompt_len - 8,
                                   "quiet_s": 0.3 if args.small else 1.0, "bg_interval_s": args.bg_interval}
                 if phase == "decode-pega":
-                    spec.update(kv_transfer_config=pega_kv(), reset_before_decode=True)
+                    spec.update(kv_transfer_config=pega_kv(), reset_before_decode=True,
+                                metrics_addr=owner.metrics_addr)
             spec_path = work / f"{phase}.spec.json"
             spec_path.write_text(json.dumps(spec))
             log(f"phase {phase} ...")
