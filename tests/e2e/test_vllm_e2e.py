@@ -29,7 +29,7 @@ The CPU backend needs its threads pinned: with a KV connector it reserves a
 core per worker for the connector, which leaves nothing on a 2-core machine
 unless VLLM_CPU_OMP_THREADS_BIND names the cores. Engines that run at the same
 time get different cores. vLLM's CPU backend uses 128-token blocks; prompts
-of 600-1000 tokens span 4-7 blocks and end inside a block.
+of 600-1000 tokens span 4-7 blocks.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from harness import Owner, Vllm
 
 BLOCK = 128
