@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust (workspace tests, loom models) and Python (the
-# vLLM connector against the real vLLM package), installing what it needs.
+# vLLM connector against the real vLLM package, then real vLLM engines on CPU
+# end to end: tests/e2e), installing what it needs.
 #
 #   scripts/test-all.sh              # everything
 #   PEGAFLOW_SKIP_PYTHON=1 scripts/test-all.sh   # Rust only
+#   PEGAFLOW_SKIP_E2E=1 scripts/test-all.sh      # without the end-to-end suite
 #
 # GPU tests skip with a message on machines without a CUDA driver; run them
 # on a GPU with scripts/gpu-test.sh (docs/gpu.md).
@@ -32,7 +34,7 @@ if [[ -f pegaflow-shm/tests/loom.rs ]]; then
 fi
 
 if [[ "${PEGAFLOW_SKIP_PYTHON:-0}" != 1 ]]; then
-    log "Python: venv with the pinned vLLM versions, pegaflow-py, tests per version"
+    log "Python: venv with the pinned vLLM versions, pegaflow-py, tests per version, end to end"
     scripts/py-test.sh -ra
 fi
 
