@@ -45,7 +45,6 @@ from harness import Owner, Vllm
 BLOCK = 128
 VOCAB = 2048
 MAX_TOKENS = 16
-CONTENT_KEYS = "needs content-derived keys"
 
 
 def prompts(seed: int, n: int) -> list[list[int]]:
@@ -291,7 +290,6 @@ def engine_c(owner, model_dir, engines):
     return engines.start("C", llm_kwargs(model_dir, kv_transfer_config=connector(owner)), "0", "12345")
 
 
-@pytest.mark.xfail(reason=CONTENT_KEYS, strict=False)
 def test_b_hit_after_vllm_restart(ref, owner, engine_c):
     c = Counters(owner, engine_c)
     got = engine_c.generate(P, MAX_TOKENS)
