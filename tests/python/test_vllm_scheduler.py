@@ -261,3 +261,38 @@ def test_layerwise_pins_outlive_an_abort_until_the_step_is_back(tiny_model_dir, 
     step(b)
     assert "b1" not in b.scheduler.requests
     assert not side._reqs and not any(side._steps_loading)
+
+
+def test_auto_mode_loads_asynchronously_while_others_decode(tiny_model_dir, owner):
+    """pegaflow.load_mode auto (the default): a hit is loaded layer-wise when
+    the instance is otherwise idle, asynchronously while other requests run
+    (their steps must not wait for the copy)."""
+    a = make_instance(tiny_model_dir, owner)
+    wait_ready(a)
+    run_one(a, "a1", PROMPT)
+    b = make_instance(tiny_model_dir, owner)  # auto by default
+    wait_ready(b)
+    wait_hits(b, make_request("p", PROMPT), 3)
+    # idle: layer-wise
+    r1 = make_request("b1", PROMPT, max_tokens=2)
+    so = first_schedule(b, r1)
+    assert so.kv_connector_metadata.loads[0].layerwise
+    assert so.num_scheduled_tokens["b1"] == len(PROMPT) - 3 * BLOCK
+    verify_blocks(b, r1, 3 * BLOCK)
+    run_until_done(b, ["b1"])
+    # another request decoding (in a fresh instance: b's own prefix cache
+    # now holds the prompt): async
+    c = make_instance(tiny_model_dir, owner)
+    wait_ready(c)
+    c.scheduler.add_request(make_request("dec", [7] * (BLOCK + 3), max_tokens=40))
+    step(c)
+    step(c)
+    assert "dec" in c.scheduler.requests
+    r2 = make_request("c2", PROMPT, max_tokens=2)
+    so = first_schedule(c, r2)
+    assert so.kv_connector_metadata.loads and not so.kv_connector_metadata.loads[0].layerwise
+    assert "c2" not in so.num_scheduled_tokens and "dec" in so.num_scheduled_tokens
+    step(c)  # the load is done; c2 runs with its tail
+    verify_blocks(c, r2, 3 * BLOCK)
+    assert not any(p < 3 * BLOCK for p in c.computed["c2"])
+    run_until_done(c, ["c2", "dec"])

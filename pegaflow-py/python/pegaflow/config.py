@@ -18,7 +18,7 @@ from pegaflow.exceptions import ConfigError
 logger = logging.getLogger("pegaflow")
 
 _BACKENDS = ("auto", "host", "dma", "kernel")
-_LOAD_MODES = ("layerwise", "async")
+_LOAD_MODES = ("auto", "layerwise", "async")
 _LEGACY = ("pegaflow.host", "pegaflow.port")
 
 
@@ -52,9 +52,11 @@ class PegaflowConfig:
     reconnect_interval: float = 0.2
     #: How hits are loaded: ``layerwise`` (in the step that computes the rest
     #: of the prompt, each layer's attention waiting on the GPU for that
-    #: layer's copy) or ``async`` (the request waits in
-    #: WAITING_FOR_REMOTE_KVS until the whole copy is done, then runs).
-    load_mode: str = "layerwise"
+    #: layer's copy: the fastest first token), ``async`` (the request waits in
+    #: WAITING_FOR_REMOTE_KVS until the whole copy is done, then runs: other
+    #: requests' steps never wait for it), or ``auto``: layer-wise when no
+    #: other request is running, async otherwise.
+    load_mode: str = "auto"
     #: Longest a step's saves wait for the owner to refill a short stash
     #: (seconds); blocks beyond what could be reserved are not saved.
     reserve_wait: float = 0.002

@@ -43,6 +43,9 @@ class LoadSpec:
     #: blocks[rank][i] is the (slot, generation) holding block_ids[i] for
     #: that rank (one list for MLA, shared by all ranks).
     blocks: list[list[tuple[int, int]]]
+    #: loaded in this step, each attention layer waiting for its own layer
+    #: (else asynchronously: reported in finished_recving when done)
+    layerwise: bool = True
 
 
 @dataclass

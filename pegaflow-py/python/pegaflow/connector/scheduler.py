@@ -6,8 +6,11 @@ KV tensors. Per request:
 * ``get_num_new_matched_tokens``: counts the leading blocks of the request's
   key chain that *every* TP rank's namespace holds, pins them (once per
   request: repeated calls reuse the pins) and returns them as a layer-wise
-  load (loaded in the step that computes the rest of the prompt) or, with
-  ``pegaflow.load_mode: async``, as an asynchronous one.
+  load (loaded in the step that computes the rest of the prompt: the
+  fastest first token) or as an asynchronous one (the request waits until
+  the copy is done: no other request's step waits for it).
+  ``pegaflow.load_mode: auto`` (the default) loads layer-wise when no other
+  request is running, asynchronously otherwise.
 * ``update_state_after_alloc``: records the GPU blocks to load into, or
   releases the pins when vLLM decided not to load.
 * ``build_connector_meta``: per step, the loads (GPU block ids, the segment
@@ -71,6 +74,8 @@ class ReqState:
     #: first block to load (the local prefix-cache hit ends there)
     load_from: int = 0
     load_pending: bool = False
+    #: how this request's hit is loaded (decided when it is pinned)
+    layerwise: bool = True
     had_saves: bool = False
 
 
@@ -101,7 +106,9 @@ class SchedulerSide:
         )
         self._reqs: dict[str, ReqState] = {}
         self._loads: list[LoadSpec] = []
-        self.layerwise = cfg.load_mode == "layerwise"
+        self.load_mode = cfg.load_mode
+        #: requests the last step ran (auto mode: is anyone else running?)
+        self._last_scheduled: set[str] = set()
         #: async loads: req_id -> pins to release once the load reported finished
         self._loading: dict[str, ReqState] = {}
         #: layer-wise loads of the step being built, then of each step whose
@@ -204,6 +211,10 @@ class SchedulerSide:
                 st.pins = pins
                 st.pinned_blocks = got
                 st.load_from = local
+                st.layerwise = self.load_mode == "layerwise" or (
+                    self.load_mode == "auto"
+                    and not (self._last_scheduled - {request.request_id})
+                )
                 st.saved = max(st.saved, got)
                 if got <= local:
                     self._release(st)
@@ -212,7 +223,7 @@ class SchedulerSide:
             ext = hit_tokens - num_computed_tokens
             if ext <= 0:
                 return 0, False
-            return ext, not self.layerwise
+            return ext, not st.layerwise
         except PegaflowError:
             logger.exception("PegaFlow lookup failed; treating as a miss")
             return 0, False
@@ -246,9 +257,10 @@ class SchedulerSide:
                 block_ids=block_ids,
                 segment_id=st.pins[0].segment_id,
                 blocks=[p.blocks(lo, lo + n) for p in st.pins],
+                layerwise=st.layerwise,
             )
         )
-        if self.layerwise:
+        if st.layerwise:
             self._step_loading.append(st)
         else:
             self._loading[request.request_id] = st
@@ -260,6 +272,7 @@ class SchedulerSide:
         # loads are over then.
         self._steps_loading.append(self._step_loading)
         self._step_loading = []
+        self._last_scheduled = set(scheduler_output.num_scheduled_tokens)
         if not self.cfg.save:
             return meta
         nst = scheduler_output.num_scheduled_tokens
@@ -312,6 +325,7 @@ class SchedulerSide:
     def request_finished(
         self, request: "Request", block_ids: list[int]
     ) -> tuple[bool, Optional[dict[str, Any]]]:
+        self._last_scheduled.discard(request.request_id)
         st = self._reqs.pop(request.request_id, None)
         if st is None:
             return False, None

@@ -9,12 +9,13 @@ bound to this rank's namespace:
   scheduler computed from the config; an unsupported layout fails here.
 * ``start_load_kv``: makes this step's compute wait (on the GPU) for the
   saves still running, then queues the copies of the step's hits, named by
-  segment and ``(slot, generation)``, on its own CUDA stream. Layer-wise
-  (the default): ``wait_for_layer_load`` makes each attention layer wait on
-  the GPU for its own layer's copy, so the copies overlap the forward pass,
-  and ``get_block_ids_with_load_errors`` checks every copied block once the
-  copies are done. Async: ``get_finished`` reports the request in
-  ``finished_recving`` once its copies are done and checked.
+  segment and ``(slot, generation)``, on its own CUDA stream. A layer-wise
+  load: ``wait_for_layer_load`` makes each attention layer wait on the GPU
+  for its own layer's copy, so the copies overlap the forward pass, and
+  ``get_block_ids_with_load_errors`` checks every copied block once the
+  copies are done. An async one: ``get_finished`` reports the request in
+  ``finished_recving`` once its copies are done and checked. The scheduler
+  decides which, per request (``LoadSpec.layerwise``).
 * ``save_kv_layer`` / ``wait_for_save``: reserve slots for the step's saves
   at once (one bounded wait), copy layer by layer on the transfer's own
   stream behind each layer's compute, commit once the copies completed;
@@ -160,7 +161,7 @@ class WorkerSide:
         for ld in meta.loads:
             blocks = ld.blocks[0] if len(ld.blocks) == 1 else ld.blocks[self.rank_index]
             n = min(len(blocks), len(ld.block_ids))
-            if not self.cfg.load_mode == "layerwise":
+            if not ld.layerwise:
                 self._recving.add(ld.req_id)
             if n == 0:
                 continue
@@ -170,7 +171,7 @@ class WorkerSide:
                 logger.warning("PegaFlow load of %s failed (%s); vLLM recomputes it", ld.req_id, e)
                 self._load_errors.update(ld.block_ids)
                 continue
-            if self.cfg.load_mode == "layerwise":
+            if ld.layerwise:
                 self._layerwise_pending = True
             else:
                 self._load_handles[h] = ld.req_id
