@@ -32,20 +32,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// `68719476736` -> `64.0 GiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use pegaflow_shm::error::human;
 
 #[cfg(test)]
 mod tests {

@@ -133,8 +133,9 @@ pub enum SegmentError {
     NotReady { path: PathBuf, state: u32 },
 }
 
-/// `3221225472` -> `3.0 GiB` (for messages only).
-fn human(bytes: u64) -> String {
+/// `3221225472` -> `3.0 GiB` (for messages only; the owner's messages use it
+/// too).
+pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

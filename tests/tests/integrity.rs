@@ -140,6 +140,43 @@ fn stop(pid: i32) {
     }));
 }
 
+/// A `pf-engine hangup` child: it takes `n` stash slots by hand and closes
+/// its socket, then lives on. Returns it and the slots it holds.
+fn hang_up_child(owner: &OwnerProc, n: usize) -> (KillOnDrop, Vec<u32>) {
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pf-engine"));
+    let mut child = KillOnDrop(
+        pegaflow_tests::engine_cmd(
+            &bin,
+            &[
+                "hangup".into(),
+                owner.socket.display().to_string(),
+                owner.name.clone(),
+                NS.to_string(),
+                SLOT.to_string(),
+                n.to_string(),
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let held = line
+        .trim()
+        .strip_prefix("hungup ")
+        .unwrap_or_else(|| panic!("unexpected: {line:?}"))
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (child, held)
+}
+
 fn slot_state(ctl: &Path, slot: u32) -> (SlotKind, u16) {
     let seg = ControlSegment::open_read_only(ctl).unwrap();
     let st = seg.slots()[slot as usize].load_state().unwrap();
@@ -282,32 +319,7 @@ fn writing_slots_outlive_the_hang_up_until_the_process_is_gone() {
     }
 
     // A child process that hangs up and then dies: its slots come back.
-    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pf-engine"));
-    let mut child = pegaflow_tests::engine_cmd(
-        &bin,
-        &[
-            "hangup".into(),
-            owner.socket.display().to_string(),
-            owner.name.clone(),
-            NS.to_string(),
-            SLOT.to_string(),
-            "5".into(),
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut child = KillOnDrop(child);
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
-    let held: Vec<u32> = line
-        .strip_prefix("hungup ")
-        .unwrap_or_else(|| panic!("unexpected: {line:?}"))
-        .split_whitespace()
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let (mut child, held) = hang_up_child(&owner, 5);
     assert_eq!(held.len(), 5);
     std::thread::sleep(Duration::from_millis(300));
     for &s in &held {
@@ -589,37 +601,7 @@ fn a_trickling_peer_stalls_nobody() {
         t.elapsed()
     );
     // A killed engine is reclaimed promptly meanwhile, too.
-    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pf-engine"));
-    let mut child = KillOnDrop(
-        pegaflow_tests::engine_cmd(
-            &bin,
-            &[
-                "hangup".into(),
-                owner.socket.display().to_string(),
-                owner.name.clone(),
-                NS.to_string(),
-                SLOT.to_string(),
-                "4".into(),
-            ],
-        )
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let held: Vec<u32> = line
-        .trim()
-        .strip_prefix("hungup ")
-        .unwrap()
-        .split_whitespace()
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let (mut child, held) = hang_up_child(&owner, 4);
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     assert!(
