@@ -31,6 +31,7 @@
 //! | `PEGAFLOW_CHAOS_SECS` | 120 | seconds of chaos (the whole test takes about 10 s more) |
 //! | `PEGAFLOW_CHAOS_SEED` | from the clock | replay a run's sequence of actions (timing still varies) |
 //! | `PEGAFLOW_CHAOS_PRESSURE` | 0 | 1: a pool too small for the keys, so blocks are evicted under pins; then only keys that still hit are checked |
+//! | `PEGAFLOW_CHAOS_LOG` | none | copy the owner's log (debug level, every restart) to this file at the end, pass or fail |
 //!
 //! A long manual run, with the summary printed:
 //! `PEGAFLOW_CHAOS_SECS=600 cargo test -p pegaflow-tests --test chaos -- --nocapture`
@@ -272,8 +273,21 @@ struct Chaos {
 }
 
 impl Chaos {
+    /// `PEGAFLOW_CHAOS_LOG`: keep the owner's log.
+    fn keep_log(&self) {
+        if let Some(to) = std::env::var_os("PEGAFLOW_CHAOS_LOG") {
+            if let Err(e) = std::fs::copy(&self.owner.log, &to) {
+                eprintln!(
+                    "cannot copy the owner log to {}: {e}",
+                    PathBuf::from(to).display()
+                );
+            }
+        }
+    }
+
     /// Fail with everything needed to look into it and replay it.
     fn fail(&self, what: &str) -> ! {
+        self.keep_log();
         let log = self.owner.log_text();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(80)..].join("\n");
@@ -827,6 +841,7 @@ fn chaos_keeps_every_committed_block_byte_exact() {
     if code != Some(0) {
         chaos.fail(&format!("pegaflow-inspect verify is not clean:\n{text}"));
     }
+    chaos.keep_log();
     let status = chaos.owner.terminate();
     if !status.is_some_and(|s| s.success()) {
         chaos.fail(&format!(
