@@ -132,6 +132,8 @@ struct Reports {
     /// When each engine's `ops` last grew.
     progress: HashMap<u32, (u64, Instant)>,
     corrupt: Vec<String>,
+    /// Pinned blocks found invalid at their load (lost pins).
+    invalid: Vec<String>,
     /// Lines nobody expects (an engine error).
     odd: Vec<String>,
 }
@@ -174,6 +176,9 @@ fn read_engine(no: u32, pid: u32, out: impl Read, reports: Arc<Mutex<Reports>>) 
             }
             Some("CORRUPT") => rep
                 .corrupt
+                .push(format!("engine {no} (pid {pid}): {}", line.trim())),
+            Some("INVALID") => rep
+                .invalid
                 .push(format!("engine {no} (pid {pid}): {}", line.trim())),
             _ => rep
                 .odd
@@ -553,12 +558,13 @@ impl Chaos {
         // Not wrong bytes (the API said so, and the engine takes it as a
         // miss), but a pinned block is never evicted or reused: a block that
         // changed under its pin means a pin was lost.
-        let invalid = total(&rep, "invalid_blocks");
-        if invalid > 0 {
+        if let Some(first) = rep.invalid.first() {
+            let msg = format!(
+                "{} pinned blocks were no longer valid when loaded: pins were lost; first: {first}",
+                rep.invalid.len()
+            );
             drop(rep);
-            self.fail(&format!(
-                "{invalid} pinned blocks were no longer valid when loaded: pins were lost"
-            ));
+            self.fail(&msg);
         }
         if let Some(o) = rep.odd.first() {
             let msg = format!("unexpected engine output: {o}");

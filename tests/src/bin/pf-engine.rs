@@ -208,6 +208,7 @@ fn main() {
 /// committed SEGMENT_HEX NS I I I ...    keys seen committed (pinned and validated) in that segment
 /// done ops=N ...                         after a clean stop (stdin_stop)
 /// CORRUPT ...                            wrong bytes behind a valid load; exit 3
+/// INVALID ...                            a pinned block no longer valid at its load (a lost pin)
 /// ```
 mod chaos {
     use std::collections::HashSet;
@@ -352,10 +353,17 @@ mod chaos {
         space: Space,
         start: u64,
         until: Instant,
+        /// When the lookup pinned them.
+        taken: Instant,
+        /// Blocks released early (`recheck_held`).
+        released: Vec<bool>,
     }
 
     struct Worker<'a> {
         e: Engine,
+        /// The owner's control file, read (not mapped for writing) to say
+        /// what became of a block that went invalid under its pin.
+        control: std::path::PathBuf,
         own: Option<Space>,
         spaces: Vec<Space>,
         opts: &'a Opts,
@@ -511,7 +519,9 @@ mod chaos {
             add(&st.lookups, 1);
             add(&st.hit_blocks, p.len() as u64);
             self.report(p.segment_id(), sp.ns, start, p.len() as u64);
-            self.verify(&p, sp, start);
+            let taken = Instant::now();
+            let released = vec![false; p.len()];
+            self.verify(&p, sp, start, taken, &released);
             let hold = may_hold
                 && self.opts.hold_ms > 0
                 && !p.is_empty()
@@ -525,23 +535,28 @@ mod chaos {
                     space: sp,
                     start,
                     until,
+                    taken,
+                    released,
                 });
             } else {
                 self.release(p);
             }
         }
 
-        /// Copy out every block still pinned and check it against its key.
-        fn verify(&self, p: &Pinned, sp: Space, start: u64) {
-            let held = p.held();
-            let mut good = 0;
+        /// Copy out every block still pinned (all but `released`) and check
+        /// it against its key. Wrong bytes behind a valid load: `CORRUPT`,
+        /// exit 3. A block no longer valid is a miss for the engine, but it
+        /// was pinned, and a pinned block is never evicted or reused: it is
+        /// reported (`INVALID`) with what the owner log needs to explain it.
+        fn verify(&self, p: &Pinned, sp: Space, start: u64, taken: Instant, released: &[bool]) {
+            let mut seen = vec![None; p.len()];
             self.e.load_checked(p, |i, data, ok| {
+                seen[i] = Some(ok);
                 if !ok {
                     return;
                 }
                 let key = BlockKey::new(sp.ns, pegaflow_tests::hash_of(KEY_SEED, start + i as u64));
                 if block_ok(&key, sp.slot_bytes, data) {
-                    good += 1;
                     return;
                 }
                 let b = p.blocks[i];
@@ -560,10 +575,45 @@ mod chaos {
                 );
                 std::process::exit(3);
             });
+            let mut good = 0;
+            for (i, seen) in seen.iter().enumerate() {
+                if released.get(i).copied().unwrap_or(false) {
+                    continue;
+                }
+                if *seen == Some(true) {
+                    good += 1;
+                    continue;
+                }
+                add(&self.shared.stats.invalid_blocks, 1);
+                let b = p.blocks[i];
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                // The slot as the segment file says now (if it is still the
+                // file of that segment).
+                let state_now =
+                    pegaflow_shm::segment::ControlSegment::open_read_only(&self.control)
+                        .ok()
+                        .filter(|c| c.header().segment_id == p.segment_id())
+                        .and_then(|c| c.slots().get(b.slot as usize).and_then(|e| e.load_state()))
+                        .map_or("unknown".to_string(), |st| {
+                            format!("{:?}/{}/gen{}", st.kind, st.client, st.gen)
+                        });
+                println!(
+                    "INVALID unix_ms={now_ms} pid={} segment={:x} ns={} key={} slot={} gen={} why={} state_now={state_now} pinned_ms_ago={} client_now={:?} segment_now={:x}",
+                    std::process::id(),
+                    p.segment_id(),
+                    sp.ns,
+                    start + i as u64,
+                    b.slot,
+                    b.gen,
+                    if seen.is_some() { "changed-during-the-read" } else { "not-committed-at-its-generation" },
+                    taken.elapsed().as_millis(),
+                    self.e.client_id(),
+                    self.e.segment_id(),
+                );
+            }
             add(&self.shared.stats.verified_blocks, good);
-            // Pinned blocks cannot change (eviction skips them), so this
-            // stays 0 unless a pin was lost.
-            add(&self.shared.stats.invalid_blocks, held as u64 - good);
         }
 
         /// Release in up to four pieces, in random order, sometimes a piece
@@ -595,7 +645,7 @@ mod chaos {
             while i < self.held.len() {
                 if self.held[i].until <= now {
                     let h = self.held.swap_remove(i);
-                    self.verify(&h.pinned, h.space, h.start);
+                    self.verify(&h.pinned, h.space, h.start, h.taken, &h.released);
                     self.release(h.pinned);
                 } else {
                     i += 1;
@@ -608,13 +658,15 @@ mod chaos {
         fn recheck_held(&mut self) {
             let i = self.below(self.held.len() as u64) as usize;
             add(&self.shared.stats.rechecks, 1);
-            let (space, start) = (self.held[i].space, self.held[i].start);
-            self.verify(&self.held[i].pinned, space, start);
+            let h = &self.held[i];
+            self.verify(&h.pinned, h.space, h.start, h.taken, &h.released);
             if self.below(2) == 0 {
                 let n = self.held[i].pinned.len();
                 let a = self.below(n as u64 + 1) as usize;
                 let b = self.below(n as u64 + 1) as usize;
-                self.held[i].pinned.release_range(a.min(b)..a.max(b));
+                let h = &mut self.held[i];
+                h.pinned.release_range(a.min(b)..a.max(b));
+                h.released[a.min(b)..a.max(b)].fill(true);
             }
         }
 
@@ -689,6 +741,7 @@ mod chaos {
                 scope.spawn(move || {
                     let mut w = Worker {
                         e,
+                        control: pegaflow_shm::segment::control_path(name),
                         own,
                         spaces,
                         opts,
