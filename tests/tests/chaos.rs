@@ -4,7 +4,10 @@
 //! at random moments, SIGKILLs engines and starts new ones, SIGSTOPs engines
 //! and the owner for up to 3 s, SIGKILLs or SIGTERMs the owner and restarts
 //! it (it re-adopts the segments), and sometimes restarts it with
-//! `--discard-existing` (a new segment: engines must notice and keep going).
+//! `--discard-existing` (a new segment: engines must notice and keep going)
+//! and a new `--pool-size`: a roomy pool, where nothing is evicted, or one
+//! time in three a tight one, a third of what the keys need, where blocks
+//! are evicted under pins all the time.
 //! The engines hold pins for up to 1.5 s, drop reservations uncommitted,
 //! commit out of order and release pins in pieces; each runs two threads.
 //!
@@ -15,10 +18,10 @@
 //!   valid whose bytes or length differ from the key's is `CORRUPT` (exit 3);
 //! - no pin is lost: a load it calls invalid is a miss for the engine, but
 //!   a pinned block is never evicted or reused, so the test fails on any;
-//! - every key an engine saw committed (pinned and validated in a lookup) in
-//!   the segment that is current at the end is still there, byte-exact (the
-//!   pool is sized so that nothing is evicted); every other key that hits is
-//!   byte-exact too;
+//! - before each discard and at the end, every key an engine saw committed
+//!   (pinned and validated in a lookup) in that segment is still there,
+//!   byte-exact, if its pool was the roomy one; every key that hits is
+//!   byte-exact in any pool;
 //! - no engine hangs: each keeps making progress and stops when asked;
 //! - the control segment holds no pins, no writing slots, no stash entries
 //!   and no client entries but FREE ones once the engines are gone, and
@@ -30,7 +33,7 @@
 //! |---|---|---|
 //! | `PEGAFLOW_CHAOS_SECS` | 120 | seconds of chaos (the whole test takes about 10 s more) |
 //! | `PEGAFLOW_CHAOS_SEED` | from the clock | replay a run's sequence of actions (timing still varies) |
-//! | `PEGAFLOW_CHAOS_PRESSURE` | 0 | 1: a pool too small for the keys, so blocks are evicted under pins; then only keys that still hit are checked |
+//! | `PEGAFLOW_CHAOS_PRESSURE` | 0 | 1: every pool is the tight one |
 //! | `PEGAFLOW_CHAOS_LOG` | none | copy the owner's log (debug level, every restart) to this file at the end, pass or fail |
 //!
 //! A long manual run, with the summary printed:
@@ -76,12 +79,13 @@ const SPACES: [Space; 3] = [
 /// Keys per namespace (`pf-engine chaos keys=`), of key seed 7.
 const KEYS: u64 = 160;
 const KEY_SEED: u64 = 7;
-/// The keys take 40 MiB in 64 KiB and 128 KiB slots; engines' stashes, what
-/// they hold mid-save and what dead engines hold until they are reclaimed
-/// stay well under the rest, so nothing is ever evicted.
+/// The roomy pool: the keys take 40 MiB in 64 KiB and 128 KiB slots;
+/// engines' stashes, what they hold mid-save and what dead engines hold
+/// until they are reclaimed stay well under the rest, so nothing is ever
+/// evicted.
 const POOL: &str = "192mb";
-/// `PEGAFLOW_CHAOS_PRESSURE=1`: a third of what the keys need.
-const POOL_PRESSURE: &str = "16mb";
+/// The tight pool: a third of what the keys need.
+const POOL_TIGHT: &str = "16mb";
 const ENGINES_START: usize = 4;
 const ENGINES_MIN: usize = 2;
 const ENGINES_MAX: usize = 5;
@@ -266,7 +270,11 @@ struct Chaos {
     /// Engines' stderr files.
     logs: tempfile::TempDir,
     bin: PathBuf,
-    pressure: bool,
+    /// `PEGAFLOW_CHAOS_PRESSURE=1`: every pool is the tight one.
+    always_tight: bool,
+    /// The current segment's pool is the tight one (blocks are evicted).
+    tight: bool,
+    tight_segments: u64,
     started: Instant,
     first_midway_error: Option<String>,
     /// A lookup-only engine in this process: checks every segment's keys
@@ -416,10 +424,17 @@ impl Chaos {
         // Engines run on without it for a moment.
         std::thread::sleep(Duration::from_millis(self.rng.below(400)));
         if how == "discard" {
+            // A new segment may have a new size: that takes a discard.
+            self.tight = self.always_tight || self.rng.below(3) == 0;
+            let size = if self.tight { POOL_TIGHT } else { POOL };
+            if let Some(i) = self.owner.args.iter().position(|a| a == "--pool-size") {
+                self.owner.args[i + 1] = size.into();
+            }
             self.owner.args.push("--discard-existing".into());
             self.owner.spawn();
             self.owner.args.pop();
             self.counts.discards += 1;
+            self.tight_segments += u64::from(self.tight);
         } else {
             self.owner.spawn();
         }
@@ -451,7 +466,7 @@ impl Chaos {
                 "the verifying engine did not connect to segment {segment:x} within 10 s"
             ));
         }
-        let (verified, _) = verify_keys(self, &v, segment);
+        let (verified, _) = verify_keys(self, &v, segment, !self.tight);
         self.eras_checked += 1;
         self.era_keys_checked += verified;
     }
@@ -680,9 +695,10 @@ impl Chaos {
 
 /// Every key of every namespace, looked up one by one: those that hit must
 /// load byte-exact (and valid: nothing else releases this engine's pins),
-/// and (without pressure) every key an engine saw committed in this segment
-/// must hit. Returns (keys verified, keys known committed here).
-fn verify_keys(chaos: &Chaos, e: &Engine, segment: u64) -> (u64, u64) {
+/// and (`exact`: the pool evicts nothing) every key an engine saw committed
+/// in this segment must hit. Returns (keys verified, keys known committed
+/// here).
+fn verify_keys(chaos: &Chaos, e: &Engine, segment: u64, exact: bool) -> (u64, u64) {
     let known: HashSet<(u64, u64)> = chaos
         .reports
         .lock()
@@ -716,9 +732,9 @@ fn verify_keys(chaos: &Chaos, e: &Engine, segment: u64) -> (u64, u64) {
             }
         }
     }
-    if !chaos.pressure && !lost.is_empty() {
+    if exact && !lost.is_empty() {
         chaos.fail(&format!(
-            "{} keys seen committed in the final segment are gone (nothing is evicted in this pool): {:x?}",
+            "{} keys seen committed in segment {segment:x} are gone (nothing is evicted in this pool): {:x?}",
             lost.len(),
             &lost[..lost.len().min(20)]
         ));
@@ -772,9 +788,9 @@ fn chaos_keeps_every_committed_block_byte_exact() {
             .unwrap_or_default();
         (t.as_nanos() as u64 ^ u64::from(std::process::id())) | 1
     });
-    let pressure = env_u64("PEGAFLOW_CHAOS_PRESSURE").unwrap_or(0) != 0;
+    let always_tight = env_u64("PEGAFLOW_CHAOS_PRESSURE").unwrap_or(0) != 0;
     eprintln!("chaos: seed {seed} ({secs} s; replay with PEGAFLOW_CHAOS_SEED={seed})");
-    let pool = if pressure { POOL_PRESSURE } else { POOL };
+    let pool = if always_tight { POOL_TIGHT } else { POOL };
     let owner = OwnerProc::start_with(
         "chaos",
         &[
@@ -797,7 +813,9 @@ fn chaos_keeps_every_committed_block_byte_exact() {
         counts: Counts::default(),
         logs: tempfile::tempdir().expect("tempdir"),
         bin: PathBuf::from(env!("CARGO_BIN_EXE_pf-engine")),
-        pressure,
+        always_tight,
+        tight: always_tight,
+        tight_segments: u64::from(always_tight),
         started: Instant::now(),
         first_midway_error: None,
         verifier: None,
@@ -840,7 +858,7 @@ fn chaos_keeps_every_committed_block_byte_exact() {
     if !e.wait_connected(Duration::from_secs(10)) || e.segment_id() != segment {
         chaos.fail("the verifying engine is not connected to the final segment");
     }
-    let (verified, known) = verify_keys(&chaos, &e, segment);
+    let (verified, known) = verify_keys(&chaos, &e, segment, !chaos.tight);
     drop(e);
     let audit = chaos.audit_empty("after the verifying engine left");
     let (code, text) = chaos.inspect_verify();
@@ -860,14 +878,14 @@ fn chaos_keeps_every_committed_block_byte_exact() {
     println!(
         "chaos summary (seed {seed}{}): {:.0} s of chaos, {:.0} s in all\n\
          \x20 engines: {} started, {} SIGKILLed, {} SIGSTOPped\n\
-         \x20 owner: {} SIGSTOPs, {} SIGKILL restarts, {} SIGTERM restarts, {} discarding restarts ({} segments)\n\
+         \x20 owner: {} SIGSTOPs, {} SIGKILL restarts, {} SIGTERM restarts, {} discarding restarts ({} segments, {} of them with the tight pool)\n\
          \x20 engine operations: {} ({} saves: {} blocks committed, {} reserved and left uncommitted, {} reservations dropped; \
          {} lookups: {} blocks hit, {} loaded byte-exact, {} invalid at load (misses); {} lookups held pinned)\n\
          \x20 wrong bytes read: {}\n\
-         \x20 final segment: {} keys verified byte-exact, {} seen committed by engines{}, {} committed blocks\n\
-         \x20 discarded segments checked just before their discard: {} ({} keys byte-exact, every key seen committed present)\n\
+         \x20 final segment ({} pool): {} keys verified byte-exact, {} seen committed by engines{}, {} committed blocks\n\
+         \x20 discarded segments checked just before their discard: {} ({} keys byte-exact; in roomy pools every key seen committed present)\n\
          \x20 inspect verify mid-run: {} runs, {} with findings",
-        if pressure { ", pressure" } else { "" },
+        if always_tight { ", every pool tight" } else { "" },
         chaos_time.as_secs_f64(),
         chaos.started.elapsed().as_secs_f64(),
         c.engines_spawned,
@@ -878,6 +896,7 @@ fn chaos_keeps_every_committed_block_byte_exact() {
         c.owner_terms,
         c.discards,
         chaos.segments.len(),
+        chaos.tight_segments,
         total(&rep, "ops"),
         total(&rep, "saves"),
         total(&rep, "saved_blocks"),
@@ -889,9 +908,10 @@ fn chaos_keeps_every_committed_block_byte_exact() {
         total(&rep, "invalid_blocks"),
         total(&rep, "holds"),
         rep.corrupt.len(),
+        if chaos.tight { "tight" } else { "roomy" },
         verified,
         known,
-        if pressure { " (evicted ones may be gone)" } else { " (all present)" },
+        if chaos.tight { " (evicted ones may be gone)" } else { " (all present)" },
         audit.committed,
         chaos.eras_checked,
         chaos.era_keys_checked,
