@@ -3,7 +3,8 @@
 //! ```text
 //! pf-engine save  SOCKET NAME NS SLOT_BYTES SEED START COUNT   # prints "saved N" then "visible N"
 //! pf-engine load  SOCKET NAME NS SEED START COUNT              # prints "hits H ok V bad B"
-//! pf-engine chaos SOCKET NAME NS SLOT_BYTES SEED               # random saves and verified loads forever
+//! pf-engine chaos SOCKET NAME NS SLOT_BYTES SEED [KEY=VALUE..] # random saves and verified loads until
+//!                                                              # killed (options: see `mod chaos`)
 //! pf-engine hold  SOCKET NAME NS SEED START COUNT              # pin, print "pinned N", sleep
 //! pf-engine hangup SOCKET NAME NS SLOT_BYTES N                 # take N stash slots by hand, hang up,
 //!                                                              # print "hungup SLOT...", sleep
