@@ -142,7 +142,8 @@ impl Pinned {
 
     /// Whether block `i` is still pinned and still the block that was pinned
     /// (checked after a copy out of it: `false` means the copy may hold other
-    /// bytes).
+    /// bytes). A block the owner has begun to evict is still valid: it backs
+    /// off from the pin, and a slot is rewritten only in a later generation.
     pub fn still_valid(&self, i: usize) -> bool {
         let st = self.state.lock();
         match (&st.session, self.blocks.get(i), st.held.get(i)) {
@@ -780,8 +781,9 @@ impl Engine {
 
     /// Host address and length of a block another process pinned (vLLM's
     /// scheduler pins, its workers copy): only if this engine is connected
-    /// to that very segment and the slot is still `Committed` at that
-    /// generation. The pin that protects it is the other process's.
+    /// to that very segment and the slot still holds the block committed at
+    /// that generation (`Committed`, or `Evicting` while the owner checks
+    /// pins). The pin that protects it is the other process's.
     pub fn pinned_block(&self, segment_id: u64, slot: u32, gen: u32) -> Option<(*const u8, usize)> {
         let s = self.session()?;
         if s.welcome.segment_id != segment_id {
@@ -790,8 +792,9 @@ impl Engine {
         s.committed_block(slot, gen)
     }
 
-    /// Whether `slot` of `segment_id` is still `Committed` at `gen` (checked
-    /// after copying out of it).
+    /// Whether `slot` of `segment_id` still holds the block committed at
+    /// `gen` (checked after copying out of it; an eviction that is only
+    /// begun does not count, see [`Pinned::still_valid`]).
     pub fn still_committed(&self, segment_id: u64, slot: u32, gen: u32) -> bool {
         // A session that died keeps its mapping: what it says about its
         // segment stays true for blocks pinned in it.

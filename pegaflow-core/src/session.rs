@@ -199,10 +199,10 @@ impl Session {
         ))
     }
 
-    /// Host address and valid length of a committed block: `slot` must be
-    /// `Committed` at generation `gen` (the pin of whoever handed it over
-    /// keeps it so). The length is clamped to the slot, whatever the slot
-    /// table says.
+    /// Host address and valid length of a committed block: `slot` must
+    /// still hold the block committed at generation `gen` ([`Self::is_committed`];
+    /// the pin of whoever handed it over keeps it so). The length is clamped
+    /// to the slot, whatever the slot table says.
     pub fn committed_block(&self, slot: u32, gen: u32) -> Option<(*const u8, usize)> {
         if !self.is_committed(slot, gen) {
             return None;
@@ -212,13 +212,22 @@ impl Session {
         Some((ptr as *const u8, len.min(cap as u64) as usize))
     }
 
-    /// Whether `slot` is `Committed` at generation `gen`.
+    /// Whether `slot` still holds the block committed at generation `gen`:
+    /// it is `Committed` at `gen`, or `Evicting` at `gen`. An eviction the
+    /// owner began is not one it finished: it backs off from a pin (for the
+    /// microseconds of its pin check, or until the next owner if it died
+    /// there), and a slot is rewritten only after it was freed, which moves
+    /// it to the next generation. So bytes read before this says true were
+    /// the committed ones. New pins are never taken on `Evicting`
+    /// ([`pegaflow_shm::slot_table::SlotEntry::validate`]).
     pub fn is_committed(&self, slot: u32, gen: u32) -> bool {
         self.ctl
             .slots()
             .get(slot as usize)
             .and_then(|e| e.load_state())
-            .is_some_and(|s| s.kind == SlotKind::Committed && s.gen == gen)
+            .is_some_and(|s| {
+                matches!(s.kind, SlotKind::Committed | SlotKind::Evicting) && s.gen == gen
+            })
     }
 
     /// Whether `slot` is `Writing(us)` at generation `gen`.
