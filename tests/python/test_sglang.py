@@ -13,8 +13,10 @@ skipped when SGLang cannot be imported.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +30,9 @@ try:
     import sglang_harness as h
     import torch
     from sglang.srt.mem_cache.hicache_storage import STORAGE_BATCH_SIZE, PoolName
+    from sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller import HybridCacheController
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+    from sglang.srt.server_args import ServerArgs
 except Exception as e:  # noqa: BLE001 - any import failure of SGLang's stack
     if os.environ.get("PEGAFLOW_SGLANG_REQUIRED") == "1":
         raise
@@ -76,7 +81,7 @@ def run_child(owner, kind, layout, seed, pages, tp_rank=0, tp_size=1) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def test_factory_loads_the_backend_by_its_documented_flags(owner):
+def test_factory_creates_and_registers_the_backend(owner):
     pool = h.make_host_pool("mha", "page_first")
     backend = connected(h.attach(h.storage_config(owner), pool))
     assert type(backend) is PegaHiCacheStorage
@@ -84,6 +89,36 @@ def test_factory_loads_the_backend_by_its_documented_flags(owner):
     assert backend.layout.num_pages == pool.page_num
     assert backend.layout.page_bytes == pool.get_dummy_flat_data_page().numel() * 2
     assert backend.namespace != 0
+
+
+def quick_start_flags() -> list[str]:
+    """The SGLang command line of docs/sglang.md's quick start."""
+    text = (HERE.parents[1] / "docs" / "sglang.md").read_text()
+    block = text.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmd = block[block.index("python -m sglang.launch_server"):].replace("\\\n", " ")
+    args = shlex.split(cmd.split("\n\n", 1)[0])
+    return args[args.index("sglang.launch_server") + 1 :]
+
+
+def test_the_documented_launch_flags_load_the_backend(owner):
+    """docs/sglang.md's flags, parsed by SGLang's own CLI and extra-config
+    parser, give a backend SGLang's factory creates and that stores pages."""
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(quick_start_flags())
+    assert args.enable_hierarchical_cache and args.hicache_storage_backend == "dynamic"
+    extra, *_ = HybridCacheController.parse_storage_backend_extra_config(
+        args.hicache_storage_backend_extra_config
+    )
+    cfg = h.storage_config(owner)
+    cfg.extra_config = {**extra, "pegaflow.name": owner.name, "pegaflow.socket": owner.socket}
+    pool = h.make_host_pool("mha", args.hicache_mem_layout)
+    backend = StorageBackendFactory.create_backend(args.hicache_storage_backend, cfg, pool)
+    backend.register_mem_pool_host(pool)
+    connected(backend)
+    keys = h.page_hashes(h.prompt(11, 2))
+    assert backend.batch_set_v1(keys, h.fill(pool, 11, 2)) == [True, True]
+    assert published(backend, keys) == 2
 
 
 def test_without_interface_v1_it_refuses_to_start(owner):
