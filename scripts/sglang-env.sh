@@ -7,7 +7,7 @@
 #
 # What it makes: $PEGAFLOW_VENV/sglang (default .venv/sglang), a directory to
 # put first on PYTHONPATH, holding sglang $SGLANG_VERSION from PyPI (--no-deps)
-# and the few pure-Python packages its storage and host-pool modules import
+# and the few small packages its storage and host-pool modules import
 # beyond the test venv (scripts/py-env.sh), pinned.
 #
 # Why an overlay of the test venv rather than `pip install sglang`: sglang's
