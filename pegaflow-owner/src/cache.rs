@@ -44,8 +44,9 @@ pub const MAX_CLASSES: usize = 32;
 /// seen at least this often (saved and hit once): one-off prompts never
 /// wear the disk.
 pub const SSD_ADMIT_MIN: u32 = 2;
-/// Cold blocks looked at per class per idle pass for write-behind.
-const WRITE_BEHIND_SCAN: usize = 64;
+/// Blocks looked at per class per idle pass for write-behind, from the
+/// cold end of the LRU (the next to be evicted first).
+const WRITE_BEHIND_SCAN: usize = 4096;
 
 /// A block being read back from SSD into a slot in `Writing(OWNER_WRITER)`.
 struct Staging {
@@ -94,6 +95,9 @@ pub struct Cache {
     pub ssd: Option<Tier>,
     staging: HashMap<u32, Staging>,
     staging_keys: HashMap<BlockKey, u32>,
+    /// The tick at which write-behind last found nothing to write: no scan
+    /// again until something was committed or touched.
+    write_behind_done_at: Option<u64>,
 }
 
 /// What went wrong with one request from one engine.
@@ -151,6 +155,7 @@ impl Cache {
             ssd: None,
             staging: HashMap::new(),
             staging_keys: HashMap::new(),
+            write_behind_done_at: None,
         }
     }
 
@@ -211,7 +216,7 @@ impl Cache {
         let Some(tier) = self.ssd.as_ref() else {
             return 0;
         };
-        if !tier.can_write() {
+        if !tier.can_write() || self.write_behind_done_at == Some(self.tick) {
             return 0;
         }
         let mut cands = Vec::new();
@@ -220,8 +225,14 @@ impl Cache {
                 let key = self.seg.slots()[slot as usize].key();
                 if !tier.contains(&key) && self.ssd_admits(&key) {
                     cands.push((slot, ci));
+                    if cands.len() >= budget {
+                        break;
+                    }
                 }
             }
+        }
+        if cands.is_empty() {
+            self.write_behind_done_at = Some(self.tick);
         }
         let mut n = 0;
         for (slot, ci) in cands.into_iter().take(budget) {
