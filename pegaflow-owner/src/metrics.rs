@@ -622,9 +622,8 @@ impl Collector {
             m.counter(name, help, vec![], v);
         }
 
-        if let Some(s) = &ssd {
-            ssd_metrics(&mut m, s);
-        }
+        // All zero without a tier, so dashboards need no special case.
+        ssd_metrics(&mut m, &ssd.unwrap_or_default());
 
         // Engine counters: node totals (retired + live), then per client.
         let mut totals = self.retired;
