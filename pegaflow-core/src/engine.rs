@@ -314,6 +314,15 @@ fn push_requests(s: &Session, reqs: &[Request], wait: Duration) -> usize {
     }
 }
 
+/// What [`Engine::stage`] queued: `queued` requests, settled once the
+/// owner's count of finished stages reaches `until` in the same entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageTicket {
+    pub queued: usize,
+    pub until: u64,
+    entry: Option<crate::session::EntryId>,
+}
+
 /// Counters this process keeps itself (also while disconnected).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -457,6 +466,89 @@ impl Engine {
             .iter()
             .take_while(|h| index.get(&BlockKey::new(namespace, **h)).is_some())
             .count()
+    }
+
+    /// Leading blocks of `hashes` in `namespace` that the owner's SSD tier
+    /// holds, from the membership set in shm (no syscall, no RPC). Call it
+    /// with the hashes that follow the pool's hits. A block it counts may
+    /// still miss after staging (false positives are allowed), and a block
+    /// being moved may be missed: it only decides whether staging is worth
+    /// waiting for.
+    pub fn ssd_hits(&self, namespace: u64, hashes: &[[u8; 32]]) -> usize {
+        let Some(s) = self.session() else { return 0 };
+        let set = s.ctl.ssd_set();
+        hashes
+            .iter()
+            .take_while(|h| set.contains(&BlockKey::new(namespace, **h)))
+            .count()
+    }
+
+    /// Leading pool hits of `hashes`, and, when the pool's run ends before
+    /// blocks the SSD tier holds, how many of those were queued for
+    /// staging ([`Engine::stage`]). Never waits.
+    pub fn count_hits_or_stage(&self, namespace: u64, hashes: &[[u8; 32]]) -> (usize, StageTicket) {
+        let pool = self.count_hits(namespace, hashes);
+        let rest = &hashes[pool..];
+        let on_ssd = self.ssd_hits(namespace, rest);
+        (pool, self.stage(namespace, &rest[..on_ssd]))
+    }
+
+    /// Ask the owner to read these blocks back from its SSD tier into the
+    /// pool (one `Stage` request each, on the request ring). Never waits:
+    /// requests that do not fit in half the ring are not queued. A later
+    /// lookup hits what was staged; [`Engine::stage_settled`] says when the
+    /// owner has finished every request up to this one.
+    pub fn stage(&self, namespace: u64, hashes: &[[u8; 32]]) -> StageTicket {
+        let Some(s) = self.session() else {
+            return StageTicket::default();
+        };
+        if hashes.is_empty() {
+            return StageTicket::default();
+        }
+        let reqs: Vec<[u64; 8]> = hashes
+            .iter()
+            .map(|h| {
+                Request::Stage {
+                    key: BlockKey::new(namespace, *h),
+                }
+                .encode()
+            })
+            .collect();
+        let client = s.client();
+        let queued = {
+            let _g = s.shared.request_lock.lock();
+            let room = (client.requests.capacity() / 2).saturating_sub(client.requests.len());
+            let n = reqs.len().min(room as usize);
+            client.requests.push_many(&reqs[..n])
+        };
+        if queued == 0 {
+            return StageTicket::default();
+        }
+        let until = client.entry.engine_counters[EngineCounter::StageBlocks as usize]
+            .fetch_add(queued as u64, Ordering::Relaxed)
+            + queued as u64;
+        s.ring_owner();
+        StageTicket {
+            queued,
+            until,
+            entry: Some(s.id()),
+        }
+    }
+
+    /// Whether the owner has finished (staged, or given up on) every stage
+    /// request this engine queued up to `ticket`. Also true once the engine
+    /// is connected to another entry or segment (nothing will come), and
+    /// for an empty ticket.
+    pub fn stage_settled(&self, ticket: &StageTicket) -> bool {
+        let Some(id) = ticket.entry else { return true };
+        let Some(s) = self.session() else { return true };
+        if s.id() != id {
+            return true;
+        }
+        s.client()
+            .entry
+            .owner(pegaflow_shm::client::OwnerCounter::StagesDone)
+            >= ticket.until
     }
 
     /// Leading hits of `hashes` in `namespace`, pinned: they stay valid until

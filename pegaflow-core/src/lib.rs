@@ -15,6 +15,8 @@ pub mod layout;
 mod session;
 pub mod transfer;
 
-pub use engine::{Engine, EngineConfig, EngineStats, Pinned, PinnedBlock, Reservation};
+pub use engine::{
+    Engine, EngineConfig, EngineStats, Pinned, PinnedBlock, Reservation, StageTicket,
+};
 pub use error::EngineError;
 pub use pegaflow_shm::slot_table::BlockKey;

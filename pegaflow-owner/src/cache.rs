@@ -21,12 +21,14 @@ use pegaflow_shm::client::{client_state, OwnerCounter};
 use pegaflow_shm::index::InsertError;
 use pegaflow_shm::request::Request;
 use pegaflow_shm::segment::{pid_alive, process_start_time, ClientView, ControlSegment};
-use pegaflow_shm::slot_table::{any_pinned, BlockKey, SlotKind, SlotState};
+use pegaflow_shm::slot_table::{any_pinned, BlockKey, SlotKind, SlotState, OWNER_WRITER};
 use pegaflow_shm::sync::Ordering;
 use pegaflow_shm::Geometry;
 use tracing::{debug, info, warn};
 
 use crate::evict::{key_hash, Lru, TinyLfu};
+use crate::ssd::index::Loc;
+use crate::ssd::{StageEvent, Tier};
 
 /// How many LRU candidates one eviction looks at before giving up (all
 /// pinned): bounds the owner's work per refill.
@@ -38,6 +40,22 @@ const DRAIN_BATCH: usize = 4096;
 /// of 8 bytes per slot id, so an engine sending arbitrary sizes must not
 /// be able to grow the owner without bound; real nodes use a handful.
 pub const MAX_CLASSES: usize = 32;
+/// With TinyLFU admission, a block goes to the SSD tier only once it was
+/// seen at least this often (saved and hit once): one-off prompts never
+/// wear the disk.
+pub const SSD_ADMIT_MIN: u32 = 2;
+/// Blocks looked at per class per idle pass for write-behind, from the
+/// cold end of the LRU (the next to be evicted first).
+const WRITE_BEHIND_SCAN: usize = 4096;
+
+/// A block being read back from SSD into a slot in `Writing(OWNER_WRITER)`.
+struct Staging {
+    key: BlockKey,
+    gen: u32,
+    loc: Loc,
+    /// Clients (entry, token) whose `Stage` this read answers.
+    waiters: Vec<(u32, u64)>,
+}
 
 /// One block size: the slabs cut into it and their slots' order.
 struct Class {
@@ -73,6 +91,13 @@ pub struct Cache {
     pin_holders: Vec<u32>,
     tick: u64,
     pub stats: CacheStats,
+    /// The SSD tier, when configured.
+    pub ssd: Option<Tier>,
+    staging: HashMap<u32, Staging>,
+    staging_keys: HashMap<BlockKey, u32>,
+    /// The tick at which write-behind last found nothing to write: no scan
+    /// again until something was committed or touched.
+    write_behind_done_at: Option<u64>,
 }
 
 /// What went wrong with one request from one engine.
@@ -127,7 +152,232 @@ impl Cache {
             tick: seg.header().owner_tick.load(Ordering::Relaxed),
             stats: CacheStats::default(),
             seg,
+            ssd: None,
+            staging: HashMap::new(),
+            staging_keys: HashMap::new(),
+            write_behind_done_at: None,
         }
+    }
+
+    /// Put the SSD tier behind this cache.
+    pub fn attach_ssd(&mut self, tier: Tier) {
+        self.ssd = Some(tier);
+    }
+
+    /// Whether the SSD tier has completions or queued jobs to handle.
+    pub fn ssd_has_work(&self) -> bool {
+        self.ssd.as_ref().is_some_and(|t| t.has_work())
+    }
+
+    /// Stop the tier's I/O (owner shutdown); blocks staged meanwhile stay
+    /// `Writing(owner)` and are freed by the next owner's adoption.
+    pub fn ssd_shutdown(&mut self) {
+        if let Some(t) = self.ssd.as_mut() {
+            t.shutdown();
+        }
+    }
+
+    /// Whether the SSD tier would take `key` (TinyLFU: seen often enough).
+    fn ssd_admits(&self, key: &BlockKey) -> bool {
+        !self.admission || self.lfu.estimate(key_hash(key.namespace, &key.hash)) >= SSD_ADMIT_MIN
+    }
+
+    /// Offer the block of committed (or evicting) `slot` of `class` to the
+    /// SSD tier, copying it out of the pool. `behind`: written while still
+    /// cached (write-behind), not on eviction.
+    fn offer_to_ssd(&mut self, slot: u32, class: usize, behind: bool) {
+        let entry = &self.seg.slots()[slot as usize];
+        let key = entry.key();
+        let len = entry.len.load(Ordering::Relaxed);
+        let Some((off, stride)) = self.seg.slot_location(slot) else {
+            return;
+        };
+        let admitted = self.ssd_admits(&key);
+        let class_bytes = self.classes[class].slot_bytes;
+        let Some(tier) = self.ssd.as_mut() else {
+            return;
+        };
+        if tier.contains(&key) {
+            return;
+        }
+        if !admitted {
+            if !behind {
+                tier.stats.dropped_not_admitted += 1;
+            }
+            return;
+        }
+        tier.offer(key, len.min(stride), class_bytes, off, behind);
+    }
+
+    /// Write cold, admitted blocks that the tier does not hold yet, while
+    /// it has room for writes (the owner calls this when idle). Returns
+    /// blocks queued.
+    pub fn ssd_write_behind(&mut self, budget: usize) -> usize {
+        let Some(tier) = self.ssd.as_ref() else {
+            return 0;
+        };
+        if !tier.can_write() || self.write_behind_done_at == Some(self.tick) {
+            return 0;
+        }
+        let mut cands = Vec::new();
+        for (ci, c) in self.classes.iter().enumerate() {
+            for slot in c.lru.iter_cold().take(WRITE_BEHIND_SCAN) {
+                let key = self.seg.slots()[slot as usize].key();
+                if !tier.contains(&key) && self.ssd_admits(&key) {
+                    cands.push((slot, ci));
+                    if cands.len() >= budget {
+                        break;
+                    }
+                }
+            }
+        }
+        if cands.is_empty() {
+            self.write_behind_done_at = Some(self.tick);
+        }
+        let mut n = 0;
+        for (slot, ci) in cands.into_iter().take(budget) {
+            if !self.ssd.as_ref().is_some_and(|t| t.can_write()) {
+                break;
+            }
+            self.offer_to_ssd(slot, ci, true);
+            n += 1;
+        }
+        n
+    }
+
+    /// An engine asked for `key` to be read back from SSD.
+    fn stage(&mut self, client: &ClientView<'_>, key: BlockKey) {
+        let who = (client.index, client.entry.token.load(Ordering::Relaxed));
+        let done = |c: &ClientView<'_>| c.entry.add_owner(OwnerCounter::StagesDone, 1);
+        let Some(tier) = self.ssd.as_mut() else {
+            return done(client);
+        };
+        tier.stats.stage_requests += 1;
+        if self.seg.index().get(&key).is_some() {
+            tier.stats.stage_in_pool += 1;
+            return done(client);
+        }
+        if let Some(&slot) = self.staging_keys.get(&key) {
+            if let Some(s) = self.staging.get_mut(&slot) {
+                s.waiters.push(who);
+                return;
+            }
+        }
+        let Some(loc) = tier.locate(&key) else {
+            tier.stats.stage_not_on_ssd += 1;
+            return done(client);
+        };
+        let Ok(class) = self.class_for(loc.class) else {
+            return done(client);
+        };
+        let Some(slot) = self.take_free(class, true) else {
+            if let Some(t) = self.ssd.as_mut() {
+                t.stats.stage_no_slot += 1;
+            }
+            return done(client);
+        };
+        let entry = &self.seg.slots()[slot as usize];
+        let st = entry.load_state().unwrap_or(SlotState::FREE);
+        let fits = self
+            .seg
+            .slot_location(slot)
+            .filter(|&(_, stride)| crate::ssd::segment::round_up(loc.len) <= stride);
+        let Some((off, _)) = fits else {
+            self.classes[class].free.push(slot);
+            return done(client);
+        };
+        entry.start_writing(st, OWNER_WRITER);
+        let tier = self.ssd.as_mut().expect("checked above");
+        if !tier.read(key, loc, off, u64::from(slot)) {
+            let st = entry.load_state().unwrap_or(SlotState::FREE);
+            self.release_slot(slot, st);
+            return done(client);
+        }
+        self.staging.insert(
+            slot,
+            Staging {
+                key,
+                gen: st.gen,
+                loc,
+                waiters: vec![who],
+            },
+        );
+        self.staging_keys.insert(key, slot);
+    }
+
+    /// Apply the SSD tier's completions: staged blocks are committed into
+    /// the pool (and the index), failed ones freed. Returns events handled.
+    pub fn ssd_poll(&mut self) -> usize {
+        let Some(tier) = self.ssd.as_mut() else {
+            return 0;
+        };
+        let events = tier.poll();
+        let n = events.len();
+        for ev in events {
+            let (tag, ok, checksum) = match ev {
+                StageEvent::Staged { tag, .. } => (tag, true, false),
+                StageEvent::Failed { tag, checksum } => (tag, false, checksum),
+            };
+            let slot = tag as u32;
+            let Some(s) = self.staging.remove(&slot) else {
+                continue;
+            };
+            self.staging_keys.remove(&s.key);
+            let entry = &self.seg.slots()[slot as usize];
+            let Some(st) = entry.load_state().filter(|x| {
+                x.kind == SlotKind::Writing && x.client == OWNER_WRITER && x.gen == s.gen
+            }) else {
+                continue;
+            };
+            let staged = ok && self.publish_staged(slot, st, &s);
+            if !staged {
+                self.release_slot(slot, st);
+                if checksum {
+                    if let Some(t) = self.ssd.as_mut() {
+                        t.forget(&s.key, s.loc);
+                    }
+                }
+            }
+            for (c, token) in s.waiters {
+                if let Some(cv) = self.seg.client(c) {
+                    if cv.entry.token.load(Ordering::Relaxed) == token {
+                        cv.entry.add_owner(OwnerCounter::StagesDone, 1);
+                        if staged {
+                            cv.entry.add_owner(OwnerCounter::StagedBlocks, 1);
+                        }
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Commit a block read back from SSD into `slot`. `false`: not
+    /// published (the pool got the key meanwhile, or no class).
+    fn publish_staged(&mut self, slot: u32, st: SlotState, s: &Staging) -> bool {
+        let index = self.seg.index();
+        if index.get(&s.key).is_some() {
+            return false;
+        }
+        let Some(class) = self.class_of_slot(slot) else {
+            return false;
+        };
+        self.tick += 1;
+        let entry = &self.seg.slots()[slot as usize];
+        entry.commit(st, &s.key, s.loc.len, self.tick);
+        if index.insert(&s.key, slot).is_err() {
+            let st = entry.begin_evict().expect("just committed");
+            entry.free(st);
+            self.classes[class].free.push(slot);
+            return true; // freed here: the caller must not free again
+        }
+        self.lfu.record(key_hash(s.key.namespace, &s.key.hash));
+        self.classes[class].lru.insert_hot(slot);
+        if let Some(t) = self.ssd.as_mut() {
+            t.stats.staged_blocks += 1;
+            t.stats.staged_bytes += s.loc.len;
+        }
+        true
     }
 
     pub fn segment(&self) -> &Arc<ControlSegment> {
@@ -242,6 +492,10 @@ impl Cache {
             self.classes[class].lru.remove(slot);
         }
         let (slot, st) = victim?;
+        if self.ssd.is_some() {
+            // Evicting and unpinned: its bytes cannot change under the copy.
+            self.offer_to_ssd(slot, class, false);
+        }
         let entry = &self.seg.slots()[slot as usize];
         self.seg.index().remove(&entry.key(), slot);
         self.classes[class].lru.remove(slot);
@@ -421,6 +675,10 @@ impl Cache {
                 for &slot in &slots[..count as usize] {
                     self.touch(slot);
                 }
+                Ok(())
+            }
+            Request::Stage { key } => {
+                self.stage(client, key);
                 Ok(())
             }
         }

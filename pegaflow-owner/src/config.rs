@@ -96,6 +96,37 @@ pub struct Args {
     #[arg(long)]
     pub discard_existing: bool,
 
+    /// SSD tier: a directory on an SSD for blocks evicted from the pool
+    /// (and popular ones written ahead of eviction), kept across owner
+    /// restarts and reboots. Repeat the flag or give a comma list for
+    /// several devices: blocks are spread over them. The owner makes a
+    /// `pegaflow-NAME` directory in each. Default: no SSD tier.
+    #[arg(long = "ssd-cache-path", value_delimiter = ',')]
+    pub ssd_cache_path: Vec<PathBuf>,
+
+    /// Total bytes the SSD tier may use, split evenly over the paths; a
+    /// path's share is clamped (with a warning) to what its filesystem can
+    /// hold. When full, the oldest segment of a path is evicted.
+    #[arg(long, value_parser = parse_size, default_value = "512gb")]
+    pub ssd_cache_capacity: u64,
+
+    /// Blocks copied out of the pool and being written, per SSD path. A
+    /// block leaving the pool while this many are in flight is dropped
+    /// (counted), never waited for.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub ssd_write_queue_depth: u32,
+
+    /// Block reads (stages back into the pool) in flight per SSD path;
+    /// more are queued by the owner.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub ssd_prefetch_queue_depth: u32,
+
+    /// Size of the SSD tier's segment files (the unit of its FIFO
+    /// eviction). Default: an eighth of a path's capacity, between 16 MiB
+    /// and 256 MiB.
+    #[arg(long, value_parser = parse_size)]
+    pub ssd_segment_size: Option<u64>,
+
     /// Serve Prometheus /metrics and /health here; empty disables.
     #[arg(long, default_value = "127.0.0.1:9091")]
     pub metrics_addr: String,
@@ -110,6 +141,17 @@ pub struct Args {
 }
 
 impl Args {
+    /// The SSD tier's settings; `None` when no `--ssd-cache-path` is given.
+    pub fn ssd_config(&self) -> Option<crate::ssd::SsdConfig> {
+        (!self.ssd_cache_path.is_empty()).then(|| crate::ssd::SsdConfig {
+            paths: self.ssd_cache_path.clone(),
+            capacity: self.ssd_cache_capacity,
+            write_depth: self.ssd_write_queue_depth,
+            read_depth: self.ssd_prefetch_queue_depth,
+            segment_bytes: self.ssd_segment_size.map_or(0, |s| s.div_ceil(4096) * 4096),
+        })
+    }
+
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
         if self.metrics_addr.trim().is_empty() {
             return Ok(None);

@@ -4,8 +4,8 @@
 //! Modules: [`config`] (flags and defaults), [`cache`] (slot classes,
 //! allocation, eviction, recovery), [`evict`] (LRU and TinyLFU),
 //! [`owner`] (the request loop), [`server`] (the Unix socket),
-//! [`startup`] (re-adopt, create or refuse the segments), [`prefault`],
-//! [`size`].
+//! [`startup`] (re-adopt, create or refuse the segments), [`ssd`] (the
+//! SSD tier behind the pool), [`prefault`], [`size`].
 
 pub mod cache;
 pub mod config;
@@ -15,6 +15,7 @@ pub mod owner;
 pub mod prefault;
 pub mod server;
 pub mod size;
+pub mod ssd;
 pub mod startup;
 
 use std::path::PathBuf;
@@ -76,6 +77,8 @@ pub enum StartError {
     Config(String),
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Ssd(#[from] ssd::SsdError),
 }
 
 /// Mode and group of every file the owner makes: 0600, or 0660 and the
@@ -186,6 +189,30 @@ pub fn run(args: Args) -> Result<(), StartError> {
         }
         Cache::new(seg.clone(), !args.disable_lfu_admission)
     };
+    let mut cache = cache;
+    if let Some(cfg) = args.ssd_config() {
+        let bell_seg = seg.clone();
+        let wake: ssd::Wake = Arc::new(move || {
+            let h = bell_seg.header();
+            pegaflow_shm::doorbell::Doorbell {
+                word: &h.doorbell,
+                sleeping: &h.owner_sleeping,
+            }
+            .ring();
+        });
+        let tier = ssd::Tier::start(
+            cfg,
+            &args.name,
+            seg.clone(),
+            segs.pool.as_ptr(),
+            segs.pool.len(),
+            wake,
+        )?;
+        cache.attach_ssd(tier);
+    } else {
+        // No tier: engines must not see a previous run's membership.
+        seg.ssd_set().clear();
+    }
     let owner = Arc::new(Owner::new(seg.clone(), segs.pool, cache, epoch));
 
     // From here on, what this start makes is removed again if it fails.

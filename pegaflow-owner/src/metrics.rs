@@ -74,6 +74,7 @@ const ENGINE: [EngineCounter; ENGINE_COUNTERS] = [
     EngineCounter::LoadNanos,
     EngineCounter::TouchDropped,
     EngineCounter::CommitRingFull,
+    EngineCounter::StageBlocks,
 ];
 
 const OWNER: [OwnerCounter; OWNER_COUNTERS] = [
@@ -83,6 +84,8 @@ const OWNER: [OwnerCounter; OWNER_COUNTERS] = [
     OwnerCounter::Aborts,
     OwnerCounter::BadRequests,
     OwnerCounter::SlotsStashed,
+    OwnerCounter::StagesDone,
+    OwnerCounter::StagedBlocks,
 ];
 
 /// How an engine counter is exported: name after `pegaflow_` (node total)
@@ -141,6 +144,11 @@ fn engine_metric(c: EngineCounter) -> (&'static str, &'static str, bool) {
             "Commits an engine could not queue because its request ring was full (the block is not cached).",
             false,
         ),
+        StageBlocks => (
+            "stage_requests_total",
+            "Blocks engines asked the owner to stage back from the SSD tier.",
+            false,
+        ),
     }
 }
 
@@ -170,6 +178,14 @@ fn owner_metric(c: OwnerCounter) -> (&'static str, &'static str) {
         SlotsStashed => (
             "slots_stashed_total",
             "Free slots the owner put in this engine's stash.",
+        ),
+        StagesDone => (
+            "stages_done_total",
+            "Stage requests of this engine the owner finished (staged or not).",
+        ),
+        StagedBlocks => (
+            "staged_blocks_total",
+            "Blocks the owner staged from SSD into the pool for this engine.",
         ),
     }
 }
@@ -433,7 +449,13 @@ impl Collector {
     /// The Prometheus text exposition of the current state.
     pub fn render(&mut self) -> String {
         let started = Instant::now();
-        let (stats, occ) = self.owner.with_cache(|c| (c.stats.clone(), c.occupancy()));
+        let (stats, occ, ssd) = self.owner.with_cache(|c| {
+            (
+                c.stats.clone(),
+                c.occupancy(),
+                c.ssd.as_ref().map(|t| t.stats()),
+            )
+        });
         let clients = self.sample_clients(true);
         let seg = self.owner.segment().clone();
         let g = *seg.geometry();
@@ -600,6 +622,9 @@ impl Collector {
             m.counter(name, help, vec![], v);
         }
 
+        // All zero without a tier, so dashboards need no special case.
+        ssd_metrics(&mut m, &ssd.unwrap_or_default());
+
         // Engine counters: node totals (retired + live), then per client.
         let mut totals = self.retired;
         for c in &clients {
@@ -727,6 +752,116 @@ impl Collector {
         );
         let text = recorder.handle().render();
         retype_counters(text, &m.retype)
+    }
+}
+
+/// The SSD tier's counters and gauges (docs/operations.md, "SSD tier").
+fn ssd_metrics(m: &mut Emit<'_>, s: &crate::ssd::SsdStats) {
+    for (name, help, v) in [
+        ("pegaflow_ssd_written_blocks_total", "Blocks written to the SSD tier.", s.written_blocks),
+        ("pegaflow_ssd_written_bytes_total", "Bytes of blocks written to the SSD tier.", s.written_bytes),
+        (
+            "pegaflow_ssd_write_behind_blocks_total",
+            "Blocks queued for writing while still in the pool (written ahead of their eviction).",
+            s.write_behind_blocks,
+        ),
+        ("pegaflow_ssd_staged_blocks_total", "Blocks read back from SSD into the pool.", s.staged_blocks),
+        ("pegaflow_ssd_staged_bytes_total", "Bytes read back from SSD into the pool.", s.staged_bytes),
+        ("pegaflow_ssd_stage_requests_total", "Stage requests engines sent.", s.stage_requests),
+        (
+            "pegaflow_ssd_checksum_failures_total",
+            "Blocks read back whose key or checksum did not match (dropped, never loaded).",
+            s.checksum_failures,
+        ),
+        ("pegaflow_ssd_read_errors_total", "SSD reads that failed with an I/O error.", s.read_errors),
+        ("pegaflow_ssd_write_errors_total", "SSD writes that failed with an I/O error.", s.write_errors),
+        ("pegaflow_ssd_evicted_segments_total", "Segments evicted (FIFO) to make room.", s.evicted_segments),
+        ("pegaflow_ssd_evicted_blocks_total", "Blocks evicted from the SSD tier with their segment.", s.evicted_blocks),
+        (
+            "pegaflow_ssd_membership_full_total",
+            "Blocks on SSD the membership set in shm had no room for (engines do not see them).",
+            s.membership_full,
+        ),
+        ("pegaflow_ssd_recovered_blocks_total", "Blocks found on disk at start and indexed again.", s.recovered_blocks),
+        (
+            "pegaflow_ssd_recovery_dropped_total",
+            "Records dropped at recovery: torn writes (checksum) in segments being written when the owner stopped.",
+            s.recovery_torn,
+        ),
+        (
+            "pegaflow_ssd_recovery_bad_segments_total",
+            "Segment files dropped at recovery because their header did not check.",
+            s.recovery_bad_segments,
+        ),
+    ] {
+        m.counter(name, help, vec![], v);
+    }
+    for (reason, v) in [
+        ("queue_full", s.dropped_queue_full),
+        ("not_admitted", s.dropped_not_admitted),
+        ("disk_full", s.dropped_disk_full),
+        ("too_large", s.dropped_too_large),
+    ] {
+        m.counter(
+            "pegaflow_ssd_write_dropped_total",
+            "Blocks leaving the pool that were not written to SSD, by reason.",
+            vec![Label::new("reason", reason)],
+            v,
+        );
+    }
+    for (reason, v) in [
+        ("in_pool", s.stage_in_pool),
+        ("not_on_ssd", s.stage_not_on_ssd),
+        ("no_slot", s.stage_no_slot),
+        ("queue_full", s.stage_queue_full),
+        ("gone", s.stage_gone),
+    ] {
+        m.counter(
+            "pegaflow_ssd_stage_skipped_total",
+            "Stage requests not served from SSD, by reason.",
+            vec![Label::new("reason", reason)],
+            v,
+        );
+    }
+    for (name, help, v) in [
+        (
+            "pegaflow_ssd_blocks",
+            "Blocks the SSD tier holds.",
+            s.blocks as f64,
+        ),
+        (
+            "pegaflow_ssd_bytes_on_disk",
+            "Bytes of segment files on disk.",
+            s.bytes_on_disk as f64,
+        ),
+        (
+            "pegaflow_ssd_capacity_bytes",
+            "Bytes the tier may use (after clamping to the filesystems).",
+            s.capacity_bytes as f64,
+        ),
+        ("pegaflow_ssd_segments", "Segment files.", s.segments as f64),
+        (
+            "pegaflow_ssd_paths",
+            "SSD paths (--ssd-cache-path).",
+            s.paths as f64,
+        ),
+        (
+            "pegaflow_ssd_direct_io",
+            "1 when every path uses O_DIRECT (0: buffered fallback).",
+            f64::from(u8::from(s.direct_io)),
+        ),
+        (
+            "pegaflow_ssd_recovering",
+            "1 while the SSD index is being recovered in the background.",
+            f64::from(u8::from(s.recovering)),
+        ),
+        (
+            "pegaflow_ssd_recovery_seconds",
+            "Time the last recovery of the SSD index took.",
+            s.recovery_seconds,
+        ),
+    ] {
+        m.gauge(name, help, vec![], v);
     }
 }
 

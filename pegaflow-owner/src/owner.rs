@@ -83,9 +83,11 @@ impl State {
 }
 
 pub struct Owner {
+    // Dropped first: the SSD tier's I/O thread writes into the pool, so it
+    // must be stopped before the pool is unmapped (fields drop in order).
+    state: Mutex<State>,
     seg: Arc<ControlSegment>,
     pool: PoolSegment,
-    state: Mutex<State>,
     epoch: u64,
     pub started: Instant,
 }
@@ -359,8 +361,15 @@ impl Owner {
                 }
             }
         }
+        work += st.cache.ssd_poll();
         st.cache.publish_tick();
         work
+    }
+
+    /// Idle time: write cold popular blocks to the SSD tier ahead of their
+    /// eviction. Returns blocks queued.
+    fn write_behind(&self) -> usize {
+        self.state.lock().cache.ssd_write_behind(16)
     }
 
     /// Orphaned and quarantined clients whose process exited are reclaimed.
@@ -414,6 +423,9 @@ impl Owner {
 
     fn has_work(&self) -> bool {
         let st = self.state.lock();
+        if st.cache.ssd_has_work() {
+            return true;
+        }
         st.active
             .iter()
             .filter(|&&i| !st.clients[i as usize].kicked)
@@ -440,7 +452,7 @@ impl Owner {
         let mut last_exit_poll = Instant::now();
         let mut idle_since = Instant::now();
         while !SHUTDOWN.load(AtomicOrdering::Relaxed) {
-            if self.pass() > 0 {
+            if self.pass() > 0 || self.write_behind() > 0 {
                 idle_since = Instant::now();
                 continue;
             }
@@ -462,6 +474,7 @@ impl Owner {
             });
             idle_since = Instant::now() - SPIN;
         }
+        self.state.lock().cache.ssd_shutdown();
         header
             .owner_state
             .store(owner_state::STOPPED, Ordering::SeqCst);

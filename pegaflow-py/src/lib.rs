@@ -21,7 +21,7 @@ mod kv_cache;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pegaflow_core::{Engine, EngineConfig, Pinned};
+use pegaflow_core::{Engine, EngineConfig, Pinned, StageTicket};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -121,6 +121,25 @@ impl PyEngine {
         Ok(self.inner.count_hits(namespace, &to_hashes(&hashes)?))
     }
 
+    /// Leading blocks of `hashes` the owner's SSD tier holds (read from
+    /// shared memory; no round trip). Pass the hashes after the pool hits.
+    fn ssd_hits(&self, namespace: u64, hashes: Vec<Vec<u8>>) -> PyResult<usize> {
+        Ok(self.inner.ssd_hits(namespace, &to_hashes(&hashes)?))
+    }
+
+    /// Asks the owner to stage these blocks from its SSD tier into the
+    /// pool. Never waits; returns a `StageTicket` (`stage_settled`).
+    fn stage(&self, namespace: u64, hashes: Vec<Vec<u8>>) -> PyResult<PyStageTicket> {
+        Ok(PyStageTicket {
+            inner: self.inner.stage(namespace, &to_hashes(&hashes)?),
+        })
+    }
+
+    /// Whether the owner finished every stage request up to `ticket`.
+    fn stage_settled(&self, ticket: &PyStageTicket) -> bool {
+        self.inner.stage_settled(&ticket.inner)
+    }
+
     /// Leading hits, pinned. The pins hold until released through the
     /// returned `Pins` (or until it is collected).
     fn lookup(&self, namespace: u64, hashes: Vec<Vec<u8>>) -> PyResult<PyPins> {
@@ -176,6 +195,25 @@ impl PyEngine {
             self.inner.config().socket_path(),
             self.inner.is_connected()
         )
+    }
+}
+
+/// What one `Engine.stage` queued (see `pegaflow/_native.pyi`).
+#[pyclass(name = "StageTicket", module = "pegaflow._native", frozen)]
+pub struct PyStageTicket {
+    inner: StageTicket,
+}
+
+#[pymethods]
+impl PyStageTicket {
+    /// Stage requests queued (0: nothing was, e.g. owner away).
+    #[getter]
+    fn queued(&self) -> usize {
+        self.inner.queued
+    }
+
+    fn __repr__(&self) -> String {
+        format!("StageTicket(queued={})", self.inner.queued)
     }
 }
 
@@ -302,6 +340,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyPins>()?;
+    m.add_class::<PyStageTicket>()?;
     m.add_class::<kv_cache::PyKvCache>()?;
     m.add_function(wrap_pyfunction!(kv_cache::namespace_fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;

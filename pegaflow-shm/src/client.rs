@@ -57,6 +57,7 @@ counters!(EngineCounter, ENGINE_COUNTER_NAMES, ENGINE_COUNTERS {
     LoadNanos => "load_nanos",
     TouchDropped => "touch_dropped",
     CommitRingFull => "commit_ring_full",
+    StageBlocks => "stage_blocks",
 });
 
 counters!(OwnerCounter, OWNER_COUNTER_NAMES, OWNER_COUNTERS {
@@ -66,6 +67,8 @@ counters!(OwnerCounter, OWNER_COUNTER_NAMES, OWNER_COUNTERS {
     Aborts => "aborts",
     BadRequests => "bad_requests",
     SlotsStashed => "slots_stashed",
+    StagesDone => "stages_done",
+    StagedBlocks => "staged_blocks",
 });
 
 pub const LABEL_BYTES: usize = 64;

@@ -23,6 +23,8 @@ pub const REGION_ALIGN: u64 = 4096;
 pub const SLAB_ALIGN: u64 = 2 << 20;
 /// Size of one request-ring entry.
 pub const REQUEST_BYTES: u64 = 64;
+/// Most buckets of the SSD membership set.
+pub const MAX_SSD_BUCKETS: u64 = 1 << 25;
 
 /// What the owner chose at creation; stored verbatim in the header.
 #[repr(C)]
@@ -82,6 +84,15 @@ impl Geometry {
     /// Slot-table entries: the most slots the pool can ever hold.
     pub fn num_slots(&self) -> u64 {
         self.num_slabs() * self.slots_per_slab()
+    }
+
+    /// Buckets of the SSD membership set (`ssd_set`): eight per slot id
+    /// (so it holds about four times as many blocks as the pool has slot
+    /// ids at half load), a power of two, at most 2^25 (256 MiB).
+    pub fn ssd_buckets(&self) -> u64 {
+        (self.num_slots().max(1) * 8)
+            .next_power_of_two()
+            .min(MAX_SSD_BUCKETS)
     }
 
     /// Checks every invariant the layout arithmetic relies on. Called on
@@ -144,7 +155,8 @@ impl Geometry {
         let index = align(slots + self.num_slots() * crate::slot_table::SLOT_ENTRY_BYTES);
         let clients = align(index + self.index_buckets * crate::index::BUCKET_BYTES);
         let client = ClientLayout::new(self);
-        let total = clients + self.max_clients * client.bytes;
+        let ssd = align(clients + self.max_clients * client.bytes);
+        let total = ssd + self.ssd_buckets() * 8;
         Layout {
             header,
             slabs,
@@ -152,6 +164,7 @@ impl Geometry {
             index,
             clients,
             client,
+            ssd,
             total,
         }
     }
@@ -166,6 +179,8 @@ pub struct Layout {
     pub index: u64,
     pub clients: u64,
     pub client: ClientLayout,
+    /// The SSD membership set: `ssd_buckets()` × u64.
+    pub ssd: u64,
     pub total: u64,
 }
 
@@ -205,7 +220,9 @@ mod tests {
         let g = Geometry::for_pool(64 << 30, 32 << 20, 256 << 10, 64).unwrap();
         let l = g.layout();
         assert!(l.header < l.slabs && l.slabs < l.slots && l.slots < l.index);
-        assert!(l.index < l.clients && l.clients < l.total);
+        assert!(l.index < l.clients && l.clients < l.ssd && l.ssd < l.total);
+        assert_eq!(l.total - l.ssd, g.ssd_buckets() * 8);
+        assert_eq!(g.ssd_buckets(), 8 * 2048 * 128);
         assert_eq!(g.num_slots(), 2048 * 128);
         assert!(l.client.request_ring < l.client.stash_ring);
         assert!(l.client.stash_ring < l.client.pins && l.client.pins < l.client.bytes);

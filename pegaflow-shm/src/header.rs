@@ -14,7 +14,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// First eight bytes of every control segment.
 pub const MAGIC: [u8; 8] = *b"PEGAFLOW";
 /// Bumped on every incompatible change to any shared structure; see docs/abi.md.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// `Header::owner_state` values.
 pub mod owner_state {

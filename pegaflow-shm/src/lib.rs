@@ -10,6 +10,7 @@
 //! - [`header`]: magic, ABI version, owner epoch, doorbell;
 //! - [`slot_table`]: slab and slot tables, the pin/evict handshake;
 //! - [`index`]: the seqlock hash index engines read without locks;
+//! - [`ssd_set`]: fingerprints of the blocks the owner's SSD tier holds;
 //! - [`client`]: the client table and its counters;
 //! - [`ring`], [`request`]: SPSC rings and what engines put in them;
 //! - [`doorbell`]: the futex that lets an idle owner sleep;
@@ -28,6 +29,7 @@ pub mod ring;
 #[cfg(not(loom))]
 pub mod segment;
 pub mod slot_table;
+pub mod ssd_set;
 pub mod sync;
 
 pub use error::{DecodeError, GeometryError, ProtoError, SegmentError};
@@ -117,5 +119,14 @@ mod abi_layout {
             [offset_of!(RingHeader, tail), size_of::<RingHeader>()],
             [128, 256]
         );
+        // ABI 3: the SSD membership set follows the client table, 4 KiB
+        // aligned, eight u64 buckets per slot id.
+        let g = crate::Geometry::for_pool(64 << 20, 2 << 20, 64 << 10, 4).unwrap();
+        let l = g.layout();
+        let clients_end = l.clients + 4 * l.client.bytes;
+        assert_eq!(l.ssd, clients_end.div_ceil(4096) * 4096);
+        assert_eq!(g.ssd_buckets(), (g.num_slots() * 8).next_power_of_two());
+        assert_eq!(l.total, l.ssd + g.ssd_buckets() * 8);
+        assert_eq!(crate::ABI_VERSION, 3);
     }
 }

@@ -11,6 +11,11 @@
 //! `Writing(that engine, that generation)`, so a request from an earlier life
 //! of the slot (queued before a reclaim, or replayed after an owner
 //! restart) can never publish or free a slot handed out since.
+//!
+//! `Stage` (ABI 3) asks the owner to read one block back from its SSD tier
+//! into a pool slot; the engine never waits for it (it looks the block up
+//! again later). The owner counts every `Stage` it has finished, served or
+//! not, in the client's `stages_done` counter.
 
 use crate::error::DecodeError;
 use crate::slot_table::BlockKey;
@@ -22,6 +27,7 @@ pub const TOUCH_MAX: usize = 14;
 const TAG_COMMIT: u32 = 1;
 const TAG_ABORT: u32 = 2;
 const TAG_TOUCH: u32 = 3;
+const TAG_STAGE: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -38,6 +44,9 @@ pub enum Request {
     Abort { slot: u32, gen: u32 },
     /// The engine hit these slots: refresh their recency and frequency.
     Touch { count: u32, slots: [u32; TOUCH_MAX] },
+    /// Read `key` back from the owner's SSD tier into the pool (if the tier
+    /// has it and a slot can be had); a later lookup hits it.
+    Stage { key: BlockKey },
 }
 
 impl Request {
@@ -65,6 +74,11 @@ impl Request {
                 for (i, pair) in slots.chunks(2).enumerate() {
                     w[1 + i] = u64::from(pair[0]) | u64::from(pair[1]) << 32;
                 }
+            }
+            Request::Stage { key } => {
+                w[0] = u64::from(TAG_STAGE);
+                w[1] = key.namespace;
+                w[2..6].copy_from_slice(&key.words());
             }
         }
         w
@@ -113,6 +127,14 @@ impl Request {
                 }
                 Ok(Request::Touch { count: arg, slots })
             }
+            TAG_STAGE => {
+                if arg != 0 || w[6] != 0 || w[7] != 0 {
+                    return Err(DecodeError::NonZeroPadding);
+                }
+                Ok(Request::Stage {
+                    key: BlockKey::from_words(w[1], [w[2], w[3], w[4], w[5]]),
+                })
+            }
             other => Err(DecodeError::UnknownTag(other)),
         }
     }
@@ -136,6 +158,7 @@ mod tests {
             },
             Request::Abort { slot: 7, gen: 3 },
             Request::Touch { count: 3, slots },
+            Request::Stage { key },
         ] {
             assert_eq!(Request::decode(&r.encode()), Ok(r));
         }
@@ -159,6 +182,18 @@ mod tests {
         assert_eq!(
             Request::decode(&[1, 0, 0, 0, 0, 0, 0, 1 << 32]),
             Err(DecodeError::NonZeroPadding)
+        );
+        assert_eq!(
+            Request::decode(&[4 | 1 << 32, 1, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::NonZeroPadding)
+        );
+        assert_eq!(
+            Request::decode(&[4, 1, 0, 0, 0, 0, 9, 0]),
+            Err(DecodeError::NonZeroPadding)
+        );
+        assert_eq!(
+            Request::decode(&[5, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::UnknownTag(5))
         );
     }
 }

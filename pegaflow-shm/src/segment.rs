@@ -48,6 +48,7 @@ use crate::header::{Header, ABI_VERSION, MAGIC};
 use crate::index::{Bucket, Index};
 use crate::ring::{Ring, RingHeader};
 use crate::slot_table::{SlabEntry, SlotEntry, SlotKind};
+use crate::ssd_set::SsdSet;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Where a pool lives.
@@ -724,6 +725,15 @@ impl ControlSegment {
         // SAFETY: as for slabs, with index_buckets buckets at `index`.
         Index::new(unsafe {
             self.slice_at::<Bucket>(self.layout.index, self.geometry.index_buckets)
+        })
+    }
+
+    /// The SSD membership set (owner writes, engines read).
+    pub fn ssd_set(&self) -> SsdSet<'_> {
+        // SAFETY: the layout places ssd_buckets() u64 words at `ssd`, inside
+        // the mapping, 4 KiB aligned; AtomicU64 accepts any bit pattern.
+        SsdSet::new(unsafe {
+            self.slice_at::<AtomicU64>(self.layout.ssd, self.geometry.ssd_buckets())
         })
     }
 

@@ -6,6 +6,8 @@
 //!   Free --(owner stashes it for client c)--> Writing(c)
 //!   Writing(c) --(Commit from c)--> Committed(key)      [published in the index]
 //!   Writing(c) --(Abort from c, or c died)--> Free
+//!   Free --(owner stages a block from SSD)--> Writing(OWNER_WRITER)
+//!   Writing(OWNER_WRITER) --(read verified)--> Committed   --(read failed)--> Free
 //!   Committed --(owner: begin_evict)--> Evicting --(no pins)--> Free, gen + 1
 //!                                        Evicting --(a pin)--> Committed
 //! ```
@@ -35,6 +37,10 @@ use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Client ids are 12 bits wide in the state word's client field.
 pub const MAX_CLIENTS: u32 = 4096;
+/// The client field of a `Writing` slot the owner itself fills (a block
+/// staged back from its SSD tier): no engine has this id, so no engine's
+/// commit, abort or reclaim can touch it, and a re-adopting owner frees it.
+pub const OWNER_WRITER: u16 = 0xFFFF;
 pub const SLOT_ENTRY_BYTES: u64 = 64;
 pub const SLAB_ENTRY_BYTES: u64 = 64;
 

@@ -73,7 +73,14 @@ fn scale() -> u64 {
 // ---------------------------------------------------------------------------
 
 fn random_request(rng: &mut Rng) -> Request {
-    match rng.below(3) {
+    match rng.below(4) {
+        3 => {
+            let mut hash = [0u8; 32];
+            hash.iter_mut().for_each(|b| *b = rng.next() as u8);
+            Request::Stage {
+                key: BlockKey::new(rng.interesting(), hash),
+            }
+        }
         0 => {
             let mut hash = [0u8; 32];
             hash.iter_mut().for_each(|b| *b = rng.next() as u8);

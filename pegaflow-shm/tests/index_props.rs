@@ -288,6 +288,9 @@ fn arb_request() -> impl Strategy<Value = Request> {
                 key: BlockKey::new(ns, hash),
             }),
         (any::<u32>(), any::<u32>()).prop_map(|(slot, gen)| Request::Abort { slot, gen }),
+        (any::<u64>(), any::<[u8; 32]>()).prop_map(|(ns, hash)| Request::Stage {
+            key: BlockKey::new(ns, hash),
+        }),
         (0..=TOUCH_MAX as u32, any::<[u32; TOUCH_MAX]>()).prop_map(|(count, mut slots)| {
             // Unused slots are zero on the wire.
             slots[count as usize..].iter_mut().for_each(|s| *s = 0);

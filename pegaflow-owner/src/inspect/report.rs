@@ -98,6 +98,8 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         .iter()
         .filter(|b| matches!(b, BucketRead::Entry { .. }))
         .count() as u64;
+    let ssd_set = seg.ssd_set();
+    let (ssd_entries, ssd_buckets) = (ssd_set.len() as u64, ssd_set.capacity() as u64);
     let (mut live, mut orphaned, mut quarantined) = (0u64, 0u64, 0u64);
     for i in 0..seg.max_clients() {
         match seg.client(i).map(|c| c.entry.state()) {
@@ -162,6 +164,7 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         "slots": slot_json(&counts),
         "committed_bytes": counts.committed_bytes,
         "index_entries": index_entries,
+        "ssd": { "announced_blocks": ssd_entries, "membership_buckets": ssd_buckets },
         "clients": { "live": live, "orphaned": orphaned, "quarantined": quarantined },
     });
     let mut s = String::new();
@@ -217,6 +220,10 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         counts.invalid
     );
     let _ = writeln!(s, "index       {index_entries} entries");
+    let _ = writeln!(
+        s,
+        "ssd tier    {ssd_entries} blocks announced (membership set of {ssd_buckets} buckets; 0 without --ssd-cache-path)"
+    );
     let _ = writeln!(
         s,
         "clients     {live} live, {orphaned} orphaned, {quarantined} quarantined"

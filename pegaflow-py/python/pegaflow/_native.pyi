@@ -39,6 +39,12 @@ class Engine:
         """Waits (GIL released) up to ``timeout`` seconds for a session."""
     def count_hits(self, namespace: int, hashes: Sequence[bytes]) -> int:
         """Leading hits of the hash chain, without pinning (0 while disconnected)."""
+    def ssd_hits(self, namespace: int, hashes: Sequence[bytes]) -> int:
+        """Leading blocks the owner's SSD tier holds (pass the hashes after the pool hits)."""
+    def stage(self, namespace: int, hashes: Sequence[bytes]) -> StageTicket:
+        """Asks the owner to stage these blocks from SSD into the pool; never waits."""
+    def stage_settled(self, ticket: StageTicket) -> bool:
+        """Whether the owner finished every stage request up to ``ticket``."""
     def lookup(self, namespace: int, hashes: Sequence[bytes]) -> Pins:
         """Leading hits, pinned; they hold until released through the result."""
     def release(self, pins: Pins) -> None:
@@ -175,3 +181,9 @@ def chain_keys(
     ``parent`` (the key of the block before, None at the start). ``extra``:
     None, or one entry (bytes or None) per full block. Byte format:
     ``pegaflow_core::keys`` (raises ValueError on bad arguments)."""
+
+class StageTicket:
+    """What one ``Engine.stage`` queued."""
+
+    @property
+    def queued(self) -> int: ...

@@ -46,6 +46,7 @@ from pegaflow import _native
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
+from pegaflow.connector.ssd import SsdStager
 from pegaflow.exceptions import ConfigError, PegaflowError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,6 +106,8 @@ class SchedulerSide:
             reconnect_interval=cfg.reconnect_interval,
         )
         self._reqs: dict[str, ReqState] = {}
+        #: blocks staged from the owner's SSD tier (see pegaflow.connector.ssd)
+        self.ssd = SsdStager(self.engine)
         self._loads: list[LoadSpec] = []
         self.load_mode = cfg.load_mode
         #: requests the last step ran (auto mode: is anyone else running?)
@@ -196,6 +199,8 @@ class SchedulerSide:
                     return 0, False
                 # A block is a hit only when every rank's namespace has it.
                 n = min(self.engine.count_hits(ns, hashes) for ns in self.namespaces)
+                if self.ssd.should_wait(request.request_id, self.namespaces, hashes, n):
+                    return None, False
                 if n <= local:
                     st.saved = max(st.saved, n)
                     return 0, False
@@ -326,6 +331,7 @@ class SchedulerSide:
         self, request: "Request", block_ids: list[int]
     ) -> tuple[bool, Optional[dict[str, Any]]]:
         self._last_scheduled.discard(request.request_id)
+        self.ssd.forget(request.request_id)
         st = self._reqs.pop(request.request_id, None)
         if st is None:
             return False, None

@@ -1,0 +1,474 @@
+//! The SSD tier end to end: a real owner process with `--ssd-cache-path`
+//! on this machine's disk, real engines, real SIGKILLs.
+//!
+//! Blocks are 256 KiB in an 8 MiB pool (32 slots), so a few dozen blocks
+//! push the pool into the tier. `--disable-lfu-admission` admits every
+//! block to the disk (TinyLFU would write only blocks hit at least once).
+//! Everything that reaches the pool from disk is checked byte for byte.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use pegaflow_core::{BlockKey, Engine};
+use pegaflow_tests::{check_block, eventually, fill_block, keys, owner_bin, OwnerProc};
+
+const BS: usize = 256 << 10;
+const NS: u64 = 0x55d0_0001;
+
+/// A directory on the real disk (not tmpfs: O_DIRECT), beside the target dir.
+fn disk_dir() -> tempfile::TempDir {
+    let base = std::env::var_os("PEGAFLOW_SSD_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.ancestors()
+                .nth(3)
+                .expect("target dir")
+                .join("ssd-tests")
+        });
+    std::fs::create_dir_all(&base).expect("ssd test dir");
+    tempfile::tempdir_in(base).expect("tempdir")
+}
+
+fn ssd_owner(tag: &str, dir: &Path, extra: &[&str]) -> OwnerProc {
+    ssd_owner_cap(tag, dir, "64mb", extra)
+}
+
+fn ssd_owner_cap(tag: &str, dir: &Path, capacity: &str, extra: &[&str]) -> OwnerProc {
+    let d = dir.display().to_string();
+    let mut args = vec![
+        "--pool-size",
+        "8mb",
+        "--slab-size",
+        "2mb",
+        "--min-slot-size",
+        "64kb",
+        "--disable-lfu-admission",
+        "--ssd-cache-path",
+        &d,
+        "--ssd-cache-capacity",
+        capacity,
+        "--ssd-segment-size",
+        "8mb",
+    ];
+    args.extend_from_slice(extra);
+    OwnerProc::start_with(tag, &args)
+}
+
+fn engine(o: &OwnerProc) -> Engine {
+    let e = Engine::connect(o.engine_config(NS, BS as u64)).expect("connect");
+    assert!(e.wait_connected(Duration::from_secs(5)));
+    e
+}
+
+fn hashes(ks: &[BlockKey]) -> Vec<[u8; 32]> {
+    ks.iter().map(|k| k.hash).collect()
+}
+
+fn save(e: &Engine, ks: &[BlockKey]) -> usize {
+    e.save_with(ks, |i, buf| {
+        fill_block(&ks[i], &mut buf[..BS]);
+        BS
+    })
+}
+
+/// Save in batches small enough for the write queue, waiting for each to
+/// reach the disk (write-behind), so nothing is dropped for a full queue.
+fn save_to_ssd(e: &Engine, ks: &[BlockKey]) {
+    for chunk in ks.chunks(6) {
+        assert_eq!(save(e, chunk), chunk.len(), "saves dropped");
+        let h = hashes(chunk);
+        assert!(
+            eventually(Duration::from_secs(10), || e.ssd_hits(NS, &h) == h.len()),
+            "blocks never reached the SSD tier"
+        );
+    }
+}
+
+/// Stage `ks` back and load them; returns how many were loaded byte-exact
+/// (panics on a block with wrong bytes).
+fn stage_and_load(e: &Engine, ks: &[BlockKey]) -> usize {
+    let h = hashes(ks);
+    let t = e.stage(NS, &h);
+    assert!(
+        eventually(Duration::from_secs(10), || e.stage_settled(&t)),
+        "stage never settled"
+    );
+    let mut good = 0;
+    for (k, hash) in ks.iter().zip(&h) {
+        let p = e.lookup(NS, std::slice::from_ref(hash));
+        e.load_with(&p, |_, data| {
+            assert_eq!(data.len(), BS);
+            assert!(check_block(k, data), "wrong bytes for a staged block");
+            good += 1;
+        });
+    }
+    good
+}
+
+fn seg_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pfs"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn remove_shm(o: &OwnerProc) {
+    let _ = std::fs::remove_file(o.control());
+    let _ = std::fs::remove_file(pegaflow_shm::segment::pool_path(
+        &o.name,
+        &pegaflow_shm::segment::PoolBacking::Shm,
+    ));
+}
+
+#[test]
+fn round_trip_restart_and_reboot_byte_exact() {
+    let dir = disk_dir();
+    let mut o = ssd_owner("ssd-rt", dir.path(), &[]);
+    let e = engine(&o);
+    let first = keys(NS, 1, 0, 24);
+    save_to_ssd(&e, &first);
+    // 48 more blocks push the first ones out of the 32-slot pool.
+    let more = keys(NS, 1, 100, 48);
+    save(&e, &more[..24]);
+    save(&e, &more[24..]);
+    let h = hashes(&first);
+    assert!(
+        e.count_hits(NS, &h) < first.len(),
+        "the pool should have evicted some of the first blocks"
+    );
+    assert_eq!(e.ssd_hits(NS, &h), first.len());
+    assert_eq!(
+        stage_and_load(&e, &first[..12]),
+        12,
+        "staged blocks must hit"
+    );
+
+    // Owner restart (SIGKILL), segments kept: the SSD index comes back.
+    o.kill9();
+    o.spawn();
+    assert!(e.wait_connected(Duration::from_secs(5)));
+    assert!(
+        eventually(Duration::from_secs(10), || e.ssd_hits(NS, &h) == h.len()),
+        "SSD blocks not recovered after an owner restart"
+    );
+    assert_eq!(stage_and_load(&e, &first), first.len());
+
+    // Reboot: /dev/shm emptied, the disk kept.
+    o.kill9();
+    remove_shm(&o);
+    o.spawn();
+    assert!(e.wait_connected(Duration::from_secs(5)));
+    assert!(
+        eventually(Duration::from_secs(10), || e.ssd_hits(NS, &h) == h.len()),
+        "SSD blocks not recovered after a reboot; log:\n{}",
+        o.log_text()
+    );
+    assert_eq!(e.count_hits(NS, &h), 0, "the pool is new after a reboot");
+    assert_eq!(stage_and_load(&e, &first), first.len());
+    assert!(o.log_text().contains("SSD index recovered"));
+}
+
+#[test]
+fn sigkill_mid_write_drops_torn_records_keeps_the_rest() {
+    let dir = disk_dir();
+    let mut o = ssd_owner("ssd-kill", dir.path(), &["--ssd-write-queue-depth", "16"]);
+    let cfg = o.engine_config(NS, BS as u64);
+    // A writer process of our own: blocks stream through the pool to disk.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let e = Engine::connect(cfg).unwrap();
+            e.wait_connected(Duration::from_secs(5));
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 4000 {
+                save(&e, &keys(NS, 2, i, 8));
+                i += 8;
+            }
+            i
+        })
+    };
+    let e = engine(&o);
+    let probe = hashes(&keys(NS, 2, 0, 8));
+    assert!(eventually(Duration::from_secs(10), || e
+        .ssd_hits(NS, &probe)
+        > 0));
+    std::thread::sleep(Duration::from_millis(150));
+    o.kill9(); // mid-stream: writes in flight
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let saved = w.join().unwrap();
+    // Make sure at least one torn record exists: cut the payload of the
+    // newest (unsealed) segment's last record short, as a crash would.
+    let files = seg_files(dir.path());
+    let newest = files.last().expect("segment files").clone();
+    let tear_at = {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&newest)
+            .unwrap();
+        let mut off = 4096u64;
+        let mut last = None;
+        let mut h = vec![0u8; 4096];
+        while f.read_exact_at(&mut h, off).is_ok() && &h[..8] == b"PFBLOCK1" {
+            last = Some(off);
+            off += 4096 + BS as u64;
+        }
+        let at = last.expect("a record in the newest segment");
+        f.write_all_at(&vec![0xEEu8; 8192], at + 4096 + 100_000)
+            .unwrap();
+        at
+    };
+    remove_shm(&o);
+    o.spawn();
+    assert!(e.wait_connected(Duration::from_secs(5)));
+    assert!(
+        eventually(Duration::from_secs(10), || o
+            .log_text()
+            .contains("SSD index recovered")),
+        "recovery did not finish; log:\n{}",
+        o.log_text()
+    );
+    let log = o.log_text();
+    assert!(
+        log.contains("torn") && !log.contains("torn_dropped=0"),
+        "the torn record was not dropped (tore {} at {tear_at}); log:\n{log}",
+        newest.display()
+    );
+    // Every block the tier still announces stages back byte-exact.
+    let all = keys(NS, 2, 0, saved);
+    let on_ssd: Vec<BlockKey> = all
+        .iter()
+        .filter(|k| e.ssd_hits(NS, &[k.hash]) == 1)
+        .copied()
+        .collect();
+    assert!(!on_ssd.is_empty());
+    let mut loaded = 0;
+    for chunk in on_ssd.chunks(16) {
+        loaded += stage_and_load(&e, chunk);
+    }
+    assert_eq!(loaded, on_ssd.len(), "an announced block did not stage");
+}
+
+#[test]
+fn flipped_bytes_on_disk_are_detected_and_never_loaded() {
+    let dir = disk_dir();
+    let mut o = ssd_owner("ssd-flip", dir.path(), &[]);
+    let e = engine(&o);
+    let ks = keys(NS, 3, 0, 30);
+    save_to_ssd(&e, &ks);
+    o.terminate(); // clean stop: segments sealed
+                   // Flip bytes in the payload of the first record of the oldest segment.
+    let files = seg_files(dir.path());
+    let victim = {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&files[0])
+            .unwrap();
+        let mut h = vec![0u8; 4096];
+        f.read_exact_at(&mut h, 0).unwrap();
+        assert_eq!(
+            &h[12..16],
+            &1u32.to_le_bytes(),
+            "segment not sealed on a clean stop"
+        );
+        f.read_exact_at(&mut h, 4096).unwrap();
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&h[16..48]);
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, 8192 + 4096).unwrap();
+        b[7] ^= 0x40;
+        f.write_all_at(&b, 8192 + 4096).unwrap();
+        BlockKey::new(NS, hash)
+    };
+    remove_shm(&o);
+    o.spawn();
+    assert!(e.wait_connected(Duration::from_secs(5)));
+    let h = hashes(&ks);
+    assert!(eventually(Duration::from_secs(10), || e.ssd_hits(NS, &h) == h.len()));
+    let t = e.stage(NS, &[victim.hash]);
+    assert!(eventually(Duration::from_secs(10), || e.stage_settled(&t)));
+    assert_eq!(
+        e.count_hits(NS, &[victim.hash]),
+        0,
+        "a corrupt block reached the pool"
+    );
+    assert!(
+        o.log_text().contains("does not match its checksum"),
+        "checksum failure not reported; log:\n{}",
+        o.log_text()
+    );
+    assert_eq!(
+        e.ssd_hits(NS, &[victim.hash]),
+        0,
+        "a corrupt record stays announced"
+    );
+    let rest: Vec<BlockKey> = ks.iter().filter(|k| **k != victim).copied().collect();
+    assert_eq!(stage_and_load(&e, &rest[..20]), 20);
+}
+
+#[test]
+fn capacity_is_respected_and_the_oldest_segments_are_evicted() {
+    let dir = disk_dir();
+    let o = ssd_owner_cap("ssd-cap", dir.path(), "32mb", &[]);
+    let e = engine(&o);
+    // 3x the tier's capacity.
+    let ks = keys(NS, 4, 0, 3 * 32 * 4);
+    for chunk in ks.chunks(24) {
+        save_to_ssd(&e, chunk);
+        let bytes: u64 = seg_files(dir.path())
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(bytes <= 32 << 20, "{bytes} bytes on disk for a 32 MiB tier");
+    }
+    let h = hashes(&ks);
+    assert_eq!(
+        e.ssd_hits(NS, &h[..24]),
+        0,
+        "the oldest blocks must be evicted"
+    );
+    let tail = &h[h.len() - 24..];
+    assert_eq!(e.ssd_hits(NS, tail), 24, "the newest blocks must be kept");
+    assert_eq!(stage_and_load(&e, &ks[ks.len() - 12..]), 12);
+}
+
+#[test]
+fn unwritable_path_is_a_clear_start_error() {
+    let dir = disk_dir();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let bad = file.join("ssd");
+    let sock = dir.path().join("s.sock");
+    let name = pegaflow_tests::unique_name("ssd-bad");
+    let out = Command::new(owner_bin())
+        .args([
+            "--name",
+            &name,
+            "--metrics-addr",
+            "",
+            "--pool-size",
+            "8mb",
+            "--slab-size",
+            "2mb",
+        ])
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--ssd-cache-path")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(pegaflow_shm::segment::control_path(&name));
+    let _ = std::fs::remove_file(pegaflow_shm::segment::lock_path(&name));
+    let _ = std::fs::remove_file(pegaflow_shm::segment::pool_path(
+        &name,
+        &pegaflow_shm::segment::PoolBacking::Shm,
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ssd-cache-path") && err.contains("write access"),
+        "unclear error: {err}"
+    );
+}
+
+struct Unmount(PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mount `fstype` at a new directory under `dir` (root only); `None` with a
+/// message when that is not possible here.
+fn mount(dir: &Path, fstype: &str, opts: &str) -> Option<(PathBuf, Unmount)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a {fstype} needs root");
+        return None;
+    }
+    let mnt = dir.join(fstype);
+    std::fs::create_dir(&mnt).unwrap();
+    let mut c = Command::new("mount");
+    c.args(["-t", fstype]);
+    if !opts.is_empty() {
+        c.args(["-o", opts]);
+    }
+    let ok = c
+        .arg("pf-ssd-test")
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: cannot mount a {fstype} here");
+        return None;
+    }
+    Some((mnt.clone(), Unmount(mnt)))
+}
+
+/// ramfs refuses O_DIRECT: the tier falls back to buffered I/O with a
+/// warning, and works. (tmpfs takes O_DIRECT since Linux 6.6.)
+#[test]
+fn a_path_without_o_direct_falls_back_to_buffered_io() {
+    let dir = disk_dir();
+    let Some((mnt, _u)) = mount(dir.path(), "ramfs", "") else {
+        return;
+    };
+    let o = ssd_owner("ssd-ramfs", &mnt, &[]);
+    let log = o.log_text();
+    assert!(
+        log.contains("does not support O_DIRECT"),
+        "no fallback warning:\n{log}"
+    );
+    let e = engine(&o);
+    let ks = keys(NS, 6, 0, 12);
+    save_to_ssd(&e, &ks);
+    save(&e, &keys(NS, 6, 100, 40));
+    assert_eq!(stage_and_load(&e, &ks), ks.len());
+}
+
+/// A small tmpfs that fills up under the tier. Needs root to mount.
+#[test]
+fn a_full_disk_degrades_without_stopping_the_owner() {
+    let dir = disk_dir();
+    let Some((mnt, _u)) = mount(dir.path(), "tmpfs", "size=24m") else {
+        return;
+    };
+    let o = ssd_owner_cap("ssd-full", &mnt, "512gb", &[]);
+    let log = o.log_text();
+    assert!(
+        log.contains("can hold only"),
+        "capacity not clamped:\n{log}"
+    );
+    let e = engine(&o);
+    save_to_ssd(&e, &keys(NS, 5, 0, 12));
+    // Fill the filesystem behind the tier's back.
+    let _ = std::fs::write(mnt.join("filler"), vec![1u8; 24 << 20]);
+    let more = keys(NS, 5, 100, 200);
+    for chunk in more.chunks(8) {
+        save(&e, chunk);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || o
+            .log_text()
+            .contains("filesystem full")),
+        "a full disk was not reported:\n{}",
+        o.log_text()
+    );
+    // The owner still serves: the pool works, nothing crashed.
+    let fresh = keys(NS, 5, 1000, 4);
+    assert_eq!(save(&e, &fresh), 4);
+    assert_eq!(e.count_hits(NS, &hashes(&fresh)), 4);
+}
