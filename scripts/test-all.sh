@@ -23,6 +23,9 @@ fi
 
 log "building binaries (owner, inspect, test engine)"
 cargo build --workspace --bins
+# The Python suites run the owner just built, not an older release build
+# that may lie beside it (another ABI version would refuse every engine).
+export PEGAFLOW_OWNER_BIN="${PEGAFLOW_OWNER_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/pegaflow-owner}"
 
 log "Rust tests"
 cargo test --workspace --no-fail-fast

@@ -20,18 +20,20 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 
 
 def find_owner_bin() -> Path | None:
-    """$PEGAFLOW_OWNER_BIN, else target/{release,debug}/pegaflow-owner (as tests/python)."""
+    """$PEGAFLOW_OWNER_BIN, else the most recently built of
+    target/{release,debug}/pegaflow-owner (as tests/python)."""
     env = os.environ.get("PEGAFLOW_OWNER_BIN")
     if env:
         return Path(env)
     dirs = [Path(os.environ["CARGO_TARGET_DIR"])] if os.environ.get("CARGO_TARGET_DIR") else []
     dirs.append(ROOT / "target")
-    for d in dirs:
-        for profile in ("release", "debug"):
-            p = d / profile / "pegaflow-owner"
-            if p.is_file() and os.access(p, os.X_OK):
-                return p
-    return None
+    found = [
+        d / profile / "pegaflow-owner"
+        for d in dirs
+        for profile in ("release", "debug")
+        if (d / profile / "pegaflow-owner").is_file() and os.access(d / profile / "pegaflow-owner", os.X_OK)
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def free_port() -> int:

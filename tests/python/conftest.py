@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def find_owner_bin() -> Path | None:
+    """$PEGAFLOW_OWNER_BIN, else the most recently built of
+    target/{release,debug}/pegaflow-owner (a stale build of another ABI
+    version would refuse every engine)."""
     env = os.environ.get("PEGAFLOW_OWNER_BIN")
     if env:
         return Path(env)
@@ -29,12 +32,13 @@ def find_owner_bin() -> Path | None:
     if os.environ.get("CARGO_TARGET_DIR"):
         dirs.append(Path(os.environ["CARGO_TARGET_DIR"]))
     dirs.append(ROOT / "target")
-    for d in dirs:
-        for profile in ("release", "debug"):
-            p = d / profile / "pegaflow-owner"
-            if p.is_file() and os.access(p, os.X_OK):
-                return p
-    return None
+    found = [
+        d / profile / "pegaflow-owner"
+        for d in dirs
+        for profile in ("release", "debug")
+        if (d / profile / "pegaflow-owner").is_file() and os.access(d / profile / "pegaflow-owner", os.X_OK)
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 class Owner:

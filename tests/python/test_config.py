@@ -48,3 +48,14 @@ def test_legacy_host_port_warn(caplog):
 def test_bad_values(extra):
     with pytest.raises(ConfigError):
         PegaflowConfig.from_extra_config(extra)
+
+
+def test_ssd_staging_keys():
+    c = PegaflowConfig.from_extra_config({"pegaflow.ssd_stage": "false", "pegaflow.ssd_stage_timeout": "0.5"})
+    assert (c.ssd_stage, c.ssd_stage_timeout) == (False, 0.5)
+    with pytest.raises(ConfigError, match="ssd_stage_timeout"):
+        PegaflowConfig.from_extra_config({"pegaflow.ssd_stage_timeout": "soon"})
+    c = PegaflowConfig.from_extra_config({"pegaflow.load_mode": "LayerWise"})
+    assert c.load_mode == "layerwise"
+    with pytest.raises(ConfigError, match="load_mode"):
+        PegaflowConfig.from_extra_config({"pegaflow.load_mode": "eager"})

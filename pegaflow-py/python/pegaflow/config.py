@@ -60,6 +60,11 @@ class PegaflowConfig:
     #: Longest a step's saves wait for the owner to refill a short stash
     #: (seconds); blocks beyond what could be reserved are not saved.
     reserve_wait: float = 0.002
+    #: Stage blocks the owner's SSD tier holds back into the pool (the
+    #: request waits for the disk, no step does).
+    ssd_stage: bool = True
+    #: Longest one request waits for blocks being staged from SSD (seconds).
+    ssd_stage_timeout: float = 5.0
 
     @classmethod
     def from_extra_config(cls, extra: Optional[Mapping[str, Any]]) -> "PegaflowConfig":
@@ -74,6 +79,8 @@ class PegaflowConfig:
             "pegaflow.reconnect_interval": "reconnect_interval",
             "pegaflow.load_mode": "load_mode",
             "pegaflow.reserve_wait": "reserve_wait",
+            "pegaflow.ssd_stage": "ssd_stage",
+            "pegaflow.ssd_stage_timeout": "ssd_stage_timeout",
         }
         kw: dict[str, Any] = {}
         for key, value in extra.items():
@@ -116,7 +123,16 @@ class PegaflowConfig:
                 ) from None
             if not 0 <= kw["reserve_wait"] <= 1:
                 raise ConfigError("pegaflow.reserve_wait must be between 0 and 1 second")
-        for b in ("save", "load"):
+        if "ssd_stage_timeout" in kw:
+            try:
+                kw["ssd_stage_timeout"] = float(kw["ssd_stage_timeout"])
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"pegaflow.ssd_stage_timeout must be seconds, got {kw['ssd_stage_timeout']!r}"
+                ) from None
+            if not kw["ssd_stage_timeout"] >= 0:
+                raise ConfigError("pegaflow.ssd_stage_timeout must be >= 0")
+        for b in ("save", "load", "ssd_stage"):
             if b in kw:
                 kw[b] = _bool(f"pegaflow.{b}", kw[b])
         if "reconnect_interval" in kw:

@@ -107,7 +107,7 @@ class SchedulerSide:
         )
         self._reqs: dict[str, ReqState] = {}
         #: blocks staged from the owner's SSD tier (see pegaflow.connector.ssd)
-        self.ssd = SsdStager(self.engine)
+        self.ssd = SsdStager(self.engine, cfg.ssd_stage, cfg.ssd_stage_timeout)
         self._loads: list[LoadSpec] = []
         self.load_mode = cfg.load_mode
         #: requests the last step ran (auto mode: is anyone else running?)

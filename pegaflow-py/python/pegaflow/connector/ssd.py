@@ -11,21 +11,19 @@ the disk. Once the pool holds the staged blocks (or the owner reports every
 request settled, or :data:`STAGE_TIMEOUT` passed), the request goes on with
 whatever the pool holds then, loaded the usual way.
 
-Settings (environment): ``PEGAFLOW_SSD_STAGE=0`` turns staging off;
-``PEGAFLOW_SSD_STAGE_TIMEOUT`` (seconds, default 5) bounds how long one
-request waits for the disk.
+Settings (``kv_connector_extra_config``): ``pegaflow.ssd_stage: false``
+turns staging off; ``pegaflow.ssd_stage_timeout`` (seconds, default 5)
+bounds how long one request waits for the disk.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-#: seconds one request may wait for its blocks to be staged
-STAGE_TIMEOUT = float(os.environ.get("PEGAFLOW_SSD_STAGE_TIMEOUT", "5"))
-ENABLED = os.environ.get("PEGAFLOW_SSD_STAGE", "1") != "0"
+#: seconds one request may wait for its blocks to be staged, by default
+STAGE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -39,7 +37,7 @@ class _Pending:
 class SsdStager:
     """Which requests wait for blocks staged from SSD, and until when."""
 
-    def __init__(self, engine: Any, enabled: bool = ENABLED, timeout: float = STAGE_TIMEOUT):
+    def __init__(self, engine: Any, enabled: bool = True, timeout: float = STAGE_TIMEOUT):
         self.engine = engine
         self.enabled = enabled and hasattr(engine, "stage")
         self.timeout = timeout
