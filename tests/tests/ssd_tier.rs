@@ -56,6 +56,22 @@ fn ssd_owner_cap(tag: &str, dir: &Path, capacity: &str, extra: &[&str]) -> Owner
     OwnerProc::start_with(tag, &args)
 }
 
+/// Offsets of the records a segment file holds (headers that say so).
+fn records(file: &Path) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(file) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut off = 4096u64;
+    let mut h = vec![0u8; 4096];
+    while f.read_exact_at(&mut h, off).is_ok() && &h[..8] == b"PFBLOCK1" {
+        out.push(off);
+        off += 4096 + BS as u64;
+    }
+    out
+}
+
 fn engine(o: &OwnerProc) -> Engine {
     let e = Engine::connect(o.engine_config(NS, BS as u64)).expect("connect");
     assert!(e.wait_connected(Duration::from_secs(5)));
@@ -202,6 +218,12 @@ fn sigkill_mid_write_drops_torn_records_keeps_the_rest() {
         .ssd_hits(NS, &probe)
         > 0));
     std::thread::sleep(Duration::from_millis(150));
+    // Kill while the newest segment holds records (not right after it was
+    // opened), so there is an unsealed record to tear below.
+    assert!(eventually(Duration::from_secs(10), || {
+        let files = seg_files(dir.path());
+        files.last().is_some_and(|f| records(f).len() >= 2)
+    }));
     o.kill9(); // mid-stream: writes in flight
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let saved = w.join().unwrap();
@@ -211,20 +233,14 @@ fn sigkill_mid_write_drops_torn_records_keeps_the_rest() {
     let newest = files.last().expect("segment files").clone();
     let tear_at = {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
+        let at = *records(&newest)
+            .last()
+            .expect("a record in the newest segment");
+        std::fs::OpenOptions::new()
             .write(true)
             .open(&newest)
-            .unwrap();
-        let mut off = 4096u64;
-        let mut last = None;
-        let mut h = vec![0u8; 4096];
-        while f.read_exact_at(&mut h, off).is_ok() && &h[..8] == b"PFBLOCK1" {
-            last = Some(off);
-            off += 4096 + BS as u64;
-        }
-        let at = last.expect("a record in the newest segment");
-        f.write_all_at(&vec![0xEEu8; 8192], at + 4096 + 100_000)
+            .unwrap()
+            .write_all_at(&vec![0xEEu8; 8192], at + 4096 + 100_000)
             .unwrap();
         at
     };
