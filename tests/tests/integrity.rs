@@ -15,7 +15,7 @@ use pegaflow_shm::client::{client_state, EngineCounter};
 use pegaflow_shm::doorbell::Doorbell;
 use pegaflow_shm::proto::{self, ClientMsg, Hello, OwnerMsg, Welcome};
 use pegaflow_shm::segment::ControlSegment;
-use pegaflow_shm::slot_table::{BlockKey, SlotKind};
+use pegaflow_shm::slot_table::{BlockKey, SlotKind, SlotState};
 use pegaflow_shm::sync::Ordering;
 use pegaflow_tests::{check_block, eventually, fill_block, keys, Audit, OwnerProc};
 
@@ -177,6 +177,25 @@ fn hang_up_child(owner: &OwnerProc, n: usize) -> (KillOnDrop, Vec<u32>) {
     (child, held)
 }
 
+/// Each slot with its full state now.
+fn states(ctl: &Path, slots: &[u32]) -> Vec<(u32, SlotState)> {
+    let seg = ControlSegment::open_read_only(ctl).unwrap();
+    slots
+        .iter()
+        .map(|&s| (s, seg.slots()[s as usize].load_state().unwrap()))
+        .collect()
+}
+
+/// Whether every slot was freed since `before` (its generation moved on).
+fn reclaimed(ctl: &Path, before: &[(u32, SlotState)]) -> bool {
+    let seg = ControlSegment::open_read_only(ctl).unwrap();
+    before.iter().all(|&(s, b)| {
+        seg.slots()[s as usize]
+            .load_state()
+            .is_some_and(|now| now.gen != b.gen)
+    })
+}
+
 fn slot_state(ctl: &Path, slot: u32) -> (SlotKind, u16) {
     let seg = ControlSegment::open_read_only(ctl).unwrap();
     let st = seg.slots()[slot as usize].load_state().unwrap();
@@ -325,15 +344,16 @@ fn writing_slots_outlive_the_hang_up_until_the_process_is_gone() {
     for &s in &held {
         assert_eq!(slot_state(&owner.control(), s).0, SlotKind::Writing);
     }
+    let before = states(&owner.control(), &held);
     child.0.kill().unwrap();
     child.0.wait().unwrap();
+    // Reclaimed: freed, so at the next generation (another engine's stash
+    // may take them at once, so "not Writing" would be the wrong test).
     assert!(
-        eventually(Duration::from_secs(2), || held.iter().all(|&s| slot_state(
+        eventually(Duration::from_secs(2), || reclaimed(
             &owner.control(),
-            s
-        )
-        .0
-            != SlotKind::Writing)),
+            &before
+        )),
         "slots of a dead process are reclaimed within 2 s"
     );
 }
@@ -602,15 +622,14 @@ fn a_trickling_peer_stalls_nobody() {
     );
     // A killed engine is reclaimed promptly meanwhile, too.
     let (mut child, held) = hang_up_child(&owner, 4);
+    let before = states(&owner.control(), &held);
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     assert!(
-        eventually(Duration::from_secs(1), || held.iter().all(|&s| slot_state(
+        eventually(Duration::from_secs(1), || reclaimed(
             &owner.control(),
-            s
-        )
-        .0
-            != SlotKind::Writing)),
+            &before
+        )),
         "a killed engine was not reclaimed within 1 s behind a trickling peer"
     );
     drop(e);
