@@ -216,7 +216,8 @@ pub fn run(args: Args) -> Result<(), StartError> {
         "pegaflow-owner ready"
     );
     if let Some(addr) = metrics_addr {
-        metrics::start(addr, owner.clone(), &args.name)?;
+        let stall = std::time::Duration::from_secs_f64(args.health_stall_secs);
+        metrics::start(addr, owner.clone(), &args.name, stall)?;
     }
     created.keep();
     let srv = server::Server::new(owner.clone(), listener, socket, access);
