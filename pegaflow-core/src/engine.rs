@@ -326,6 +326,9 @@ pub struct EngineStats {
     pub save_dropped_blocks: u64,
     pub save_skipped_blocks: u64,
     pub loaded_blocks: u64,
+    /// Why the last attempt to reach the owner failed (`None` once
+    /// connected): what a log line about an unreachable owner should say.
+    pub last_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -338,6 +341,7 @@ struct Local {
     save_dropped_blocks: AtomicU64,
     save_skipped_blocks: AtomicU64,
     loaded_blocks: AtomicU64,
+    last_error: parking_lot::Mutex<Option<String>>,
 }
 
 /// The last [`Engine::count_hits`] of a few namespaces: the hits it found.
@@ -436,6 +440,7 @@ impl Engine {
             }
             Err(e) => {
                 info!(socket = %inner.socket.display(), error = %e, "owner not reachable; running without cache until it is");
+                *inner.local.last_error.lock() = Some(e.to_string());
                 None
             }
         };
@@ -947,6 +952,7 @@ impl Engine {
             save_dropped_blocks: l.save_dropped_blocks.load(AtomicOrdering::Relaxed),
             save_skipped_blocks: l.save_skipped_blocks.load(AtomicOrdering::Relaxed),
             loaded_blocks: l.loaded_blocks.load(AtomicOrdering::Relaxed),
+            last_error: l.last_error.lock().clone(),
         }
     }
 
@@ -1173,6 +1179,7 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
                     "connected to pegaflow-owner"
                 );
                 let s = Arc::new(s);
+                *inner.local.last_error.lock() = None;
                 *inner.shared.live_entry.lock() = Some(s.id());
                 inner.settle(&s);
                 *inner.session.write() = Some(s);
@@ -1182,6 +1189,7 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
                 reader = Some(r);
             }
             Err(e) => {
+                *inner.local.last_error.lock() = Some(e.to_string());
                 if last_warn.elapsed() > Duration::from_secs(30) {
                     if matches!(
                         e,

@@ -304,6 +304,8 @@ fn metrics_bind_failure_is_a_clear_start_error_and_empty_disables() {
         err.contains(&addr) && err.contains("--metrics-addr") && err.contains("disable"),
         "{err}"
     );
+    // Not a terminal: plain text, no colour codes.
+    assert!(!err.contains('\x1b'), "{err:?}");
 
     // Empty: the owner serves engines but no HTTP.
     let log = dir.path().join("empty.log");
@@ -322,6 +324,10 @@ fn metrics_bind_failure_is_a_clear_start_error_and_empty_disables() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(text.contains("pegaflow-owner ready"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in a log file: {text:?}"
+    );
     assert!(!text.contains("serving Prometheus"), "{text}");
     drop(taken);
 }
