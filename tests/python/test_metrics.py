@@ -143,9 +143,13 @@ class Owner:
 class PfEngine:
     """A pegaflow-core engine in its own process (tests/src/bin/pf-engine.rs)."""
 
+    #: every one started, killed when the test ends however it ends
+    started: list["PfEngine"] = []
+
     def __init__(self, binary: Path, owner: Owner, *args, stay: bool = False):
         argv = [str(binary), args[0], owner.o.socket, owner.o.name, *map(str, args[1:])]
         self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        PfEngine.started.append(self)
         self.lines: list[str] = []
         if not stay:
             out, err = self.p.communicate(timeout=60)
@@ -168,8 +172,16 @@ class PfEngine:
         return {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
 
     def kill(self) -> None:
-        self.p.kill()
+        if self.p.poll() is None:
+            self.p.kill()
         self.p.wait()
+
+
+@pytest.fixture(autouse=True)
+def _kill_pf_engines():
+    yield
+    while PfEngine.started:
+        PfEngine.started.pop().kill()
 
 
 class ThreadStop:

@@ -31,13 +31,13 @@ and logged. No PegaFlow exception leaves the per-step methods.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from pegaflow import _native
+from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.metadata import PegaConnectorMetadata, PegaHandshake
 from pegaflow.connector.namespace import KvShape
@@ -47,7 +47,7 @@ from pegaflow.tensors import describe_kv_tensors
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-logger = logging.getLogger("pegaflow.connector")
+logger = get_logger("pegaflow.connector")
 
 
 class WorkerSide:
