@@ -956,6 +956,12 @@ impl Engine {
         }
     }
 
+    /// The version of the owner this engine is connected to (`None` while
+    /// disconnected, or from an owner that does not record it).
+    pub fn owner_version(&self) -> Option<String> {
+        self.session()?.ctl.header().owner_version()
+    }
+
     /// Client entry index while connected (tests, logs).
     pub fn client_id(&self) -> Option<u32> {
         self.session().map(|s| s.welcome.client)

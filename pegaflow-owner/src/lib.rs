@@ -160,6 +160,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
         .owner_state
         .store(owner_state::INITIALISING, Ordering::SeqCst);
     header.owner_pid.store(std::process::id(), Ordering::SeqCst);
+    header.set_owner_version(env!("CARGO_PKG_VERSION"));
     let epoch = header.owner_epoch.fetch_add(1, Ordering::SeqCst) + 1;
 
     let cache = if adopted {

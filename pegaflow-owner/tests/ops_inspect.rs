@@ -58,6 +58,7 @@ fn every_subcommand_on_a_live_owner() {
     assert_eq!(s["owner"]["alive"], true);
     assert_eq!(s["owner"]["pid"], owner.pid());
     assert_eq!(s["owner"]["epoch"], 1);
+    assert_eq!(s["owner"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(s["slots"]["committed"], 35);
     assert_eq!(s["index_entries"], 35);
     assert_eq!(s["committed_bytes"], 35 * LEN as u64);

@@ -111,6 +111,13 @@ impl PyEngine {
         self.inner.config().namespace
     }
 
+    /// Version of the owner connected to (`pegaflow-owner --version`);
+    /// `None` while disconnected.
+    #[getter]
+    fn owner_version(&self) -> Option<String> {
+        self.inner.owner_version()
+    }
+
     #[getter]
     fn slot_bytes(&self) -> u64 {
         self.inner.config().slot_bytes

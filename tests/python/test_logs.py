@@ -72,8 +72,9 @@ def test_connection_changes_are_one_vllm_log_line_each(tiny_model_dir, make_owne
     err = "".join(out) + child.stdout.read() + child.stderr.read()
     assert "\x1b[" not in err, f"colour codes in a log that is not a terminal:\n{err}"
     ours = [l for l in err.splitlines() if "pegaflow-owner" in l or "PegaFlow" in l]
-    # vLLM's format: "(ProcessName pid=N) LEVEL MM-DD HH:MM:SS [file.py:line] message"
-    vllm_format = re.compile(r"^\S*\(\S+ pid=\d+\) (INFO|WARNING) \d\d-\d\d [\d:]+ \[[\w.]+:\d+\] ")
+    # vLLM's format: "[(ProcessName pid=N) ]LEVEL MM-DD HH:MM:SS [file.py:line] message"
+    # (the process part since vLLM 0.3x)
+    vllm_format = re.compile(r"^\S*(\(\S+ pid=\d+\) )?(INFO|WARNING) \d\d-\d\d [\d:]+ \[[\w.]+:\d+\] ")
     for l in ours:
         assert vllm_format.match(l), f"not in vLLM's log format: {l!r}\n{err}"
 
@@ -93,6 +94,19 @@ def test_connection_changes_are_one_vllm_log_line_each(tiny_model_dir, make_owne
     assert not re.search(r"went away|not reachable yet|connected to pegaflow-owner$", err, re.M), err
 
 
+def cache_layout(vc):
+    """vLLM's own call of the connector's KV layout hook (0.3x pass the
+    config; 0.2x read the current one)."""
+    import inspect
+
+    if inspect.signature(get_kv_connector_cache_layout).parameters:
+        return get_kv_connector_cache_layout(vc)
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(vc):
+        return get_kv_connector_cache_layout()
+
+
 @pytest.mark.parametrize("key", ["pegaflow.sockett", "pegaflow.load_mode"])
 def test_config_errors_surface_while_vllm_builds_its_config(tiny_model_dir, tmp_path, key):
     # vLLM constructs the connector only after loading the model and
@@ -108,11 +122,11 @@ def test_config_errors_surface_while_vllm_builds_its_config(tiny_model_dir, tmp_
     with pytest.raises(ConfigError, match=re.escape(key)):
         cls.requires_piecewise_for_cudagraph(ktc.kv_connector_extra_config)
     with pytest.raises(ConfigError, match=re.escape(key)):
-        get_kv_connector_cache_layout(vc)
+        cache_layout(vc)
     # a correct config passes both, and changes nothing vLLM decides
     good = make_vllm_config(tiny_model_dir, owner)
     assert cls.requires_piecewise_for_cudagraph(good.kv_transfer_config.kv_connector_extra_config) is False
-    assert get_kv_connector_cache_layout(good) is None
+    cache_layout(good)  # no error (and no layout imposed: vLLM picks its own)
 
 
 def test_rust_log_lines_have_no_colour_codes_in_a_file(tmp_path):
@@ -129,3 +143,33 @@ def test_rust_log_lines_have_no_colour_codes_in_a_file(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "owner not reachable" in r.stderr, r.stderr
     assert "\x1b[" not in r.stderr, repr(r.stderr)
+
+
+def test_owner_of_another_version_is_warned_about_once(owner):
+    import logging
+
+    import pegaflow
+    from pegaflow._log import check_owner_version
+
+    e = pegaflow.Engine(name=owner.name, socket=owner.socket)
+    assert e.wait_connected(10)
+    # the owner and the package come from one release: same version
+    assert e.owner_version == pegaflow.__version__
+    records: list[logging.LogRecord] = []
+    log = logging.getLogger("test-owner-version")
+    log.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})())
+    check_owner_version(e, log)
+    assert records == []
+    # An owner of another release: its version as it records it in the
+    # control segment header (docs/abi.md: owner_version at byte 400).
+    ctl = Path(os.environ.get("PEGAFLOW_SHM_DIR", "/dev/shm")) / f"pegaflow-{owner.name}.ctl"
+    with open(ctl, "r+b") as f:
+        f.seek(400)
+        f.write(b"9.9.9-other".ljust(32, b"\0"))
+    assert e.owner_version == "9.9.9-other"
+    for _ in range(3):
+        check_owner_version(e, log)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    msg = records[0].getMessage()
+    assert records[0].levelno == logging.WARNING
+    assert "9.9.9-other" in msg and pegaflow.__version__ in msg and owner.socket in msg, msg

@@ -167,6 +167,7 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         "segment_id": format!("{:#018x}", h.segment_id),
         "created_unix_ns": h.created_unix_ns,
         "owner": {
+            "version": h.owner_version(),
             "state": owner_state_name(o.state),
             "pid": o.pid,
             "alive": o.alive,
@@ -206,7 +207,13 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         "segment     {:#018x}, shm ABI v{}",
         h.segment_id, h.abi_version
     );
-    let _ = writeln!(s, "owner       {owner_summary}");
+    let _ = writeln!(
+        s,
+        "owner       {owner_summary}{}",
+        h.owner_version()
+            .map(|v| format!(", version {v}"))
+            .unwrap_or_default()
+    );
     let _ = writeln!(
         s,
         "epoch       {} ({} restart{})",

@@ -28,6 +28,32 @@ FIX = (
 )
 
 
+#: owner versions already warned about in this process
+_versions_warned: set[str] = set()
+_versions_lock = threading.Lock()
+
+
+def check_owner_version(engine: Any, logger: logging.Logger) -> None:
+    """Warn once per process and owner version when the owner ``engine`` is
+    connected to is not this package's version (they are released together:
+    the owner binary ships in the same wheel)."""
+    from pegaflow import __version__ as ours
+
+    theirs = engine.owner_version
+    if theirs is None or theirs == ours:
+        return
+    with _versions_lock:
+        if theirs in _versions_warned:
+            return
+        _versions_warned.add(theirs)
+    logger.warning(
+        "PegaFlow: pegaflow-owner at %s is version %s but this pegaflow package is %s; "
+        "run the owner from the same release (pip install pegaflow==%s puts its "
+        "pegaflow-owner on PATH next to the package), then restart it",
+        engine.socket, theirs, ours, ours,
+    )
+
+
 def get_logger(name: str) -> logging.Logger:
     """The logger ``name`` (``pegaflow.connector`` ...), vLLM's when it is installed."""
     try:
@@ -61,6 +87,8 @@ def watch_connection(
             if e is None:
                 return
             st = e.stats()
+            if st["connected"] and connected is not True:
+                check_owner_version(e, logger)
             del e
             now = time.monotonic()
             if st["connected"]:
