@@ -36,6 +36,10 @@ fi
 if [[ "${PEGAFLOW_SKIP_PYTHON:-0}" != 1 ]]; then
     log "Python: venv with the pinned vLLM versions, pegaflow-py, tests per version, end to end"
     scripts/py-test.sh -ra
+    log "wheel: build it, pip install it into a fresh venv, run the installed owner and package"
+    t=$SECONDS
+    scripts/wheel-test.sh
+    echo "wheel test: $((SECONDS - t)) s"
 fi
 
 log "all tests passed in $((SECONDS - t0)) s"
