@@ -21,6 +21,14 @@ if ! command -v systemd-analyze >/dev/null && [[ $(id -u) == 0 ]] && command -v 
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null || true
 fi
 
+# promtool checks the alert rules and the dashboard's queries
+# (tests/python/test_ops_files.py; those checks skip, saying so, without it).
+if ! command -v promtool >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    log "installing promtool (Debian package prometheus)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } ||
+        log "could not install prometheus: the promtool checks will skip"
+fi
+
 log "building binaries (owner, inspect, test engine)"
 cargo build --workspace --bins
 
@@ -35,6 +43,10 @@ fi
 
 if [[ "${PEGAFLOW_SKIP_PYTHON:-0}" != 1 ]]; then
     log "Python: venv with the pinned vLLM versions, pegaflow-py, tests per version, end to end"
+    scripts/py-env.sh --env-only
+    # validates ops/kubernetes (test_ops_files.py; skipped, saying so, without it)
+    "${PEGAFLOW_VENV:-$ROOT/.venv}/bin/pip" install -q "kubernetes-validate==1.37.0" ||
+        log "could not install kubernetes-validate: the Kubernetes schema check will skip"
     scripts/py-test.sh -ra
     log "wheel: build it, pip install it into a fresh venv, run the installed owner and package"
     t=$SECONDS
