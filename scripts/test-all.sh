@@ -6,6 +6,7 @@
 #   scripts/test-all.sh              # everything
 #   PEGAFLOW_SKIP_PYTHON=1 scripts/test-all.sh   # Rust only
 #   PEGAFLOW_SKIP_E2E=1 scripts/test-all.sh      # without the end-to-end suite
+#   PEGAFLOW_SKIP_DOCS=1 scripts/test-all.sh     # without the docs site (mdbook)
 #
 # GPU tests skip with a message on machines without a CUDA driver; run them
 # on a GPU with scripts/gpu-test.sh (docs/gpu.md).
@@ -31,6 +32,11 @@ fi
 
 log "building binaries (owner, inspect, test engine)"
 cargo build --workspace --bins
+
+if [[ "${PEGAFLOW_SKIP_DOCS:-0}" != 1 ]]; then
+    log "docs site (mdBook): generated reference current, builds, no broken link"
+    scripts/docs-build.sh
+fi
 
 log "Rust tests"
 cargo test --workspace --no-fail-fast
