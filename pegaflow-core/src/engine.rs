@@ -336,6 +336,9 @@ pub struct EngineStats {
     pub save_dropped_blocks: u64,
     pub save_skipped_blocks: u64,
     pub loaded_blocks: u64,
+    /// Why the last attempt to reach the owner failed (`None` once
+    /// connected): what a log line about an unreachable owner should say.
+    pub last_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -348,10 +351,57 @@ struct Local {
     save_dropped_blocks: AtomicU64,
     save_skipped_blocks: AtomicU64,
     loaded_blocks: AtomicU64,
+    last_error: parking_lot::Mutex<Option<String>>,
+}
+
+/// The last [`Engine::count_hits`] of a few namespaces: the hits it found.
+///
+/// vLLM's scheduler asks how many leading blocks every TP rank's namespace
+/// holds (one `count_hits` per namespace), then pins the common prefix
+/// (one `lookup` per namespace). That is one lookup per namespace, counted
+/// by the probe; the `lookup` that pins a prefix of the probe's hits only
+/// confirms it. A hit counted by the probe that is gone by the time it is
+/// pinned (evicted in between: a race of microseconds) stays counted.
+#[derive(Default)]
+struct Probes {
+    /// (namespace, the hits found), most recent last.
+    last: Vec<(u64, Vec<[u8; 32]>)>,
+}
+
+impl Probes {
+    /// Namespaces remembered: more than any TP degree a scheduler probes.
+    const KEEP: usize = 16;
+
+    fn record(&mut self, namespace: u64, hits: &[[u8; 32]]) {
+        let mut v = match self.last.iter().position(|p| p.0 == namespace) {
+            Some(i) => self.last.remove(i).1,
+            None if self.last.len() >= Self::KEEP => self.last.remove(0).1,
+            None => Vec::new(),
+        };
+        v.clear();
+        v.extend_from_slice(hits);
+        self.last.push((namespace, v));
+    }
+
+    /// Whether `hashes` pins hits the last probe of `namespace` counted
+    /// (then the probe is used up: a second lookup counts again).
+    fn confirm(&mut self, namespace: u64, hashes: &[[u8; 32]]) -> bool {
+        let Some(i) = self.last.iter().position(|p| p.0 == namespace) else {
+            return false;
+        };
+        let hits = &self.last[i].1;
+        let ok =
+            !hashes.is_empty() && hits.len() >= hashes.len() && hits[..hashes.len()] == *hashes;
+        if ok {
+            self.last.remove(i);
+        }
+        ok
+    }
 }
 
 struct Inner {
     cfg: EngineConfig,
+    probes: parking_lot::Mutex<Probes>,
     socket: PathBuf,
     session: RwLock<Option<Arc<Session>>>,
     stop: AtomicBool,
@@ -383,6 +433,7 @@ impl Engine {
         let socket = cfg.socket_path();
         let inner = Arc::new(Inner {
             cfg,
+            probes: Default::default(),
             socket,
             session: RwLock::new(None),
             stop: AtomicBool::new(false),
@@ -399,6 +450,7 @@ impl Engine {
             }
             Err(e) => {
                 info!(socket = %inner.socket.display(), error = %e, "owner not reachable; running without cache until it is");
+                *inner.local.last_error.lock() = Some(e.to_string());
                 None
             }
         };
@@ -459,13 +511,41 @@ impl Engine {
     }
 
     /// Leading hits of `hashes` in `namespace`, without pinning.
+    ///
+    /// Counted as a lookup (lookups, blocks asked, hits, misses): a
+    /// scheduler probes with this, then pins the hits it will load with
+    /// [`Engine::lookup`], which is then not counted a second time (see
+    /// [`Probes`]).
     pub fn count_hits(&self, namespace: u64, hashes: &[[u8; 32]]) -> usize {
-        let Some(s) = self.session() else { return 0 };
+        let Some(s) = self.session() else {
+            self.count_lookup(None, hashes.len() as u64, 0);
+            return 0;
+        };
         let index = s.ctl.index();
-        hashes
+        let found = hashes
             .iter()
             .take_while(|h| index.get(&BlockKey::new(namespace, **h)).is_some())
-            .count()
+            .count();
+        self.count_lookup(Some(&s), hashes.len() as u64, found as u64);
+        self.inner.probes.lock().record(namespace, &hashes[..found]);
+        found
+    }
+
+    /// Count one lookup of `asked` blocks of which `hits` were found: in
+    /// this process, and in the client entry when connected.
+    fn count_lookup(&self, s: Option<&Session>, asked: u64, hits: u64) {
+        let l = &self.inner.local;
+        l.lookups.fetch_add(1, AtomicOrdering::Relaxed);
+        l.hit_blocks.fetch_add(hits, AtomicOrdering::Relaxed);
+        l.miss_blocks
+            .fetch_add(asked - hits, AtomicOrdering::Relaxed);
+        if let Some(s) = s {
+            let e = s.client().entry;
+            e.add_engine(EngineCounter::Lookups, 1);
+            e.add_engine(EngineCounter::LookupBlocks, asked);
+            e.add_engine(EngineCounter::HitBlocks, hits);
+            e.add_engine(EngineCounter::MissBlocks, asked - hits);
+        }
     }
 
     /// Leading blocks of `hashes` in `namespace` that the owner's SSD tier
@@ -553,16 +633,16 @@ impl Engine {
 
     /// Leading hits of `hashes` in `namespace`, pinned: they stay valid until
     /// released (or the returned [`Pinned`] is dropped).
+    ///
+    /// Counted as a lookup unless it pins hits that [`Engine::count_hits`]
+    /// just counted (a prefix of the hits of the last probe of this
+    /// namespace).
     pub fn lookup(&self, namespace: u64, hashes: &[[u8; 32]]) -> Pinned {
-        self.inner
-            .local
-            .lookups
-            .fetch_add(1, AtomicOrdering::Relaxed);
+        let probed = self.inner.probes.lock().confirm(namespace, hashes);
         let Some(s) = self.session() else {
-            self.inner
-                .local
-                .miss_blocks
-                .fetch_add(hashes.len() as u64, AtomicOrdering::Relaxed);
+            if !probed {
+                self.count_lookup(None, hashes.len() as u64, 0);
+            }
             return Pinned::new(None, Vec::new());
         };
         let client = s.client();
@@ -599,22 +679,9 @@ impl Engine {
                 }
             }
         }
-        let hits = blocks.len() as u64;
-        let misses = hashes.len() as u64 - hits;
-        client.entry.add_engine(EngineCounter::Lookups, 1);
-        client
-            .entry
-            .add_engine(EngineCounter::LookupBlocks, hashes.len() as u64);
-        client.entry.add_engine(EngineCounter::HitBlocks, hits);
-        client.entry.add_engine(EngineCounter::MissBlocks, misses);
-        self.inner
-            .local
-            .hit_blocks
-            .fetch_add(hits, AtomicOrdering::Relaxed);
-        self.inner
-            .local
-            .miss_blocks
-            .fetch_add(misses, AtomicOrdering::Relaxed);
+        if !probed {
+            self.count_lookup(Some(&s), hashes.len() as u64, blocks.len() as u64);
+        }
         touch(&s, &blocks);
         Pinned::new(Some(s), blocks)
     }
@@ -631,14 +698,7 @@ impl Engine {
     /// short.
     pub fn reserve(&self, n: usize) -> Reservation {
         let Some(s) = self.session() else {
-            self.inner
-                .local
-                .save_skipped_blocks
-                .fetch_add(n as u64, AtomicOrdering::Relaxed);
-            self.inner
-                .shared
-                .skipped_unpublished
-                .fetch_add(n as u64, AtomicOrdering::Relaxed);
+            self.note_skipped(n as u64);
             return Reservation {
                 session: None,
                 slots: Vec::new(),
@@ -862,6 +922,32 @@ impl Engine {
         }
     }
 
+    /// Count `blocks` whose save was skipped before any slot was asked
+    /// for: the owner is away, or (a caller's decision) the pool cannot be
+    /// used yet, e.g. its CUDA registration is still running. Published
+    /// in the client entry now, or when the engine reconnects.
+    pub fn note_skipped(&self, blocks: u64) {
+        if blocks == 0 {
+            return;
+        }
+        self.inner
+            .local
+            .save_skipped_blocks
+            .fetch_add(blocks, AtomicOrdering::Relaxed);
+        match self.session() {
+            Some(s) => s
+                .client()
+                .entry
+                .add_engine(EngineCounter::SaveSkippedBlocks, blocks),
+            None => {
+                self.inner
+                    .shared
+                    .skipped_unpublished
+                    .fetch_add(blocks, AtomicOrdering::Relaxed);
+            }
+        }
+    }
+
     /// Count a save done by a copy backend (bytes and time).
     pub fn note_save(&self, bytes: u64, took: Duration) {
         if let Some(s) = self.session() {
@@ -961,7 +1047,14 @@ impl Engine {
             save_dropped_blocks: l.save_dropped_blocks.load(AtomicOrdering::Relaxed),
             save_skipped_blocks: l.save_skipped_blocks.load(AtomicOrdering::Relaxed),
             loaded_blocks: l.loaded_blocks.load(AtomicOrdering::Relaxed),
+            last_error: l.last_error.lock().clone(),
         }
+    }
+
+    /// The version of the owner this engine is connected to (`None` while
+    /// disconnected, or from an owner that does not record it).
+    pub fn owner_version(&self) -> Option<String> {
+        self.session()?.ctl.header().owner_version()
     }
 
     /// Client entry index while connected (tests, logs).
@@ -1187,6 +1280,7 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
                     "connected to pegaflow-owner"
                 );
                 let s = Arc::new(s);
+                *inner.local.last_error.lock() = None;
                 *inner.shared.live_entry.lock() = Some(s.id());
                 inner.settle(&s);
                 *inner.session.write() = Some(s);
@@ -1196,6 +1290,7 @@ fn monitor(weak: std::sync::Weak<Inner>, mut reader: Option<std::os::unix::net::
                 reader = Some(r);
             }
             Err(e) => {
+                *inner.local.last_error.lock() = Some(e.to_string());
                 if last_warn.elapsed() > Duration::from_secs(30) {
                     if matches!(
                         e,
@@ -1251,5 +1346,40 @@ mod mailbox {
             }
             g.take()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Probes;
+
+    fn h(i: u8) -> [u8; 32] {
+        [i; 32]
+    }
+
+    #[test]
+    fn a_lookup_pinning_a_probed_prefix_is_the_same_lookup_once() {
+        let mut p = Probes::default();
+        p.record(1, &[h(1), h(2), h(3)]);
+        p.record(2, &[h(1)]);
+        // another namespace, a longer chain, another chain: not the probe
+        assert!(!p.confirm(3, &[h(1)]));
+        assert!(!p.confirm(1, &[h(1), h(2), h(3), h(4)]));
+        assert!(!p.confirm(1, &[h(9)]));
+        assert!(!p.confirm(1, &[]));
+        // the common prefix of two ranks' probes, once each
+        assert!(p.confirm(1, &[h(1)]));
+        assert!(p.confirm(2, &[h(1)]));
+        assert!(!p.confirm(1, &[h(1)]));
+        assert!(!p.confirm(2, &[h(1)]));
+        // a probe with no hits confirms nothing
+        p.record(1, &[]);
+        assert!(!p.confirm(1, &[h(1)]));
+        // bounded: the oldest namespace is forgotten
+        for ns in 0..=Probes::KEEP as u64 {
+            p.record(100 + ns, &[h(1)]);
+        }
+        assert!(!p.confirm(100, &[h(1)]));
+        assert!(p.confirm(100 + Probes::KEEP as u64, &[h(1)]));
     }
 }

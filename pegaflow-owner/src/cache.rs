@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use pegaflow_shm::client::{client_state, OwnerCounter};
+use pegaflow_shm::client::{client_state, OwnerCounter, ENGINE_COUNTERS};
 use pegaflow_shm::index::InsertError;
 use pegaflow_shm::request::Request;
 use pegaflow_shm::segment::{pid_alive, process_start_time, ClientView, ControlSegment};
@@ -78,6 +78,41 @@ pub struct CacheStats {
     pub reclaimed_slots: u64,
     pub reclaimed_clients: u64,
     pub stash_starved: u64,
+    /// Engine counters of client entries reclaimed since start (added just
+    /// before the entry is cleared), so node totals stay exact and
+    /// monotonic when engines leave.
+    pub retired_engine: [u64; ENGINE_COUNTERS],
+    /// Evictions per namespace; namespaces beyond the first
+    /// [`NAMESPACE_STATS`] are counted under 0.
+    pub namespace_evictions: HashMap<u64, u64>,
+}
+
+/// Namespaces with their own eviction counter (engines choose namespaces,
+/// so the map must stay bounded).
+const NAMESPACE_STATS: usize = 64;
+
+impl CacheStats {
+    fn evicted_from(&mut self, namespace: u64) {
+        let ns = if self.namespace_evictions.contains_key(&namespace)
+            || self.namespace_evictions.len() < NAMESPACE_STATS
+        {
+            namespace
+        } else {
+            0
+        };
+        *self.namespace_evictions.entry(ns).or_default() += 1;
+    }
+
+    /// Keep the engine counters of an entry about to be cleared.
+    fn retire(&mut self, client: &ClientView<'_>) {
+        for (r, c) in self
+            .retired_engine
+            .iter_mut()
+            .zip(&client.entry.engine_counters)
+        {
+            *r = r.wrapping_add(c.load(Ordering::Relaxed));
+        }
+    }
 }
 
 pub struct Cache {
@@ -497,10 +532,12 @@ impl Cache {
             self.offer_to_ssd(slot, class, false);
         }
         let entry = &self.seg.slots()[slot as usize];
-        self.seg.index().remove(&entry.key(), slot);
+        let key = entry.key();
+        self.seg.index().remove(&key, slot);
         self.classes[class].lru.remove(slot);
         entry.free(st);
         self.stats.evictions += 1;
+        self.stats.evicted_from(key.namespace);
         Some(slot)
     }
 
@@ -806,6 +843,7 @@ impl Cache {
         }
         client.requests.reset();
         client.stash.reset();
+        self.stats.retire(client);
         client.entry.clear();
         self.stats.reclaimed_slots += freed;
         self.stats.reclaimed_clients += 1;
@@ -973,6 +1011,7 @@ impl Cache {
                 }
                 c.requests.reset();
                 c.stash.reset();
+                cache.stats.retire(&c);
                 c.entry.clear();
                 report.dead_clients += 1;
             }

@@ -131,6 +131,12 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:9091")]
     pub metrics_addr: String,
 
+    /// /health answers 503 (and pegaflow_owner_running is 0) when the
+    /// owner's request loop has not gone round for this many seconds (it
+    /// does at least every 100 ms when healthy).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
+    pub health_stall_secs: f64,
+
     /// Log level: trace, debug, info, warn, error (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -162,6 +168,13 @@ impl Args {
                 self.metrics_addr
             )
         })
+    }
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
 }
 

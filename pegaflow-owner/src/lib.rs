@@ -163,6 +163,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
         .owner_state
         .store(owner_state::INITIALISING, Ordering::SeqCst);
     header.owner_pid.store(std::process::id(), Ordering::SeqCst);
+    header.set_owner_version(env!("CARGO_PKG_VERSION"));
     let epoch = header.owner_epoch.fetch_add(1, Ordering::SeqCst) + 1;
 
     let cache = if adopted {
@@ -243,7 +244,8 @@ pub fn run(args: Args) -> Result<(), StartError> {
         "pegaflow-owner ready"
     );
     if let Some(addr) = metrics_addr {
-        metrics::start(addr, owner.clone(), &args.name)?;
+        let stall = std::time::Duration::from_secs_f64(args.health_stall_secs);
+        metrics::start(addr, owner.clone(), &args.name, stall)?;
     }
     created.keep();
     let srv = server::Server::new(owner.clone(), listener, socket, access);

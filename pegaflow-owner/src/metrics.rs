@@ -12,13 +12,18 @@
 //! ## Engine counters and departed engines
 //!
 //! Engines count their own lookups, hits, saves and loads in their client
-//! entry (`pegaflow_shm::client`), and the owner clears the entry when the
-//! engine goes away. So that node-wide totals (`pegaflow_block_hits_total`
-//! and friends) stay monotonic, the collector samples every entry about once
-//! a second and, when an entry is cleared or reused (its token changes),
-//! adds the counters it last saw to a `retired` sum. What an engine counted
-//! in the last second before it left can be missing from the totals; the
-//! per-client series (`pegaflow_client_*`) are exact while the engine lives.
+//! entry (`pegaflow_shm::client`). When the owner reclaims an entry it adds
+//! its counters to `CacheStats::retired_engine` before clearing it, under
+//! the state lock; a scrape reads that sum and the live entries under the
+//! same lock, so node totals (`pegaflow_block_hits_total` and friends) are
+//! exact and never go down while the owner runs.
+//!
+//! ## A stuck owner
+//!
+//! `/health` needs no lock: it compares the request loop's heartbeat with
+//! `--health-stall-secs`. A scrape waits at most [`LOCK_WAIT`] for the
+//! owner's state lock and answers 503 if it cannot get it, so a wedged
+//! owner never wedges this thread (and `/health` behind it).
 //!
 //! The `metrics` crate's counters are integers, while the engines' save and
 //! load times are fractional seconds: those few are recorded as gauges and
@@ -48,8 +53,13 @@ use tracing::{debug, info, warn};
 use crate::owner::{Owner, SHUTDOWN};
 use crate::StartError;
 
-/// How often engine counters are sampled between scrapes (see module docs).
-const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often the serving thread wakes up without a request (to see shutdown).
+const WAKE_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for the owner's state lock in a scrape.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// Namespaces given their own `pegaflow_namespace_*` series; blocks of
+/// others are summed under `namespace="other"`.
+const MAX_NAMESPACE_SERIES: usize = 64;
 /// A scraper that sends nothing for this long is dropped.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request head accepted.
@@ -206,7 +216,12 @@ impl MetricsServer {
 /// until shutdown.
 // StartError is the owner's one start-up error type (see `run`).
 #[allow(clippy::result_large_err)]
-pub fn start(addr: SocketAddr, owner: Arc<Owner>, name: &str) -> Result<MetricsServer, StartError> {
+pub fn start(
+    addr: SocketAddr,
+    owner: Arc<Owner>,
+    name: &str,
+    stall_after: Duration,
+) -> Result<MetricsServer, StartError> {
     let listener = TcpListener::bind(addr).map_err(|e| {
         StartError::Metrics(format!(
             "cannot listen on {addr}: {e}; pass another --metrics-addr HOST:PORT, \
@@ -214,7 +229,7 @@ pub fn start(addr: SocketAddr, owner: Arc<Owner>, name: &str) -> Result<MetricsS
         ))
     })?;
     let local_addr = listener.local_addr().unwrap_or(addr);
-    let mut collector = Collector::new(owner, name);
+    let mut collector = Collector::new(owner, name, stall_after);
     std::thread::Builder::new()
         .name("pegaflow-metrics".into())
         .spawn(move || serve(listener, &mut collector))
@@ -225,12 +240,10 @@ pub fn start(addr: SocketAddr, owner: Arc<Owner>, name: &str) -> Result<MetricsS
 
 fn serve(listener: TcpListener, collector: &mut Collector) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut last_sample = Instant::now();
     while !SHUTDOWN.load(AtomicOrdering::Relaxed) {
         let ready = {
             let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-            // Wakes at least once per SAMPLE_EVERY, to sample and to see shutdown.
-            poll(&mut fds, PollTimeout::from(SAMPLE_EVERY.as_millis() as u16))
+            poll(&mut fds, PollTimeout::from(WAKE_EVERY.as_millis() as u16))
                 .map(|n| n > 0)
                 .unwrap_or(false)
         };
@@ -246,10 +259,6 @@ fn serve(listener: TcpListener, collector: &mut Collector) {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
-        }
-        if last_sample.elapsed() >= SAMPLE_EVERY {
-            collector.sample_clients(false);
-            last_sample = Instant::now();
         }
     }
 }
@@ -284,16 +293,26 @@ fn handle(mut stream: TcpStream, collector: &mut Collector) -> std::io::Result<(
         return respond(&mut stream, 405, "text/plain", "only GET and HEAD\n", true);
     }
     match path {
-        "/metrics" => {
-            let text = collector.render();
-            respond(
+        "/metrics" => match collector.render() {
+            Some(text) => respond(
                 &mut stream,
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
                 &text,
                 body_wanted,
-            )
-        }
+            ),
+            None => respond(
+                &mut stream,
+                503,
+                "text/plain",
+                &format!(
+                    "the owner's state stayed locked for {} s: the owner is stuck; see /health \
+                     and its log, and restart it\n",
+                    LOCK_WAIT.as_secs()
+                ),
+                body_wanted,
+            ),
+        },
         "/health" => {
             let (code, text) = collector.health();
             respond(&mut stream, code, "text/plain", &text, body_wanted)
@@ -354,80 +373,69 @@ struct ClientSample {
 pub struct Collector {
     owner: Arc<Owner>,
     name: String,
-    /// Per client entry: the token and engine counters last seen.
-    last: Vec<Option<(u64, [u64; ENGINE_COUNTERS])>>,
-    /// Engine counters of entries that were cleared or reused since start.
-    retired: [u64; ENGINE_COUNTERS],
+    stall_after: Duration,
 }
 
 impl Collector {
-    pub fn new(owner: Arc<Owner>, name: &str) -> Collector {
-        let n = owner.segment().max_clients() as usize;
+    pub fn new(owner: Arc<Owner>, name: &str, stall_after: Duration) -> Collector {
         Collector {
             owner,
             name: name.to_string(),
-            last: vec![None; n],
-            retired: [0; ENGINE_COUNTERS],
+            stall_after,
         }
     }
 
-    /// `/health`: 200 while this process's owner loop serves the segment.
+    /// `/health`: 200 while this process's owner loop serves the segment
+    /// and went round within the stall threshold.
     pub fn health(&self) -> (u16, String) {
         let h = self.owner.segment().header();
         let state = h.owner_state.load(Ordering::SeqCst);
         let pid = h.owner_pid.load(Ordering::SeqCst);
-        if state == owner_state::RUNNING && pid == std::process::id() {
-            (200, "ok\n".into())
-        } else {
+        if state != owner_state::RUNNING || pid != std::process::id() {
             let what = match state {
                 owner_state::INITIALISING => "initialising",
                 owner_state::STOPPED => "stopped",
                 owner_state::RUNNING => "running under another pid",
                 _ => "not started",
             };
-            (503, format!("owner loop not running: {what} (pid {pid})\n"))
+            return (503, format!("owner loop not running: {what} (pid {pid})\n"));
         }
+        let lag = self.owner.loop_lag();
+        if lag > self.stall_after {
+            return (
+                503,
+                format!(
+                    "owner loop stalled: no progress for {:.1} s (--health-stall-secs {}); \
+                     engines' commits and stash refills wait. Look at the owner's log and \
+                     stack (gdb -p {pid}), then restart it\n",
+                    lag.as_secs_f64(),
+                    self.stall_after.as_secs_f64()
+                ),
+            );
+        }
+        (200, "ok\n".into())
     }
 
-    /// Read every client entry; retire the counters of entries that were
-    /// cleared or reused since the last call.
-    fn sample_clients(&mut self, count_pins: bool) -> Vec<ClientSample> {
-        let seg = self.owner.segment().clone();
+    /// Every used client entry; call with the owner's state locked, so no
+    /// entry is reclaimed (its counters moved to the retired sum) half-way.
+    fn read_clients(&self) -> Vec<ClientSample> {
+        let seg = self.owner.segment();
         let mut out = Vec::new();
         for i in 0..seg.max_clients() {
             let Some(c) = seg.client(i) else { continue };
             let e = c.entry;
             let state = e.state();
-            let token = e.token.load(Ordering::Relaxed);
+            if state == client_state::FREE {
+                continue;
+            }
             let mut engine = [0u64; ENGINE_COUNTERS];
             for (v, &k) in engine.iter_mut().zip(&ENGINE) {
                 *v = e.engine(k);
             }
-            let slot = &mut self.last[i as usize];
-            if let Some((old_token, old)) = *slot {
-                if old_token != token || state == client_state::FREE {
-                    for (r, o) in self.retired.iter_mut().zip(old) {
-                        *r = r.wrapping_add(o);
-                    }
-                    *slot = None;
-                }
-            }
-            if state == client_state::FREE || token == 0 {
-                continue;
-            }
-            *slot = Some((token, engine));
             let mut owner = [0u64; OWNER_COUNTERS];
             for (v, &k) in owner.iter_mut().zip(&OWNER) {
                 *v = e.owner(k);
             }
-            let pinned_slots = if count_pins {
-                c.pins
-                    .iter()
-                    .filter(|p| p.load(Ordering::Relaxed) != 0)
-                    .count() as u64
-            } else {
-                0
-            };
             out.push(ClientSample {
                 index: i,
                 state,
@@ -440,23 +448,40 @@ impl Collector {
                 request_cap: c.requests.capacity(),
                 stash: c.stash.len(),
                 stash_target: u64::from(e.stash_target.load(Ordering::Relaxed)),
-                pinned_slots,
+                pinned_slots: 0,
             });
         }
         out
     }
 
+    /// Pins of each sampled client (a pass over its pin counters, without
+    /// the owner's lock).
+    fn count_pins(&self, clients: &mut [ClientSample]) {
+        let seg = self.owner.segment();
+        for c in clients {
+            if let Some(v) = seg.client(c.index) {
+                c.pinned_slots = v
+                    .pins
+                    .iter()
+                    .filter(|p| p.load(Ordering::Relaxed) != 0)
+                    .count() as u64;
+            }
+        }
+    }
+
     /// The Prometheus text exposition of the current state.
-    pub fn render(&mut self) -> String {
+    /// `None` when the owner's state stayed locked for [`LOCK_WAIT`].
+    pub fn render(&mut self) -> Option<String> {
         let started = Instant::now();
-        let (stats, occ, ssd) = self.owner.with_cache(|c| {
+        let (stats, occ, ssd, mut clients) = self.owner.try_with_cache(LOCK_WAIT, |c| {
             (
                 c.stats.clone(),
                 c.occupancy(),
                 c.ssd.as_ref().map(|t| t.stats()),
+                self.read_clients(),
             )
-        });
-        let clients = self.sample_clients(true);
+        })?;
+        self.count_pins(&mut clients);
         let seg = self.owner.segment().clone();
         let g = *seg.geometry();
         let header = seg.header();
@@ -549,7 +574,13 @@ impl Collector {
             vec![],
             f64::from(header.hugepages),
         );
-        let slots = slot_states(&seg);
+        m.gauge(
+            "pegaflow_owner_loop_lag_seconds",
+            "Seconds since the owner's request loop last went round (at most 0.1 when healthy).",
+            vec![],
+            self.owner.loop_lag().as_secs_f64(),
+        );
+        let (slots, namespaces) = slot_states(&seg);
         for (state, n) in [
             ("free", slots[0]),
             ("writing", slots[1]),
@@ -562,6 +593,37 @@ impl Collector {
                 "Slots of assigned slabs by state, read from the slot table.",
                 vec![Label::new("state", state)],
                 n as f64,
+            );
+        }
+        for (ns, (blocks, bytes)) in &namespaces {
+            let label = || vec![Label::new("namespace", ns.clone())];
+            m.gauge(
+                "pegaflow_namespace_blocks",
+                "Committed blocks of this namespace (model, layout, TP rank) in the pool.",
+                label(),
+                *blocks as f64,
+            );
+            m.gauge(
+                "pegaflow_namespace_bytes",
+                "Bytes of the committed blocks of this namespace.",
+                label(),
+                *bytes as f64,
+            );
+        }
+        // Every namespace with blocks or evictions, so rate() sees the first.
+        let mut evictions: std::collections::BTreeMap<String, u64> = namespaces
+            .iter()
+            .map(|(label, _)| (label.clone(), 0))
+            .collect();
+        for (ns, n) in &stats.namespace_evictions {
+            *evictions.entry(namespace_label(*ns)).or_default() += n;
+        }
+        for (label, n) in evictions {
+            m.counter_owned(
+                "pegaflow_namespace_block_evictions_total".into(),
+                "Committed blocks of this namespace evicted to make room (owner).",
+                vec![Label::new("namespace", label)],
+                n,
             );
         }
         m.gauge(
@@ -626,7 +688,7 @@ impl Collector {
         ssd_metrics(&mut m, &ssd.unwrap_or_default());
 
         // Engine counters: node totals (retired + live), then per client.
-        let mut totals = self.retired;
+        let mut totals = stats.retired_engine;
         for c in &clients {
             for (t, v) in totals.iter_mut().zip(c.engine) {
                 *t = t.wrapping_add(v);
@@ -751,7 +813,7 @@ impl Collector {
             started.elapsed().as_secs_f64(),
         );
         let text = recorder.handle().render();
-        retype_counters(text, &m.retype)
+        Some(retype_counters(text, &m.retype))
     }
 }
 
@@ -865,10 +927,26 @@ fn ssd_metrics(m: &mut Emit<'_>, s: &crate::ssd::SsdStats) {
     }
 }
 
-/// Counts of slots of assigned slabs by kind: free, writing, committed,
-/// evicting, and words no owner writes.
-fn slot_states(seg: &pegaflow_shm::segment::ControlSegment) -> [u64; 5] {
+/// A namespace as a label value (0 stands for every namespace beyond
+/// [`MAX_NAMESPACE_SERIES`]).
+fn namespace_label(ns: u64) -> String {
+    if ns == 0 {
+        "other".into()
+    } else {
+        format!("{ns:#018x}")
+    }
+}
+
+/// Committed blocks and bytes per namespace label, the most populous first
+/// [`MAX_NAMESPACE_SERIES`] on their own, the rest as `other`.
+type NamespaceUse = Vec<(String, (u64, u64))>;
+
+/// Counts of slots of assigned slabs by kind (free, writing, committed,
+/// evicting, and words no owner writes), and committed blocks and bytes
+/// per namespace.
+fn slot_states(seg: &pegaflow_shm::segment::ControlSegment) -> ([u64; 5], NamespaceUse) {
     let mut n = [0u64; 5];
+    let mut per_ns: std::collections::HashMap<u64, (u64, u64)> = Default::default();
     let per = seg.geometry().slots_per_slab() as usize;
     let slots = seg.slots();
     for (s, slab) in seg.slabs().iter().enumerate() {
@@ -881,14 +959,36 @@ fn slot_states(seg: &pegaflow_shm::segment::ControlSegment) -> [u64; 5] {
             let i = match e.load_state().map(|st| st.kind) {
                 Some(SlotKind::Free) => 0,
                 Some(SlotKind::Writing) => 1,
-                Some(SlotKind::Committed) => 2,
+                Some(SlotKind::Committed) => {
+                    let u = per_ns
+                        .entry(e.namespace.load(Ordering::Relaxed))
+                        .or_default();
+                    u.0 += 1;
+                    u.1 += e.len.load(Ordering::Relaxed);
+                    2
+                }
                 Some(SlotKind::Evicting) => 3,
                 None => 4,
             };
             n[i] += 1;
         }
     }
-    n
+    let mut v: Vec<(u64, (u64, u64))> = per_ns.into_iter().collect();
+    v.sort_unstable_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
+    let mut out: NamespaceUse = Vec::new();
+    let mut other = (0, 0);
+    for (i, (ns, u)) in v.into_iter().enumerate() {
+        if i < MAX_NAMESPACE_SERIES && ns != 0 {
+            out.push((namespace_label(ns), u));
+        } else {
+            other.0 += u.0;
+            other.1 += u.1;
+        }
+    }
+    if other.0 > 0 {
+        out.push(("other".into(), other));
+    }
+    (n, out)
 }
 
 /// Mark gauges carrying cumulative seconds as counters in the exposition.

@@ -23,7 +23,7 @@
 //! zombie or reaped: its files, the GPU context among them, are released)
 //! lets the owner free its writing slots and forget its pins.
 
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,9 @@ pub struct Owner {
     pool: PoolSegment,
     epoch: u64,
     pub started: Instant,
+    /// Milliseconds after `started` at which the request loop last went
+    /// round (`/health` compares it with the stall threshold).
+    heartbeat_ms: AtomicU64,
 }
 
 impl Owner {
@@ -107,6 +110,7 @@ impl Owner {
             pool,
             epoch,
             started: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
         };
         // Orphans of the previous owner keep their class, so their stashes
         // keep being served once they resume.
@@ -144,6 +148,26 @@ impl Owner {
     /// Run `f` with the cache locked (metrics, tests).
     pub fn with_cache<R>(&self, f: impl FnOnce(&Cache) -> R) -> R {
         f(&self.state.lock().cache)
+    }
+
+    /// As [`Owner::with_cache`], giving up after `wait`: `None` means the
+    /// state stayed locked that long, i.e. the owner is stuck.
+    pub fn try_with_cache<R>(&self, wait: Duration, f: impl FnOnce(&Cache) -> R) -> Option<R> {
+        self.state.try_lock_for(wait).map(|st| f(&st.cache))
+    }
+
+    /// How long ago the request loop last went round (it does at least
+    /// every 100 ms, idle or not).
+    pub fn loop_lag(&self) -> Duration {
+        let beat = Duration::from_millis(self.heartbeat_ms.load(AtomicOrdering::Relaxed));
+        self.started.elapsed().saturating_sub(beat)
+    }
+
+    fn beat(&self) {
+        self.heartbeat_ms.store(
+            self.started.elapsed().as_millis() as u64,
+            AtomicOrdering::Relaxed,
+        );
     }
 
     /// Admit an engine: resume its entry (after an owner restart, or after it
@@ -452,6 +476,7 @@ impl Owner {
         let mut last_exit_poll = Instant::now();
         let mut idle_since = Instant::now();
         while !SHUTDOWN.load(AtomicOrdering::Relaxed) {
+            self.beat();
             if self.pass() > 0 || self.write_behind() > 0 {
                 idle_since = Instant::now();
                 continue;

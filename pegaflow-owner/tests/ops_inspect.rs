@@ -58,6 +58,7 @@ fn every_subcommand_on_a_live_owner() {
     assert_eq!(s["owner"]["alive"], true);
     assert_eq!(s["owner"]["pid"], owner.pid());
     assert_eq!(s["owner"]["epoch"], 1);
+    assert_eq!(s["owner"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(s["slots"]["committed"], 35);
     assert_eq!(s["index_entries"], 35);
     assert_eq!(s["committed_bytes"], 35 * LEN as u64);
@@ -101,6 +102,32 @@ fn every_subcommand_on_a_live_owner() {
     // so the depth may exceed it for a while)
     assert!(stash["depth"].as_u64().unwrap() > 0);
     assert!(stash["depth"].as_u64().unwrap() <= stash["capacity"].as_u64().unwrap());
+    // Idle stash slots are `stashed`, not `writing`: nothing is being
+    // written now.
+    let depth: u64 = list
+        .iter()
+        .map(|c| c["stash"]["depth"].as_u64().unwrap())
+        .sum();
+    let s = json(&owner.inspect(&["status", "--json"]));
+    assert_eq!(
+        (
+            s["slots"]["stashed"].as_u64(),
+            s["slots"]["writing"].as_u64()
+        ),
+        (Some(depth), Some(0)),
+        "{s}"
+    );
+    let text = ok(&owner.inspect(&["status"]));
+    assert!(
+        text.contains(&format!("{depth} stashed, 0 writing")),
+        "{text}"
+    );
+    let p = json(&owner.inspect(&["pool", "--json"]));
+    assert_eq!(
+        p["block_sizes"][0]["by_state"]["stashed"].as_u64(),
+        Some(depth),
+        "{p}"
+    );
 
     // pool
     let text = ok(&owner.inspect(&["pool"]));
@@ -180,8 +207,13 @@ fn post_mortem_after_sigkill() {
     owner.kill9();
 
     let text = ok(&owner.inspect(&["status"]));
-    assert!(text.contains(&format!("pid {dead_pid} is gone")), "{text}");
-    assert!(text.contains("post-mortem"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "owner       not running: pid {dead_pid} died while running"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("owner       running"), "{text}");
     let s = json(&owner.inspect(&["status", "--json"]));
     assert_eq!(s["owner"]["alive"], false);
     assert_eq!(

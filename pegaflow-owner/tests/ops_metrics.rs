@@ -203,6 +203,86 @@ fn owner_restart_keeps_blocks_and_counts_the_epoch() {
 }
 
 #[test]
+fn health_says_unhealthy_while_the_request_loop_is_stuck() {
+    let owner = OwnerProc::start_with("stall", &["--health-stall-secs", "1"]);
+    let a = owner.engine("ops-stall", NS, SLOT_BYTES);
+    assert_eq!(http_get(owner.metrics, "/health").unwrap().0, 200);
+    // The request loop is the owner's main thread; the socket and metrics
+    // threads keep running.
+    let stop = match ThreadStop::new(owner.pid()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot stop a thread with ptrace here ({e})");
+            return;
+        }
+    };
+    let stuck_since = Instant::now();
+    let (code, body) = loop {
+        let (code, body) = http_get(owner.metrics, "/health").unwrap();
+        if code != 200 || stuck_since.elapsed() > TIMEOUT {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("stalled") && body.contains("--health-stall-secs"),
+        "{body}"
+    );
+    assert!(stuck_since.elapsed() >= Duration::from_millis(900));
+    // A scrape still answers: from the engines' shm counters, or (if the
+    // loop was stopped holding its lock) a 503 saying so, never a hang.
+    let (code, text) = http_get(owner.metrics, "/metrics").unwrap();
+    match code {
+        200 => {
+            assert_eq!(get(&text, "pegaflow_owner_running"), 0.0, "{text}");
+            assert!(
+                get(&text, "pegaflow_owner_loop_lag_seconds") > 1.0,
+                "{text}"
+            );
+        }
+        503 => assert!(text.contains("stuck"), "{text}"),
+        _ => panic!("/metrics answered {code}: {text}"),
+    }
+    // Commits queue up unapplied while it is stuck...
+    let before = sample(
+        &owner.scrape_or_empty(),
+        "pegaflow_block_commits_total",
+        &[],
+    );
+    assert_eq!(save_some(&a, &keys(NS, 0..4)), 4);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        sample(
+            &owner.scrape_or_empty(),
+            "pegaflow_block_commits_total",
+            &[]
+        ),
+        before
+    );
+    // ...and are applied once it runs again; /health recovers.
+    drop(stop);
+    let t = owner.scrape_until("commits applied", |t| {
+        sample(t, "pegaflow_block_commits_total", &[]) == Some(4.0)
+    });
+    assert_eq!(get(&t, "pegaflow_owner_running"), 1.0);
+    assert!(get(&t, "pegaflow_owner_loop_lag_seconds") < 1.0);
+    assert_eq!(
+        http_get(owner.metrics, "/health").unwrap(),
+        (200, "ok\n".into())
+    );
+}
+
+/// Save `keys` from whatever the engine's stash holds (no waiting for the
+/// owner); returns blocks queued for commit.
+fn save_some(e: &pegaflow_core::Engine, keys: &[pegaflow_core::BlockKey]) -> usize {
+    e.save_with(keys, |_, buf| {
+        buf[..LEN].fill(7);
+        LEN
+    })
+}
+
+#[test]
 fn metrics_bind_failure_is_a_clear_start_error_and_empty_disables() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
@@ -224,6 +304,8 @@ fn metrics_bind_failure_is_a_clear_start_error_and_empty_disables() {
         err.contains(&addr) && err.contains("--metrics-addr") && err.contains("disable"),
         "{err}"
     );
+    // Not a terminal: plain text, no colour codes.
+    assert!(!err.contains('\x1b'), "{err:?}");
 
     // Empty: the owner serves engines but no HTTP.
     let log = dir.path().join("empty.log");
@@ -242,6 +324,10 @@ fn metrics_bind_failure_is_a_clear_start_error_and_empty_disables() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(text.contains("pegaflow-owner ready"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in a log file: {text:?}"
+    );
     assert!(!text.contains("serving Prometheus"), "{text}");
     drop(taken);
 }

@@ -275,6 +275,8 @@ impl PyKvCache {
         }
         let total: usize = saves.iter().map(|(b, _)| b.len()).sum();
         if total == 0 || !self.ensure_pool(st)? {
+            // Owner away or pool not registered yet: skipped, and counted.
+            self.core.note_skipped(total as u64);
             return Ok(saves.iter().map(|_| (0, 0)).collect());
         }
         let need = self.layout.slot_bytes();

@@ -45,7 +45,7 @@ pub(crate) fn to_hashes(v: &[Vec<u8>]) -> PyResult<Vec<[u8; 32]>> {
 }
 
 /// Connection to a `pegaflow-owner` (see `pegaflow._native.pyi`).
-#[pyclass(name = "Engine", module = "pegaflow._native", frozen)]
+#[pyclass(name = "Engine", module = "pegaflow._native", frozen, weakref)]
 pub struct PyEngine {
     pub(crate) inner: Engine,
 }
@@ -109,6 +109,13 @@ impl PyEngine {
     #[getter]
     fn namespace(&self) -> u64 {
         self.inner.config().namespace
+    }
+
+    /// Version of the owner connected to (`pegaflow-owner --version`);
+    /// `None` while disconnected.
+    #[getter]
+    fn owner_version(&self) -> Option<String> {
+        self.inner.owner_version()
     }
 
     #[getter]
@@ -185,6 +192,7 @@ impl PyEngine {
         d.set_item("save_dropped_blocks", s.save_dropped_blocks)?;
         d.set_item("save_skipped_blocks", s.save_skipped_blocks)?;
         d.set_item("loaded_blocks", s.loaded_blocks)?;
+        d.set_item("last_error", s.last_error)?;
         Ok(d)
     }
 
@@ -287,16 +295,28 @@ fn init_logging() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // PEGAFLOW_LOG (or RUST_LOG) picks the level; warnings by default so
-        // the engine's log is not flooded. A host that installed its own
-        // subscriber keeps it.
+        // the engine's log is not flooded. The connection's ups and downs
+        // are logged by the Python side (pegaflow._log, in the host's log
+        // format), so the engine client's own lines about them are not
+        // repeated here. A host that installed its own subscriber keeps it.
         let filter = tracing_subscriber::EnvFilter::try_from_env("PEGAFLOW_LOG")
             .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            .unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,pegaflow_core::engine=error")
+            });
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(colour())
             .with_writer(std::io::stderr)
             .try_init();
     });
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set
+/// (<https://no-color.org>): a log file gets plain text.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Block keys of `token_ids` (see `pegaflow_core::keys` for the byte

@@ -61,8 +61,15 @@ pub struct Header {
     /// a new pool file, and an old mapping must never be taken for it.
     pub pool_dev: u64,
     pub pool_ino: u64,
-    pub _reserved: [u64; 14],
+    /// Version of the owner serving the segment (`pegaflow-owner
+    /// --version`), UTF-8, NUL padded; written by every owner at start,
+    /// before it accepts engines. All zero: an owner older than the field.
+    pub owner_version: [AtomicU64; OWNER_VERSION_BYTES / 8],
+    pub _reserved: [u64; 10],
 }
+
+/// Room for the owner's version string in the header.
+pub const OWNER_VERSION_BYTES: usize = 32;
 
 #[cfg(not(loom))]
 const _: () = {
@@ -71,6 +78,28 @@ const _: () = {
 };
 
 impl Header {
+    /// Record the version of the owner starting on this segment (cut to
+    /// [`OWNER_VERSION_BYTES`]). Owner only, before it accepts engines.
+    pub fn set_owner_version(&self, version: &str) {
+        let mut bytes = [0u8; OWNER_VERSION_BYTES];
+        let n = version.len().min(OWNER_VERSION_BYTES);
+        bytes[..n].copy_from_slice(&version.as_bytes()[..n]);
+        for (cell, chunk) in self.owner_version.iter().zip(bytes.chunks_exact(8)) {
+            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            cell.store(word, crate::sync::Ordering::Relaxed);
+        }
+    }
+
+    /// The version the serving owner recorded; `None` when it recorded none.
+    pub fn owner_version(&self) -> Option<String> {
+        let mut bytes = Vec::with_capacity(OWNER_VERSION_BYTES);
+        for cell in &self.owner_version {
+            bytes.extend_from_slice(&cell.load(crate::sync::Ordering::Relaxed).to_le_bytes());
+        }
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
+    }
+
     pub fn pool_path(&self) -> String {
         let end = self
             .pool_path

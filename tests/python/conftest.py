@@ -28,15 +28,21 @@ def find_owner_bin() -> Path | None:
     env = os.environ.get("PEGAFLOW_OWNER_BIN")
     if env:
         return Path(env)
+    return newest_binary("pegaflow-owner")
+
+
+def newest_binary(name: str) -> Path | None:
+    """target/{release,debug}/NAME (or under $CARGO_TARGET_DIR), the most
+    recently built: a stale build of the other profile must not win."""
     dirs = []
     if os.environ.get("CARGO_TARGET_DIR"):
         dirs.append(Path(os.environ["CARGO_TARGET_DIR"]))
     dirs.append(ROOT / "target")
     found = [
-        d / profile / "pegaflow-owner"
+        d / profile / name
         for d in dirs
         for profile in ("release", "debug")
-        if (d / profile / "pegaflow-owner").is_file() and os.access(d / profile / "pegaflow-owner", os.X_OK)
+        if (d / profile / name).is_file() and os.access(d / profile / name, os.X_OK)
     ]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
@@ -51,6 +57,8 @@ class Owner:
         self.pool_size = pool_size
         self.log = tmp / f"{self.name}.log"
         self.proc: subprocess.Popen | None = None
+        #: --metrics-addr ("" disables the endpoint)
+        self.metrics_addr = ""
 
     def start(self, timeout: float = 30.0, extra: tuple[str, ...] = ()) -> "Owner":
         args = [
@@ -58,7 +66,7 @@ class Owner:
             "--name", self.name,
             "--socket", self.socket,
             "--pool-size", self.pool_size,
-            "--metrics-addr", "",
+            "--metrics-addr", self.metrics_addr,
             "--log-level", "info",
             *extra,
         ]

@@ -32,8 +32,12 @@ pub fn human(n: u64) -> String {
 }
 
 /// Slot counts by kind over the assigned slabs, and committed bytes.
+/// `Writing` slots are split: `stashed` (idle in a client's stash, handed
+/// out but not taken yet) and `writing` (taken: being written or committed).
+#[derive(Default)]
 struct SlotCounts {
     free: u64,
+    stashed: u64,
     writing: u64,
     committed: u64,
     evicting: u64,
@@ -41,22 +45,51 @@ struct SlotCounts {
     committed_bytes: u64,
 }
 
-fn slot_counts(t: &Target, slab: Option<u32>) -> SlotCounts {
+/// Slot ids waiting in some client's stash (as `Writing` of that client
+/// at the generation the stash holds; anything else is `verify`'s business).
+fn stashed_slots(t: &Target) -> std::collections::HashSet<u32> {
+    let seg = &t.seg;
+    let slots = seg.slots();
+    let mut out = std::collections::HashSet::new();
+    for i in 0..seg.max_clients() {
+        let Some(c) = seg.client(i) else { continue };
+        if c.entry.state() == client_state::FREE {
+            continue;
+        }
+        let (head, tail) = c.stash.positions();
+        if tail < head || tail - head > c.stash.capacity() {
+            continue;
+        }
+        for w in t.stash_words(i, head, tail).unwrap_or_default() {
+            let (slot, gen) = (w as u32, (w >> 32) as u32);
+            let ours = slots
+                .get(slot as usize)
+                .and_then(|e| e.load_state())
+                .is_some_and(|st| {
+                    st.kind == SlotKind::Writing && u32::from(st.client) == i && st.gen == gen
+                });
+            if ours {
+                out.insert(slot);
+            }
+        }
+    }
+    out
+}
+
+fn slot_counts(
+    t: &Target,
+    stashed: &std::collections::HashSet<u32>,
+    slab: Option<u32>,
+) -> SlotCounts {
     let slots = t.seg.slots();
-    let mut c = SlotCounts {
-        free: 0,
-        writing: 0,
-        committed: 0,
-        evicting: 0,
-        invalid: 0,
-        committed_bytes: 0,
-    };
+    let mut c = SlotCounts::default();
     for s in assigned_slots(&t.seg) {
         if slab.is_some_and(|x| x != s.slab) {
             continue;
         }
         match s.state.map(|st| st.kind) {
             Some(SlotKind::Free) => c.free += 1,
+            Some(SlotKind::Writing) if stashed.contains(&s.slot) => c.stashed += 1,
             Some(SlotKind::Writing) => c.writing += 1,
             Some(SlotKind::Committed) => {
                 c.committed += 1;
@@ -72,6 +105,7 @@ fn slot_counts(t: &Target, slab: Option<u32>) -> SlotCounts {
 fn slot_json(c: &SlotCounts) -> Value {
     json!({
         "free": c.free,
+        "stashed": c.stashed,
         "writing": c.writing,
         "committed": c.committed,
         "evicting": c.evicting,
@@ -92,7 +126,7 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
     let h = seg.header();
     let g = *seg.geometry();
     let o = owner_facts(seg);
-    let counts = slot_counts(t, None);
+    let counts = slot_counts(t, &stashed_slots(t), None);
     let index_entries = t
         .buckets()?
         .iter()
@@ -123,9 +157,10 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         format!("{} (never started)", owner_state_name(o.state))
     } else {
         format!(
-            "{} (pid {} is gone: post-mortem view)",
-            owner_state_name(o.state),
-            o.pid
+            "not running: pid {} died while {} (killed or crashed; this is what it left, \
+             which the next owner re-adopts)",
+            o.pid,
+            owner_state_name(o.state)
         )
     };
     let v = json!({
@@ -134,6 +169,7 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         "segment_id": format!("{:#018x}", h.segment_id),
         "created_unix_ns": h.created_unix_ns,
         "owner": {
+            "version": h.owner_version(),
             "state": owner_state_name(o.state),
             "pid": o.pid,
             "alive": o.alive,
@@ -174,7 +210,13 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
         "segment     {:#018x}, shm ABI v{}",
         h.segment_id, h.abi_version
     );
-    let _ = writeln!(s, "owner       {owner_summary}");
+    let _ = writeln!(
+        s,
+        "owner       {owner_summary}{}",
+        h.owner_version()
+            .map(|v| format!(", version {v}"))
+            .unwrap_or_default()
+    );
     let _ = writeln!(
         s,
         "epoch       {} ({} restart{})",
@@ -211,9 +253,10 @@ pub fn status(t: &Target) -> Result<(Value, String), InspectError> {
     );
     let _ = writeln!(
         s,
-        "slots       {} committed ({}), {} writing, {} free, {} evicting, {} invalid",
+        "slots       {} committed ({}), {} stashed, {} writing, {} free, {} evicting, {} invalid",
         counts.committed,
         human(counts.committed_bytes),
+        counts.stashed,
         counts.writing,
         counts.free,
         counts.evicting,
@@ -320,6 +363,7 @@ pub fn pool(t: &Target) -> Result<(Value, String), InspectError> {
     let mut slabs = Vec::new();
     let mut by_size: BTreeMap<u64, (u64, u64, SlotCounts)> = BTreeMap::new();
     let mut free_slabs = 0;
+    let stashed = stashed_slots(t);
     for (i, slab) in seg.slabs().iter().enumerate() {
         let stride = slab.stride.load(Ordering::Acquire);
         if stride == 0 {
@@ -328,7 +372,7 @@ pub fn pool(t: &Target) -> Result<(Value, String), InspectError> {
         }
         let bytes = slab.slot_bytes.load(Ordering::Relaxed);
         let nslots = u64::from(slab.nslots.load(Ordering::Relaxed));
-        let c = slot_counts(t, Some(i as u32));
+        let c = slot_counts(t, &stashed, Some(i as u32));
         slabs.push(json!({
             "slab": i,
             "first_slot": i as u64 * per,
@@ -338,21 +382,13 @@ pub fn pool(t: &Target) -> Result<(Value, String), InspectError> {
             "slots": slot_json(&c),
             "committed_bytes": c.committed_bytes,
         }));
-        let e = by_size.entry(bytes).or_insert((
-            0,
-            0,
-            SlotCounts {
-                free: 0,
-                writing: 0,
-                committed: 0,
-                evicting: 0,
-                invalid: 0,
-                committed_bytes: 0,
-            },
-        ));
+        let e = by_size
+            .entry(bytes)
+            .or_insert((0, 0, SlotCounts::default()));
         e.0 += 1;
         e.1 += nslots;
         e.2.free += c.free;
+        e.2.stashed += c.stashed;
         e.2.writing += c.writing;
         e.2.committed += c.committed;
         e.2.evicting += c.evicting;
@@ -392,17 +428,26 @@ pub fn pool(t: &Target) -> Result<(Value, String), InspectError> {
     );
     let _ = writeln!(
         s,
-        "{:>12} {:>6} {:>8} {:>10} {:>8} {:>8} {:>9} {:>12}",
-        "block size", "slabs", "slots", "committed", "writing", "free", "evicting", "used"
+        "{:>12} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12}",
+        "block size",
+        "slabs",
+        "slots",
+        "committed",
+        "stashed",
+        "writing",
+        "free",
+        "evicting",
+        "used"
     );
     for (bytes, (n, slots, c)) in &by_size {
         let _ = writeln!(
             s,
-            "{:>12} {:>6} {:>8} {:>10} {:>8} {:>8} {:>9} {:>12}",
+            "{:>12} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12}",
             human(*bytes),
             n,
             slots,
             c.committed,
+            c.stashed,
             c.writing,
             c.free,
             c.evicting,

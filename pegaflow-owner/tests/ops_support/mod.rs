@@ -29,12 +29,19 @@ pub struct OwnerProc {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub metrics: SocketAddr,
+    /// Flags added to every start.
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl OwnerProc {
     /// Start an owner with a 64 MiB pool of 2 MiB slabs and wait for /health.
     pub fn start(tag: &str) -> OwnerProc {
+        Self::start_with(tag, &[])
+    }
+
+    /// [`OwnerProc::start`] with more flags.
+    pub fn start_with(tag: &str, extra: &[&str]) -> OwnerProc {
         let dir = tempfile::tempdir().expect("tempdir");
         let name = format!("ops-{tag}-{}", std::process::id());
         let socket = dir.path().join("owner.sock");
@@ -42,6 +49,7 @@ impl OwnerProc {
             name,
             socket,
             metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             dir,
             child: None,
         };
@@ -71,6 +79,7 @@ impl OwnerProc {
                 "--metrics-addr",
                 metrics_addr,
             ])
+            .args(&self.extra)
             .env("PEGAFLOW_SHM_DIR", self.dir.path())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null());
@@ -161,6 +170,14 @@ impl OwnerProc {
         let (code, body) = http_get(self.metrics, "/metrics").expect("scrape /metrics");
         assert_eq!(code, 200, "{body}");
         body
+    }
+
+    /// A scrape, or "" when /metrics does not answer 200.
+    pub fn scrape_or_empty(&self) -> String {
+        match http_get(self.metrics, "/metrics") {
+            Ok((200, body)) => body,
+            _ => String::new(),
+        }
     }
 
     /// Scrape until `f` accepts the text.
@@ -301,4 +318,46 @@ pub fn save_all(
         });
     }
     done
+}
+
+/// One thread of another process stopped with ptrace (the rest of the
+/// process runs on): how the tests wedge the owner's request loop, which
+/// runs on the owner's main thread. Resumed on drop.
+pub struct ThreadStop {
+    tid: i32,
+}
+
+impl ThreadStop {
+    /// Stop thread `tid` (of a child of this process). `Err` when this
+    /// machine forbids ptrace (a container without CAP_SYS_PTRACE under
+    /// Yama scope 2 or 3, a seccomp filter).
+    pub fn new(tid: u32) -> Result<ThreadStop, std::io::Error> {
+        let tid = tid as i32;
+        // SAFETY: PTRACE_SEIZE/INTERRUPT take no pointers (addr and data 0).
+        let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stop = ThreadStop { tid };
+        // SAFETY: as above.
+        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut status = 0;
+        // SAFETY: status is a valid out pointer; __WALL waits for a thread.
+        let got = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        if got != tid || !libc::WIFSTOPPED(status) {
+            return Err(std::io::Error::other(format!(
+                "thread {tid} did not stop (waitpid {got}, status {status:#x})"
+            )));
+        }
+        Ok(stop)
+    }
+}
+
+impl Drop for ThreadStop {
+    fn drop(&mut self) {
+        // SAFETY: detaching a tracee we stopped; no pointers.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, 0usize, 0usize) };
+    }
 }

@@ -38,7 +38,8 @@ class Engine:
     def wait_connected(self, timeout: float) -> bool:
         """Waits (GIL released) up to ``timeout`` seconds for a session."""
     def count_hits(self, namespace: int, hashes: Sequence[bytes]) -> int:
-        """Leading hits of the hash chain, without pinning (0 while disconnected)."""
+        """Leading hits of the hash chain, without pinning (0 while disconnected).
+        Counted as a lookup in the owner's metrics (blocks asked, hits, misses)."""
     def ssd_hits(self, namespace: int, hashes: Sequence[bytes]) -> int:
         """Leading blocks the owner's SSD tier holds (pass the hashes after the pool hits)."""
     def stage(self, namespace: int, hashes: Sequence[bytes]) -> StageTicket:
@@ -46,7 +47,9 @@ class Engine:
     def stage_settled(self, ticket: StageTicket) -> bool:
         """Whether the owner finished every stage request up to ``ticket``."""
     def lookup(self, namespace: int, hashes: Sequence[bytes]) -> Pins:
-        """Leading hits, pinned; they hold until released through the result."""
+        """Leading hits, pinned; they hold until released through the result.
+        Counted as a lookup, unless it pins a prefix of the hits the last
+        ``count_hits`` of this namespace found (the same query, counted there)."""
     def release(self, pins: Pins) -> None:
         """Releases every pin ``pins`` still holds (same as ``pins.release()``)."""
     def read_slot(self, slot: int, length: int) -> Optional[bytes]: ...

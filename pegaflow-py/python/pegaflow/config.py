@@ -8,14 +8,14 @@ owner is reached through a Unix socket now.
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from pegaflow._log import get_logger
 from pegaflow.exceptions import ConfigError
 
-logger = logging.getLogger("pegaflow")
+logger = get_logger("pegaflow")
 
 _BACKENDS = ("auto", "host", "dma", "kernel")
 _LOAD_MODES = ("auto", "layerwise", "async")

@@ -1,14 +1,22 @@
 //! A scriptable engine process for the multi-process tests:
 //!
 //! ```text
-//! pf-engine save  SOCKET NAME NS SLOT_BYTES SEED START COUNT   # prints "saved N" then "visible N"
+//! pf-engine save  SOCKET NAME NS SLOT_BYTES SEED START COUNT [stay]
+//!                                          # prints "saved N" then "visible N"; stay: then sleep
 //! pf-engine load  SOCKET NAME NS SEED START COUNT              # prints "hits H ok V bad B"
 //! pf-engine chaos SOCKET NAME NS SLOT_BYTES SEED [KEY=VALUE..] # random saves and verified loads until
 //!                                                              # killed (options: see `mod chaos`)
 //! pf-engine hold  SOCKET NAME NS SEED START COUNT              # pin, print "pinned N", sleep
+//! pf-engine pinall SOCKET NAME NS SEED START COUNT             # pin every block of the range that
+//!                                                              # is cached (one lookup each), as hold
 //! pf-engine hangup SOCKET NAME NS SLOT_BYTES N                 # take N stash slots by hand, hang up,
 //!                                                              # print "hungup SLOT...", sleep
+//! pf-engine bad   SOCKET NAME NS SLOT_BYTES                    # connect by hand, queue one commit of an
+//!                                                              # out-of-range slot, print "bad 1", sleep
 //! ```
+//!
+//! `save`, `load`, `hold` and `pinall` then print what the engine counted:
+//! `stats lookups=L hits=H misses=M saved=S dropped=D skipped=K loaded=N`.
 //!
 //! Exit codes: 0 ok, 2 usage, 3 corrupt data seen, 4 engine error.
 
@@ -55,6 +63,20 @@ fn connect_with(
     }
 }
 
+fn report(e: &Engine) {
+    let s = e.stats();
+    println!(
+        "stats lookups={} hits={} misses={} saved={} dropped={} skipped={} loaded={}",
+        s.lookups,
+        s.hit_blocks,
+        s.miss_blocks,
+        s.saved_blocks,
+        s.save_dropped_blocks,
+        s.save_skipped_blocks,
+        s.loaded_blocks
+    );
+}
+
 fn load_verify(e: &Engine, ns: u64, seed: u64, start: u64, count: u64) -> (usize, usize, usize) {
     let ks = keys(ns, seed, start, count);
     let hashes: Vec<[u8; 32]> = ks.iter().map(|k| k.hash).collect();
@@ -69,6 +91,44 @@ fn load_verify(e: &Engine, ns: u64, seed: u64, start: u64, count: u64) -> (usize
     });
     e.release(&pinned);
     (pinned.len(), ok, bad)
+}
+
+/// Connect by hand and queue one request the owner must refuse (a commit
+/// into a slot id past the pool); stay connected.
+fn queue_bad_request(socket: &str, ns: u64, slot_bytes: u64) -> std::os::unix::net::UnixStream {
+    use pegaflow_shm::proto::{self, ClientMsg, Hello, OwnerMsg};
+    use pegaflow_shm::request::Request;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    let hello = Hello {
+        abi_version: pegaflow_shm::ABI_VERSION,
+        pid: std::process::id(),
+        label: "pf-engine bad".into(),
+        namespace: ns,
+        slot_bytes,
+        resume: None,
+    };
+    proto::send(&mut s, &ClientMsg::Hello(hello)).expect("hello");
+    let OwnerMsg::Welcome(w) = proto::recv::<OwnerMsg>(&mut s).expect("welcome") else {
+        eprintln!("pf-engine: not welcomed");
+        std::process::exit(4)
+    };
+    let seg = pegaflow_shm::segment::ControlSegment::open(std::path::Path::new(&w.control_path))
+        .expect("map control segment");
+    let me = seg.client(w.client).expect("client in range");
+    let bad = Request::Commit {
+        slot: u32::MAX,
+        gen: 1,
+        len: slot_bytes,
+        key: pegaflow_shm::slot_table::BlockKey::new(ns, hash_of(0xbad, 0)),
+    };
+    assert_eq!(me.requests.push_many(&[bad.encode()]), 1, "ring has room");
+    let h = seg.header();
+    pegaflow_shm::doorbell::Doorbell {
+        word: &h.doorbell,
+        sleeping: &h.owner_sleeping,
+    }
+    .ring();
+    s
 }
 
 /// Speak the protocol by hand: hello, take `n` slots from the stash (they
@@ -142,6 +202,16 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             println!("visible {}", e.count_hits(ns, &hashes));
+            report(&e);
+            if a.get(9).map(String::as_str) == Some("stay") {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        "bad" => {
+            let slot_bytes: u64 = arg(&a, 5);
+            let _socket = queue_bad_request(&socket, ns, slot_bytes);
+            println!("bad 1");
+            std::thread::sleep(Duration::from_secs(3600));
         }
         "load" => {
             let (seed, start, count): (u64, u64, u64) = (arg(&a, 5), arg(&a, 6), arg(&a, 7));
@@ -149,6 +219,7 @@ fn main() {
             e.wait_connected(Duration::from_secs(5));
             let (hits, ok, bad) = load_verify(&e, ns, seed, start, count);
             println!("hits {hits} ok {ok} bad {bad}");
+            report(&e);
             if bad > 0 {
                 std::process::exit(3);
             }
@@ -160,6 +231,19 @@ fn main() {
             let hashes: Vec<[u8; 32]> = (start..start + count).map(|i| hash_of(seed, i)).collect();
             let pinned = e.lookup(ns, &hashes);
             println!("pinned {}", pinned.len());
+            report(&e);
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        "pinall" => {
+            let (seed, start, count): (u64, u64, u64) = (arg(&a, 5), arg(&a, 6), arg(&a, 7));
+            let e = connect(&socket, &name, ns, 0);
+            e.wait_connected(Duration::from_secs(5));
+            let held: Vec<_> = (start..start + count)
+                .map(|i| e.lookup(ns, &[hash_of(seed, i)]))
+                .filter(|p| !p.is_empty())
+                .collect();
+            println!("pinned {}", held.len());
+            report(&e);
             std::thread::sleep(Duration::from_secs(3600));
         }
         "chaos" => {
@@ -174,7 +258,7 @@ fn main() {
             std::thread::sleep(Duration::from_secs(3600));
         }
         _ => {
-            eprintln!("usage: pf-engine save|load|chaos|hold|hangup ...");
+            eprintln!("usage: pf-engine save|load|chaos|hold|hangup|bad ...");
             std::process::exit(2);
         }
     }

@@ -30,7 +30,6 @@ from the per-step methods.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -40,6 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from pegaflow._log import get_logger, watch_connection
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from pegaflow.connector.namespace import (
@@ -81,7 +81,7 @@ __all__ = [
     "SUPPORTED_VLLM",
 ]
 
-logger = logging.getLogger("pegaflow.connector")
+logger = get_logger("pegaflow.connector")
 
 
 class PegaKVConnector(KVConnectorBase_V1):
@@ -131,6 +131,7 @@ class PegaKVConnector(KVConnectorBase_V1):
                 is_mla=self.is_mla,
                 layout=layout,
             )
+            watch_connection(self.scheduler_side.engine, "scheduler", logger)
         else:
             self.worker_side = WorkerSide(
                 self.cfg,
@@ -140,6 +141,22 @@ class PegaKVConnector(KVConnectorBase_V1):
                 worker_tp_rank(vllm_config),
                 layout,
             )
+
+    # vLLM asks these while it builds its config and sets up each worker's
+    # attention, long before it constructs the connector (after loading
+    # the model and profiling memory): the first moments a wrong
+    # ``pegaflow.*`` key can be reported, so they parse the config too.
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        PegaflowConfig.from_extra_config(extra_config)
+        return super().requires_piecewise_for_cudagraph(extra_config)
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> Optional[str]:
+        ktc = getattr(vllm_config, "kv_transfer_config", None)
+        PegaflowConfig.from_extra_config(getattr(ktc, "kv_connector_extra_config", None))
+        return super().get_required_kvcache_layout(vllm_config)
 
     # Handles of the role objects (tests, debugging).
 
@@ -237,6 +254,8 @@ class PegaKVConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
+        if self._worker.kv is not None:
+            watch_connection(self._worker.kv.engine, f"worker (TP rank {self.tp_rank})", logger)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         self._worker.start_load_kv(self._meta())

@@ -29,16 +29,16 @@ the key: it is the other half of the pool's ``(namespace, key)``.
 
 from __future__ import annotations
 
-import logging
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pegaflow import _native
+from pegaflow._log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.request import Request
 
-logger = logging.getLogger("pegaflow.connector")
+logger = get_logger("pegaflow.connector")
 
 _warned: set[str] = set()
 

@@ -37,12 +37,12 @@ planned for saving again.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from pegaflow import _native
+from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-logger = logging.getLogger("pegaflow.connector")
+logger = get_logger("pegaflow.connector")
 
 
 @dataclass

@@ -31,13 +31,13 @@ and logged. No PegaFlow exception leaves the per-step methods.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from pegaflow import _native
+from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.metadata import PegaConnectorMetadata, PegaHandshake
 from pegaflow.connector.namespace import KvShape
@@ -47,7 +47,7 @@ from pegaflow.tensors import describe_kv_tensors
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-logger = logging.getLogger("pegaflow.connector")
+logger = get_logger("pegaflow.connector")
 
 
 class WorkerSide:
@@ -75,6 +75,9 @@ class WorkerSide:
         self._lock = threading.Lock()
         #: save handles of the current step: handle -> req_id
         self._step_saves: dict[int, str] = {}
+        #: this step's saves were begun (even if nothing could be reserved:
+        #: asking again per layer would count the same blocks dropped again)
+        self._step_begun = False
         self._step_layers_done: set[int] = set()
         #: handles committed or in flight: req_id -> open handles
         self._open: dict[str, set[int]] = {}
@@ -206,8 +209,9 @@ class WorkerSide:
             self._load_handles.pop(h, None)
 
     def _begin_step_saves(self, meta: Optional[PegaConnectorMetadata]) -> None:
-        if self._step_saves or self.kv is None or meta is None or not meta.saves:
+        if self._step_begun or self.kv is None or meta is None or not meta.saves:
             return
+        self._step_begun = True
         for sv in meta.saves:
             self._seen_save_reqs.add(sv.req_id)
         try:
@@ -268,6 +272,7 @@ class WorkerSide:
                     logger.warning("PegaFlow save failed (%s); dropping it", e)
                     self._drop(h)
         self._step_saves = {}
+        self._step_begun = False
         self._step_layers_done = set()
         self._poll(wait=not self._device_is_cuda)
 
