@@ -8,6 +8,7 @@ import time
 import uuid
 
 from conftest import ROOT
+from test_metrics import Scrape, free_port, http
 from test_vllm_scheduler import run_one, wait_ready
 from pegaflow.connector.keys import request_keys
 from vllm_harness import BLOCK, make_instance, make_request, step, verify_blocks
@@ -18,6 +19,7 @@ def test_a_block_evicted_to_ssd_is_staged_back_and_loaded(tiny_model_dir, make_o
     ssd = ROOT / "target" / "ssd-tests" / f"py-{uuid.uuid4().hex[:8]}"
     ssd.mkdir(parents=True)
     owner = make_owner(pool_size="8mb", start=False)
+    owner.metrics_addr = f"127.0.0.1:{free_port()}"
     # 128 slots of 64 KiB; every evicted block goes to disk (no TinyLFU).
     owner.start(extra=(
         "--slab-size", "2mb", "--min-slot-size", "64kb", "--disable-lfu-admission",
@@ -53,3 +55,16 @@ def test_a_block_evicted_to_ssd_is_staged_back_and_loaded(tiny_model_dir, make_o
     assert b.connector.scheduler_side.ssd.requests_staged == 1
     assert not any(p < 3 * BLOCK for p in b.computed["b1"]), "staged blocks were recomputed"
     verify_blocks(b, r, 3 * BLOCK)
+
+    # The owner's metrics say the same (a real scrape).
+    code, text = http(owner.metrics_addr, "/metrics")
+    assert code == 200
+    m = Scrape(text)
+    assert m("pegaflow_ssd_written_blocks_total") >= 3
+    assert m("pegaflow_ssd_staged_blocks_total") >= 3
+    assert m("pegaflow_ssd_staged_bytes_total") > 0
+    assert m("pegaflow_ssd_stage_requests_total") >= 3
+    assert m("pegaflow_stage_requests_total") >= 3  # what the engines asked
+    assert sum(v for _, v in m.all("pegaflow_client_staged_blocks_total")) >= 3
+    assert m("pegaflow_ssd_checksum_failures_total") == 0
+    assert m("pegaflow_ssd_read_errors_total") == 0 and m("pegaflow_ssd_write_errors_total") == 0
