@@ -220,17 +220,24 @@ fn sigkill_mid_write_drops_torn_records_keeps_the_rest() {
     std::thread::sleep(Duration::from_millis(150));
     // Kill while the newest segment holds records (not right after it was
     // opened), so there is an unsealed record to tear below.
+    // Kill while the newest segment holds records and is far from full
+    // (about 30 fit), so it is still the one being written at the kill.
+    let mut newest = PathBuf::new();
     assert!(eventually(Duration::from_secs(10), || {
         let files = seg_files(dir.path());
-        files.last().is_some_and(|f| records(f).len() >= 2)
+        match files.last() {
+            Some(f) if (2..20).contains(&records(f).len()) => {
+                newest = f.clone();
+                true
+            }
+            _ => false,
+        }
     }));
     o.kill9(); // mid-stream: writes in flight
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let saved = w.join().unwrap();
     // Make sure at least one torn record exists: cut the payload of the
     // newest (unsealed) segment's last record short, as a crash would.
-    let files = seg_files(dir.path());
-    let newest = files.last().expect("segment files").clone();
     let tear_at = {
         use std::os::unix::fs::FileExt;
         let at = *records(&newest)
