@@ -12,8 +12,8 @@
 //! Reads and writes go through io_uring (`Write`, `Readv`), `O_DIRECT`
 //! unless the path's filesystem refuses it (tmpfs), from 4 KiB-aligned
 //! buffers ([`AlignedBuf`]) or straight into 4 KiB-aligned pool slots.
-//! Segment creation (`open`, `fallocate`, header), sealing (one 4 KiB
-//! header write) and removal (`unlink`) are rare and run synchronously here.
+//! Segment creation (`open`, `fallocate`, header), sealing (`fdatasync`,
+//! then one 4 KiB header write) and removal (`unlink`) are rare and run synchronously here.
 //!
 //! Checksums are computed here too: of a payload before it is written, and
 //! of every block read back, before the loop is told it can be committed.
@@ -347,6 +347,16 @@ impl IoThread {
             }
             Job::Seal { seg, header } => {
                 if let Some(f) = self.files.get(&seg) {
+                    // The records first, then the header that vouches for
+                    // them: an O_DIRECT write that completed may still sit
+                    // in the device's volatile cache, and a power cut must
+                    // not leave a sealed header over lost records (recovery
+                    // trusts a sealed segment's record headers; payload
+                    // checksums would still catch the loss at read time).
+                    if let Err(e) = f.file.sync_data() {
+                        warn!(seg, error = %e, "could not flush an SSD segment before sealing it; left unsealed (the next start verifies all of it)");
+                        return false;
+                    }
                     let mut b = AlignedBuf::new(HEADER_BYTES as usize);
                     header.encode(b.as_mut_slice());
                     if let Err(e) = f.file.write_all_at(b.as_slice(), 0) {
