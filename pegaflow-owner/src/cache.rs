@@ -224,6 +224,20 @@ impl Cache {
         let entry = &self.seg.slots()[slot as usize];
         let key = entry.key();
         let len = entry.len.load(Ordering::Relaxed);
+        self.offer_block_to_ssd(key, len, slot, class, behind);
+    }
+
+    /// Offer `len` bytes of `slot` as the block `key` (the slot need not be
+    /// committed: a commit the pool's admission refused is still worth a
+    /// place on SSD). The caller keeps the slot's bytes stable meanwhile.
+    fn offer_block_to_ssd(
+        &mut self,
+        key: BlockKey,
+        len: u64,
+        slot: u32,
+        class: usize,
+        behind: bool,
+    ) {
         let Some((off, stride)) = self.seg.slot_location(slot) else {
             return;
         };
@@ -774,6 +788,13 @@ impl Cache {
             if let Some(victim) = self.classes[class].lru.coldest() {
                 let vk = self.seg.slots()[victim as usize].key();
                 if !self.lfu.admit(kh, key_hash(vk.namespace, &vk.hash)) {
+                    // The pool keeps its (as hot) blocks, but a block seen
+                    // often enough still goes to SSD: otherwise a working
+                    // set larger than the pool never reaches the tier.
+                    // Writing(this engine), committed by nobody: stable.
+                    if self.ssd.is_some() {
+                        self.offer_block_to_ssd(key, len, slot, class, false);
+                    }
                     self.release_slot(slot, st);
                     self.stats.admission_rejects += 1;
                     client.entry.add_owner(OwnerCounter::AdmissionRejects, 1);

@@ -110,9 +110,11 @@ pub struct Args {
     #[arg(long, value_parser = parse_size, default_value = "512gb")]
     pub ssd_cache_capacity: u64,
 
-    /// Blocks copied out of the pool and being written, per SSD path. A
-    /// block leaving the pool while this many are in flight is dropped
-    /// (counted), never waited for.
+    /// Pending write batches per SSD path (as in the original PegaFlow):
+    /// up to this many 64 MiB batches of blocks leaving the pool are
+    /// copied and queued, and this many blocks are written at once. A
+    /// block leaving the pool beyond that is dropped (counted), never
+    /// waited for.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub ssd_write_queue_depth: u32,
 
