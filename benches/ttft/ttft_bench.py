@@ -220,17 +220,16 @@ def ttft_phase(spec: dict) -> dict:
                     raise RuntimeError("reset_prefix_cache() refused for 10 s (requests still running?)")
                 time.sleep(0.1)
             continue
-        if step == "warm" and spec.get("metrics_addr"):
+        if step != "cold" and spec.get("metrics_addr"):
             res["settle_s"] = settle(spec["metrics_addr"])
         m0 = scrape(spec.get("metrics_addr"))
         res[step] = [one(p) for p in prompts["set"]]
         m1 = scrape(spec.get("metrics_addr"))
         if m0 or m1:
-            res[step + "_owner"] = {
-                k: m1.get(k, 0.0) - m0.get(k, 0.0)
-                for k in ("pegaflow_block_hits_total", "pegaflow_block_commits_total", "pegaflow_lookups_total",
-                          "pegaflow_saves_dropped_total", "pegaflow_saves_skipped_total")
-            }
+            keys = spec.get("owner_keys") or (
+                "pegaflow_block_hits_total", "pegaflow_block_commits_total", "pegaflow_lookups_total",
+                "pegaflow_saves_dropped_total", "pegaflow_saves_skipped_total")
+            res[step + "_owner"] = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in keys}
     return res
 
 
