@@ -692,6 +692,30 @@ impl Engine {
         pinned.release_all();
     }
 
+    /// Say that a reservation of `n` slots is coming (a step's saves, known
+    /// when the step starts): if the stash holds fewer, ask the owner now
+    /// to fill it to `n`, evicting if the pool is full, and return at once.
+    /// The reservation, a forward pass later, then finds its slots in the
+    /// stash instead of waiting for evictions its short wait cannot cover
+    /// (with a full pool, a save larger than the stash otherwise loses the
+    /// difference). Harmless when the reservation never comes: the engine
+    /// gives a stash beyond twice its target back at its next reservation.
+    pub fn prepare_reserve(&self, n: usize) {
+        let Some(s) = self.session() else { return };
+        let client = s.client();
+        let have = client.stash.len();
+        let n = n as u64;
+        if n <= have {
+            return;
+        }
+        // The owner fills the stash until it holds `want` (capped at half
+        // the class).
+        let want = u32::try_from(n).unwrap_or(u32::MAX);
+        client.entry.stash_want.store(want, Ordering::Relaxed);
+        client.entry.refill_asked.fetch_add(1, Ordering::SeqCst);
+        s.ring_owner();
+    }
+
     /// Up to `n` free slots for saving. Fewer (or none) when the pool is under
     /// pressure or the owner is away: those saves are dropped and counted;
     /// the caller waits at most `reserve_wait`, and only when the stash is

@@ -533,6 +533,15 @@ impl PyKvCache {
         })
     }
 
+    /// Say that `blocks` blocks will be saved by this step (call it when
+    /// the step starts): the owner fills this engine's stash meanwhile,
+    /// evicting if the pool is full, so `begin_saves` at the end of the
+    /// forward pass finds its slots instead of dropping what its short wait
+    /// cannot cover. Never waits.
+    fn prepare_saves(&self, blocks: usize) {
+        self.core.prepare_reserve(blocks);
+    }
+
     /// [`begin_save`] for several saves at once (one step's): one
     /// reservation, so one bounded wait at most for the whole step.
     /// Returns `[(handle, n)]` in order.

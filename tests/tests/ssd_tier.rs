@@ -589,3 +589,68 @@ fn a_block_the_pools_admission_refuses_still_reaches_the_disk() {
         "a block seen once must not be written to SSD (TinyLFU admission)"
     );
 }
+
+#[test]
+fn a_full_pool_keeps_room_for_the_next_request() {
+    // A pool of 64 x 2 MiB, full, with the SSD tier behind it. The engine's
+    // stash holds 16 free slots; each new request saves 32 blocks, so 16
+    // need evictions (and copies to the tier), more than the connector's
+    // short reservation wait covers: a full pool dropped much of every save
+    // larger than the stash (on the H200, most of a 10K-token request).
+    // The connector now announces a step's saves when the step starts
+    // (`prepare_reserve`), and the owner fills the stash during the
+    // forward pass.
+    const BIG: usize = 2 << 20;
+    let dir = disk_dir();
+    let d = dir.path().display().to_string();
+    let o = OwnerProc::start_with(
+        "ssd-room",
+        &[
+            "--pool-size",
+            "128mb",
+            "--slab-size",
+            "2mb",
+            "--min-slot-size",
+            "2mb",
+            "--disable-lfu-admission",
+            "--ssd-cache-path",
+            &d,
+            "--ssd-cache-capacity",
+            "512mb",
+            "--ssd-segment-size",
+            "64mb",
+        ],
+    );
+    let mut cfg = o.engine_config(NS, BIG as u64);
+    // The connector's default (2 ms) would still be tight on a loaded CI
+    // machine for the owner's wake-up; 1 ms is far below 16 evictions.
+    cfg.reserve_wait = Duration::from_millis(1);
+    let e = Engine::connect(cfg).expect("connect");
+    assert!(e.wait_connected(Duration::from_secs(5)));
+    let save_big = |ks: &[BlockKey]| {
+        e.save_with(ks, |i, buf| {
+            fill_block(&ks[i], &mut buf[..BIG]);
+            BIG
+        })
+    };
+    let (mut asked, mut saved) = (0, 0);
+    for r in 0..14u64 {
+        let ks = keys(NS, 20 + r, 0, 32);
+        e.prepare_reserve(ks.len());
+        // The forward pass (a 10K-token prefill is ~0.5 s on an H200).
+        std::thread::sleep(Duration::from_millis(30));
+        let n = save_big(&ks);
+        if r >= 6 {
+            // The pool is full from the third request on.
+            asked += ks.len();
+            saved += n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        saved * 10 >= asked * 9,
+        "a full pool dropped {} of {asked} blocks saved by the last 8 requests; owner log:\n{}",
+        asked - saved,
+        o.log_text()
+    );
+}

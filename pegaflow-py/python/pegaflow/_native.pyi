@@ -121,6 +121,8 @@ class KvCache:
     def begin_save(self, gpu_blocks: Sequence[int], hashes: Sequence[bytes]) -> tuple[int, int]:
         """Reserve slots; returns ``(handle, n)``: the first n blocks will be saved.
         Never waits longer than the engine's reserve_wait (GIL released)."""
+    def prepare_saves(self, blocks: int) -> None:
+        """Announce this step's saves when it starts: the owner fills the stash meanwhile. Never waits."""
     def begin_saves(
         self, saves: Sequence[tuple[Sequence[int], Sequence[bytes]]]
     ) -> list[tuple[int, int]]:

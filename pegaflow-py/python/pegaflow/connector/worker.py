@@ -140,6 +140,12 @@ class WorkerSide:
     def start_load_kv(self, meta: Optional[PegaConnectorMetadata]) -> None:
         if self.kv is None:
             return
+        if meta is not None and meta.saves:
+            # The step's saves reserve their slots after the forward pass;
+            # the owner fills the stash meanwhile (with a full pool, a save
+            # larger than the stash otherwise loses what the reservation's
+            # short wait cannot evict).
+            self.kv.prepare_saves(sum(len(sv.block_ids) for sv in meta.saves))
         if self._device_is_cuda:
             try:
                 # Saves run on their own stream and may still read blocks
