@@ -7,7 +7,7 @@
 #
 #   scripts/wheel-test.sh [WHEEL]      # default: build one
 #
-# Needs python3 with the venv module (Debian: python3-venv). No network:
+# Needs python3 (or $PYTHON) with the venv module (Debian: python3-venv). No network:
 # the wheel has no dependencies.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +25,7 @@ if [[ -z "$WHEEL" ]]; then
     WHEEL="$("$ROOT/scripts/build-wheel.sh" "$TMP/wheels")"
 fi
 log "fresh venv; pip install $(basename "$WHEEL") (no index, no dependencies to fetch)"
-python3 -m venv "$TMP/venv"
+"${PYTHON:-python3}" -m venv "$TMP/venv"
 "$TMP/venv/bin/pip" install -q --no-index "$WHEEL"
 BIN="$TMP/venv/bin"
 

@@ -53,6 +53,10 @@ SSD_KEYS = (
     "pegaflow_ssd_stage_requests_total",
     "pegaflow_ssd_checksum_failures_total",
     "pegaflow_admission_rejections_total",
+    "pegaflow_saved_blocks_total",
+    "pegaflow_saves_dropped_total",
+    "pegaflow_commits_ring_full_total",
+    "pegaflow_block_evictions_total",
 )
 
 
@@ -75,6 +79,8 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep logs here (default: a temp dir, removed)")
     ap.add_argument("--json-out", help="also write the results as JSON here")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--connector-config", default="{}",
+                    help='extra kv_connector_extra_config as JSON, e.g. \'{"pegaflow.load_mode": "async"}\'')
     args = ap.parse_args()
     args.prompt_len = args.prompt_len or (2000 if args.small else 10000)
     # make_prompts() also draws decode prompts; none are needed here.
@@ -151,12 +157,14 @@ def main() -> int:
                         "kv_connector_module_path": "pegaflow.connector",
                         "kv_load_failure_policy": "recompute",
                         "kv_connector_extra_config": {"pegaflow.name": owner.name, "pegaflow.socket": owner.socket,
-                                                      "pegaflow.ssd_stage_timeout": 30},
+                                                      "pegaflow.ssd_stage_timeout": 30,
+                                                      **json.loads(args.connector_config)},
                     }}
             spec_path = work / f"{config}.spec.json"
             spec_path.write_text(json.dumps(spec))
             t = time.perf_counter()
-            with open(work / f"{config}.log", "wb") as f:
+            snap = Snapshots(Path(binary).with_name("pegaflow-inspect"), owner.name, work / f"inspect-{config}.txt")
+            with snap, open(work / f"{config}.log", "wb") as f:
                 try:
                     rc = subprocess.run([sys.executable, str(HERE.parent / "ttft_bench.py"), "--run-phase",
                                          str(spec_path)], stdout=f, stderr=subprocess.STDOUT, env=env,
@@ -171,7 +179,8 @@ def main() -> int:
                 tail = (work / f"{config}.log").read_text(errors="replace")[-2000:]
                 results[config] = {"error": f"exit {rc}"}
                 tb.log(f"[{config}] FAILED ({rc}):\n{tail}")
-            results.setdefault(config, {})["dropped"] = labelled(owner.metrics_addr, "_dropped_total")
+            results.setdefault(config, {})["dropped"] = labelled(owner.metrics_addr, ("_dropped_total",
+                                                                                    "_skipped_total"))
         finally:
             owner.stop()
             shutil.rmtree(ssd_root, ignore_errors=True)
@@ -184,8 +193,41 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def labelled(addr: str, suffix: str) -> dict[str, float]:
-    """Labelled samples of counters ending in `suffix` (e.g. drops by reason)."""
+class Snapshots:
+    """`pegaflow-inspect` pool and client tables every few seconds while a
+    phase runs (occupancy by state, pins and held slots per engine), into
+    the work dir: what the pool looked like when hits stopped."""
+
+    def __init__(self, inspect: Path, name: str, out: Path, every: float = 8.0):
+        import threading
+
+        self.inspect, self.name, self.out, self.every = inspect, name, out, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        if not self.inspect.is_file():
+            return
+        with open(self.out, "w") as f:
+            while not self.stop.wait(self.every):
+                f.write(f"=== t={time.strftime('%H:%M:%S')}\n")
+                for cmd in ("pool", "clients"):
+                    r = subprocess.run([str(self.inspect), "--name", self.name, cmd], capture_output=True,
+                                       text=True, timeout=30, check=False)
+                    f.write(r.stdout + r.stderr)
+                f.flush()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def labelled(addr: str, suffix: tuple[str, ...]) -> dict[str, float]:
+    """Labelled samples of counters ending in `suffix` (drops and skips by reason)."""
     import urllib.request
 
     try:
