@@ -154,6 +154,7 @@ def test_the_sample_rate_holds(tiny_model_dir, owner, records):
         ("slow_load_ms", -1, ">= 0"),
         ("slow_load_ms", "slow", "milliseconds"),
         ("trace_seed", 1.5, "an integer"),
+        ("trace_seed", "abc", "an integer"),
     ],
 )
 def test_bad_trace_settings_are_refused(key, value, says):
@@ -165,6 +166,6 @@ def test_trace_settings_defaults_and_parsing():
     c = PegaflowConfig.from_extra_config({})
     assert (c.trace_sample_rate, c.slow_load_ms, c.trace_seed) == (0.01, 1000.0, None)
     c = PegaflowConfig.from_extra_config(
-        {"pegaflow.trace_sample_rate": "0.5", "pegaflow.slow_load_ms": 20, "pegaflow.trace_seed": 3}
+        {"pegaflow.trace_sample_rate": "0.5", "pegaflow.slow_load_ms": 20, "pegaflow.trace_seed": "3"}
     )
     assert (c.trace_sample_rate, c.slow_load_ms, c.trace_seed) == (0.5, 20.0, 3)

@@ -167,8 +167,12 @@ class PegaflowConfig:
                     f"a huge value only the sampled ones), got {kw['slow_load_ms']!r}"
                 )
         if kw.get("trace_seed") is not None:
-            if isinstance(kw["trace_seed"], bool) or not isinstance(kw["trace_seed"], int):
+            seed = kw["trace_seed"]
+            if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
+                seed = int(seed)
+            if isinstance(seed, bool) or not isinstance(seed, int):
                 raise ConfigError(f"pegaflow.trace_seed must be an integer, got {kw['trace_seed']!r}")
+            kw["trace_seed"] = seed
         for b in ("save", "load", "ssd_stage"):
             if b in kw:
                 kw[b] = _bool(f"pegaflow.{b}", kw[b])

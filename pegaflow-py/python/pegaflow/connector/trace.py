@@ -94,6 +94,11 @@ class PegaWorkerMeta(KVConnectorWorkerMetadata):
         return PegaWorkerMeta(self.copies + list(getattr(other, "copies", ())))
 
 
+#: Copies a worker remembers while they run; the oldest are forgotten beyond
+#: (a copy the native side never reports done must not grow this forever).
+MAX_IN_FLIGHT = 4096
+
+
 class WorkerTrace:
     """The worker's notes: when each load's copies were issued and seen done."""
 
@@ -104,6 +109,8 @@ class WorkerTrace:
 
     def issued(self, handle: int, req_id: str, blocks: int, slot_bytes: int, start: int) -> None:
         self._issued[handle] = CopyNote(req_id, self.rank, blocks, blocks * slot_bytes, start, now())
+        if len(self._issued) > MAX_IN_FLIGHT:
+            self._issued.pop(next(iter(self._issued)))
 
     def not_issued(self, req_id: str, blocks: int, start: int) -> None:
         t = now()
