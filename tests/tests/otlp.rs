@@ -549,3 +549,39 @@ fn an_https_endpoint_is_refused_at_start() {
     );
     assert!(!pegaflow_shm::segment::control_path(&name).exists());
 }
+
+/// The push needs no `/metrics` endpoint: with `--metrics-addr ''` the
+/// collector still gets every series.
+#[test]
+fn the_push_works_without_the_metrics_endpoint() {
+    let rx = Receiver::start(Mode::Collect);
+    let mut args = OWNER_ARGS.to_vec();
+    let endpoint = rx.endpoint();
+    args.extend([
+        "--metrics-addr",
+        "",
+        "--metrics-otel-endpoint",
+        &endpoint,
+        "--metrics-period-secs",
+        "0.2",
+    ]);
+    let owner = OwnerProc::start_with("otlp-noaddr", &args);
+    let e = engine(&owner);
+    assert_eq!(traffic(&e, 3, 2, 0), 2);
+    let t = Instant::now();
+    let loaded = |p: &Push| {
+        p.points
+            .get(&("pegaflow_loaded_blocks_total".to_string(), BTreeMap::new()))
+            .map(|v| v.1)
+    };
+    loop {
+        let p = rx.push_after(t, Duration::from_secs(10));
+        if loaded(&p) == Some(2.0) {
+            let running = ("pegaflow_owner_running".to_string(), BTreeMap::new());
+            assert_eq!(p.points.get(&running), Some(&(false, 1.0)));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "loads never pushed");
+    }
+    assert!(!owner.log_text().contains("serving Prometheus metrics"));
+}
