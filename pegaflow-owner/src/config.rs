@@ -142,9 +142,10 @@ pub struct Args {
     #[arg(long, default_value = "")]
     pub metrics_otel_endpoint: String,
 
-    /// Seconds between two OTLP pushes (with --metrics-otel-endpoint); a
-    /// push waits at most this long (and at most 10 s) for the collector.
-    #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
+    /// Seconds between two OTLP pushes (with --metrics-otel-endpoint; at
+    /// least 0.1); a push waits at most this long (and at most 10 s) for
+    /// the collector.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_period)]
     pub metrics_period_secs: f64,
 
     /// /health answers 503 (and pegaflow_owner_running is 0) when the
@@ -199,6 +200,15 @@ fn parse_secs(s: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
+}
+
+/// An OTLP push period: at least 0.1 s (each push is a full snapshot).
+fn parse_period(s: &str) -> Result<f64, String> {
+    let v = parse_secs(s)?;
+    if v < 0.1 {
+        return Err(format!("'{s}': pushes are full snapshots; push at most every 0.1 s"));
+    }
+    Ok(v)
 }
 
 fn meminfo(key: &str) -> Option<u64> {
