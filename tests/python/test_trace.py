@@ -169,3 +169,39 @@ def test_trace_settings_defaults_and_parsing():
         {"pegaflow.trace_sample_rate": "0.5", "pegaflow.slow_load_ms": 20, "pegaflow.trace_seed": "3"}
     )
     assert (c.trace_sample_rate, c.slow_load_ms, c.trace_seed) == (0.5, 20.0, 3)
+
+
+def test_a_load_that_cannot_start_is_traced_with_its_failed_blocks(tiny_model_dir, owner, records):
+    b = loader(
+        tiny_model_dir, owner,
+        load_mode="layerwise", trace_sample_rate=0, slow_load_ms=0, reconnect_interval=0.05,
+    )
+    r = make_request("b1", PROMPT)
+    b.scheduler.add_request(r)
+    so = b.scheduler.schedule()  # pins taken, load scheduled
+    assert so.kv_connector_metadata.loads
+    owner.kill()
+    for w in b.workers:
+        deadline = time.monotonic() + 5
+        while w.kv.engine.is_connected():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    from vllm_harness import KVConnectorOutput, ModelRunnerOutput
+
+    w = b.workers[0]
+    w.bind_connector_metadata(so.kv_connector_metadata)
+    w.start_load_kv(None)
+    w.wait_for_save()
+    errors = w.get_block_ids_with_load_errors()
+    meta = w.build_connector_worker_meta()
+    w.clear_connector_metadata()
+    assert errors
+    mro = ModelRunnerOutput(
+        req_ids=[], req_id_to_index={}, sampled_token_ids=[],
+        kv_connector_output=KVConnectorOutput(invalid_block_ids=errors, kv_connector_worker_meta=meta),
+    )
+    b.scheduler.update_from_output(so, mro)
+    (rec,) = records.loads()
+    assert (rec["req_id"], rec["blocks"], rec["failed_blocks"], rec["bytes"]) == ("b1", 3, 3, 0)
+    assert [p["phase"] for p in rec["phases"]] == list(trace.PHASES)
+    assert rec["copies"][0]["failed"] == 3
