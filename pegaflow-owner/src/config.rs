@@ -206,7 +206,9 @@ fn parse_secs(s: &str) -> Result<f64, String> {
 fn parse_period(s: &str) -> Result<f64, String> {
     let v = parse_secs(s)?;
     if v < 0.1 {
-        return Err(format!("'{s}': pushes are full snapshots; push at most every 0.1 s"));
+        return Err(format!(
+            "'{s}': pushes are full snapshots; push at most every 0.1 s"
+        ));
     }
     Ok(v)
 }
