@@ -133,6 +133,23 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:9091")]
     pub metrics_addr: String,
 
+    /// Also push the metrics /metrics serves to an OpenTelemetry collector,
+    /// over OTLP/HTTP (protobuf), every --metrics-period-secs: e.g.
+    /// http://127.0.0.1:4318 (/v1/metrics is appended to a URL without a
+    /// path). Plain http:// only: a collector on this node or a sidecar.
+    /// Empty (the default) disables it: /metrics already serves every series
+    /// to a Prometheus scrape, and a push to a collector nobody runs would
+    /// only fail every period. An unreachable collector never slows the
+    /// owner: failures are counted and logged once.
+    #[arg(long, default_value = "")]
+    pub metrics_otel_endpoint: String,
+
+    /// Seconds between two OTLP pushes (with --metrics-otel-endpoint; at
+    /// least 0.1); a push waits at most this long (and at most 10 s) for
+    /// the collector.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_period)]
+    pub metrics_period_secs: f64,
+
     /// /health answers 503 (and pegaflow_owner_running is 0) when the
     /// owner's request loop has not gone round for this many seconds (it
     /// does at least every 100 ms when healthy).
@@ -173,11 +190,29 @@ impl Args {
     }
 }
 
+impl Args {
+    /// Where OTLP pushes go; `None` when `--metrics-otel-endpoint` is empty.
+    pub fn metrics_otel_url(&self) -> Result<Option<String>, String> {
+        crate::otel::metrics_url(&self.metrics_otel_endpoint)
+    }
+}
+
 fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("'{s}' is not a positive number of seconds")),
     }
+}
+
+/// An OTLP push period: at least 0.1 s (each push is a full snapshot).
+fn parse_period(s: &str) -> Result<f64, String> {
+    let v = parse_secs(s)?;
+    if v < 0.1 {
+        return Err(format!(
+            "'{s}': pushes are full snapshots; push at most every 0.1 s"
+        ));
+    }
+    Ok(v)
 }
 
 fn meminfo(key: &str) -> Option<u64> {

@@ -5,12 +5,15 @@
 //! allocation, eviction, recovery), [`evict`] (LRU and TinyLFU),
 //! [`owner`] (the request loop), [`server`] (the Unix socket),
 //! [`startup`] (re-adopt, create or refuse the segments), [`ssd`] (the
-//! SSD tier behind the pool), [`prefault`], [`size`].
+//! SSD tier behind the pool), [`metrics`] (Prometheus `/metrics` and
+//! `/health`), [`otel`] (the same metrics pushed over OTLP), [`prefault`],
+//! [`size`].
 
 pub mod cache;
 pub mod config;
 pub mod evict;
 pub mod metrics;
+pub mod otel;
 pub mod owner;
 pub mod prefault;
 pub mod server;
@@ -132,6 +135,7 @@ pub fn run(args: Args) -> Result<(), StartError> {
     }
     let perms = perms(&args)?;
     let metrics_addr = args.metrics_addr().map_err(StartError::Config)?;
+    let otel_url = args.metrics_otel_url().map_err(StartError::Config)?;
     let backing = if args.use_hugepages {
         PoolBacking::Hugetlbfs(match &args.hugepage_dir {
             Some(d) => d.clone(),
@@ -243,9 +247,13 @@ pub fn run(args: Args) -> Result<(), StartError> {
         startup_ms = t.elapsed().as_millis() as u64,
         "pegaflow-owner ready"
     );
+    let stall = std::time::Duration::from_secs_f64(args.health_stall_secs);
     if let Some(addr) = metrics_addr {
-        let stall = std::time::Duration::from_secs_f64(args.health_stall_secs);
         metrics::start(addr, owner.clone(), &args.name, stall)?;
+    }
+    if let Some(url) = otel_url {
+        let period = std::time::Duration::from_secs_f64(args.metrics_period_secs);
+        otel::start(url, period, owner.clone(), &args.name, stall)?;
     }
     created.keep();
     let srv = server::Server::new(owner.clone(), listener, socket, access);

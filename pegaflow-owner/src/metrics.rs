@@ -2,12 +2,14 @@
 //! runtime.
 //!
 //! One thread (`pegaflow-metrics`) owns a `std::net::TcpListener` and a
-//! [`Collector`]. Every scrape builds a fresh `metrics-exporter-prometheus`
-//! recorder, fills it from a snapshot of the owner's state (cache stats and
-//! occupancy under the state lock, then the slot table and the client table
-//! read straight from shm) and renders it. A fresh recorder per scrape means
-//! the output is exactly the snapshot: the series of an engine that left are
-//! gone, with no idle timeouts to tune.
+//! [`Collector`]. Every scrape takes a snapshot of the owner's state (cache
+//! stats and occupancy under the state lock, then the slot table and the
+//! client table read straight from shm) as a list of [`Sample`]s
+//! ([`Collector::collect`]), fills a fresh `metrics-exporter-prometheus`
+//! recorder with it and renders it. A fresh recorder per scrape means the
+//! output is exactly the snapshot: the series of an engine that left are
+//! gone, with no idle timeouts to tune. The OTLP push (`crate::otel`) sends
+//! the same snapshots.
 //!
 //! ## Engine counters and departed engines
 //!
@@ -41,7 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{Key, KeyName, Label, Level, Metadata, Recorder, SharedString};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use metrics_exporter_prometheus::PrometheusBuilder;
 use pegaflow_shm::client::{
     client_state, EngineCounter, OwnerCounter, ENGINE_COUNTERS, OWNER_COUNTERS,
 };
@@ -472,6 +474,13 @@ impl Collector {
     /// The Prometheus text exposition of the current state.
     /// `None` when the owner's state stayed locked for [`LOCK_WAIT`].
     pub fn render(&mut self) -> Option<String> {
+        self.collect().map(|samples| prometheus_text(&samples))
+    }
+
+    /// Every series of the current state, as `/metrics` serves them and
+    /// OTLP pushes them. `None` when the owner's state stayed locked for
+    /// [`LOCK_WAIT`].
+    pub fn collect(&mut self) -> Option<Vec<Sample>> {
         let started = Instant::now();
         let (stats, occ, ssd, mut clients) = self.owner.try_with_cache(LOCK_WAIT, |c| {
             (
@@ -486,11 +495,7 @@ impl Collector {
         let g = *seg.geometry();
         let header = seg.header();
 
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let mut m = Emit {
-            rec: &recorder,
-            retype: Vec::new(),
-        };
+        let mut m = Emit::default();
 
         // Owner.
         let epoch = self.owner.epoch();
@@ -806,19 +811,31 @@ impl Collector {
                 m.gauge(name, help, labels(), v as f64);
             }
         }
+        let otlp = crate::otel::export_counts();
+        m.counter(
+            "pegaflow_otel_exports_total",
+            "OTLP pushes the collector accepted (--metrics-otel-endpoint; 0 when off).",
+            vec![],
+            otlp.ok,
+        );
+        m.counter(
+            "pegaflow_otel_export_failures_total",
+            "OTLP pushes that failed: collector unreachable, too slow or refusing (not retried; the next push carries the totals).",
+            vec![],
+            otlp.failed,
+        );
         m.gauge(
             "pegaflow_metrics_collect_seconds",
             "Time this scrape took to collect.",
             vec![],
             started.elapsed().as_secs_f64(),
         );
-        let text = recorder.handle().render();
-        Some(retype_counters(text, &m.retype))
+        Some(m.samples)
     }
 }
 
 /// The SSD tier's counters and gauges (docs/operations.md, "SSD tier").
-fn ssd_metrics(m: &mut Emit<'_>, s: &crate::ssd::SsdStats) {
+fn ssd_metrics(m: &mut Emit, s: &crate::ssd::SsdStats) {
     for (name, help, v) in [
         ("pegaflow_ssd_written_blocks_total", "Blocks written to the SSD tier.", s.written_blocks),
         ("pegaflow_ssd_written_bytes_total", "Bytes of blocks written to the SSD tier.", s.written_bytes),
@@ -1001,27 +1018,70 @@ fn retype_counters(mut text: String, names: &[String]) -> String {
     text
 }
 
-/// Registers values with one recorder.
-struct Emit<'a> {
-    rec: &'a PrometheusRecorder,
-    /// Gauges to re-type as counters (cumulative seconds).
-    retype: Vec<String>,
+/// One series of a snapshot.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub help: &'static str,
+    pub labels: Vec<Label>,
+    pub value: Value,
 }
 
-impl Emit<'_> {
-    fn key(name: impl Into<KeyName>, labels: Vec<Label>) -> Key {
-        Key::from_parts(name.into(), labels)
+/// A sample's type and value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    /// A count that only goes up (while the owner, or the engine, runs).
+    Counter(u64),
+    /// Cumulative seconds: a counter that is not an integer.
+    Seconds(f64),
+    Gauge(f64),
+}
+
+/// The Prometheus text exposition (format 0.0.4) of a snapshot.
+pub fn prometheus_text(samples: &[Sample]) -> String {
+    // The `metrics` crate's counters are integers: cumulative seconds go in
+    // as gauges and are re-typed in the text.
+    let rec = PrometheusBuilder::new().build_recorder();
+    let mut retype: Vec<String> = Vec::new();
+    for s in samples {
+        let key = Key::from_parts(KeyName::from(s.name.clone()), s.labels.clone());
+        let name = KeyName::from(s.name.clone());
+        let help = SharedString::const_str(s.help);
+        match s.value {
+            Value::Counter(v) => {
+                rec.describe_counter(name, None, help);
+                rec.register_counter(&key, &META).absolute(v);
+            }
+            Value::Seconds(v) | Value::Gauge(v) => {
+                rec.describe_gauge(name, None, help);
+                rec.register_gauge(&key, &META).set(v);
+                if matches!(s.value, Value::Seconds(_)) && !retype.contains(&s.name) {
+                    retype.push(s.name.clone());
+                }
+            }
+        }
+    }
+    retype_counters(rec.handle().render(), &retype)
+}
+
+/// Collects the samples of one snapshot.
+#[derive(Default)]
+struct Emit {
+    samples: Vec<Sample>,
+}
+
+impl Emit {
+    fn push(&mut self, name: String, help: &'static str, labels: Vec<Label>, value: Value) {
+        self.samples.push(Sample {
+            name,
+            help,
+            labels,
+            value,
+        });
     }
 
     fn gauge(&mut self, name: &'static str, help: &'static str, labels: Vec<Label>, v: f64) {
-        self.rec.describe_gauge(
-            KeyName::from_const_str(name),
-            None,
-            SharedString::const_str(help),
-        );
-        self.rec
-            .register_gauge(&Self::key(name, labels), &META)
-            .set(v);
+        self.push(name.to_string(), help, labels, Value::Gauge(v));
     }
 
     fn counter(&mut self, name: &'static str, help: &'static str, labels: Vec<Label>, v: u64) {
@@ -1029,32 +1089,17 @@ impl Emit<'_> {
     }
 
     fn counter_owned(&mut self, name: String, help: &'static str, labels: Vec<Label>, v: u64) {
-        self.rec.describe_counter(
-            KeyName::from(name.clone()),
-            None,
-            SharedString::const_str(help),
-        );
-        self.rec
-            .register_counter(&Self::key(name, labels), &META)
-            .absolute(v);
+        self.push(name, help, labels, Value::Counter(v));
     }
 
     /// An engine counter: integer counter, or nanoseconds as seconds.
     fn engine(&mut self, name: &str, help: &'static str, labels: Vec<Label>, v: u64, nanos: bool) {
-        if !nanos {
-            return self.counter_owned(name.to_string(), help, labels, v);
-        }
-        self.rec.describe_gauge(
-            KeyName::from(name.to_string()),
-            None,
-            SharedString::const_str(help),
-        );
-        self.rec
-            .register_gauge(&Self::key(name.to_string(), labels), &META)
-            .set(v as f64 / 1e9);
-        if !self.retype.iter().any(|n| n == name) {
-            self.retype.push(name.to_string());
-        }
+        let value = if nanos {
+            Value::Seconds(v as f64 / 1e9)
+        } else {
+            Value::Counter(v)
+        };
+        self.push(name.to_string(), help, labels, value);
     }
 }
 
@@ -1104,11 +1149,7 @@ mod tests {
 
     #[test]
     fn seconds_gauges_render_as_counters_and_labels_are_escaped() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let mut m = Emit {
-            rec: &recorder,
-            retype: Vec::new(),
-        };
+        let mut m = Emit::default();
         m.engine(
             "pegaflow_save_seconds_total",
             "t",
@@ -1117,7 +1158,7 @@ mod tests {
             true,
         );
         m.counter("pegaflow_block_hits_total", "h", vec![], 7);
-        let text = retype_counters(recorder.handle().render(), &m.retype);
+        let text = prometheus_text(&m.samples);
         assert!(
             text.contains("# TYPE pegaflow_save_seconds_total counter\n"),
             "{text}"

@@ -294,6 +294,7 @@ def step(inst: Instance, *, sample: bool = True) -> Any:
     errors: set[int] = set()
     all_send: list[set] = []
     all_recv: list[set] = []
+    worker_meta = None
     for w, fwd in zip(inst.workers, inst.forwards):
         w.bind_connector_metadata(meta)
         w.start_load_kv(None)
@@ -310,6 +311,9 @@ def step(inst: Instance, *, sample: bool = True) -> Any:
         all_send.append(set(s or ()))
         all_recv.append(set(r or ()))
         errors |= w.get_block_ids_with_load_errors()
+        m = w.build_connector_worker_meta()
+        if m is not None:  # vLLM's KVOutputAggregator aggregates them
+            worker_meta = m if worker_meta is None else worker_meta.aggregate(m)
         w.clear_connector_metadata()
     # vLLM's KVOutputAggregator: a request is done when every worker says so
     sending = set.intersection(*all_send) if all_send else set()
@@ -331,6 +335,7 @@ def step(inst: Instance, *, sample: bool = True) -> Any:
         finished_sending=sending or None,
         finished_recving=recving or None,
         invalid_block_ids=errors,
+        kv_connector_worker_meta=worker_meta,
     )
     mro = ModelRunnerOutput(
         req_ids=req_ids,

@@ -79,12 +79,11 @@ impl OwnerProc {
             "--socket".into(),
             socket.display().to_string(),
         ];
-        args.extend([
-            "--metrics-addr".into(),
-            String::new(),
-            "--log-level".into(),
-            "debug".into(),
-        ]);
+        // Metrics off unless the test asks for an address.
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr".into(), String::new()]);
+        }
+        args.extend(["--log-level".into(), "debug".into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = dir.path().join("owner.log");
         let mut o = OwnerProc {

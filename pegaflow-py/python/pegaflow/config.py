@@ -34,6 +34,15 @@ def _bool(key: str, v: Any) -> bool:
     raise ConfigError(f"{key} must be a boolean (true/false), got {v!r}")
 
 
+def _number(key: str, v: Any, what: str) -> float:
+    if isinstance(v, bool):
+        raise ConfigError(f"{key} must be {what}, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {what}, got {v!r}") from None
+
+
 @dataclass(frozen=True)
 class PegaflowConfig:
     #: Owner instance name (``pegaflow-owner --name``); default "default" or $PEGAFLOW_NAME.
@@ -65,6 +74,14 @@ class PegaflowConfig:
     ssd_stage: bool = True
     #: Longest one request waits for blocks being staged from SSD (seconds).
     ssd_stage_timeout: float = 5.0
+    #: Fraction of requests whose load from PegaFlow is written as a JSON
+    #: trace line (lookup, pin, copy issue, copy done, release), 0 to 1.
+    trace_sample_rate: float = 0.01
+    #: A load that takes this long or longer (milliseconds, from its lookup
+    #: to its copy done) is always traced.
+    slow_load_ms: float = 1000.0
+    #: Seed of the trace sampling (reproducible choices); default: random.
+    trace_seed: Optional[int] = None
 
     @classmethod
     def from_extra_config(cls, extra: Optional[Mapping[str, Any]]) -> "PegaflowConfig":
@@ -81,6 +98,9 @@ class PegaflowConfig:
             "pegaflow.reserve_wait": "reserve_wait",
             "pegaflow.ssd_stage": "ssd_stage",
             "pegaflow.ssd_stage_timeout": "ssd_stage_timeout",
+            "pegaflow.trace_sample_rate": "trace_sample_rate",
+            "pegaflow.slow_load_ms": "slow_load_ms",
+            "pegaflow.trace_seed": "trace_seed",
         }
         kw: dict[str, Any] = {}
         for key, value in extra.items():
@@ -132,6 +152,27 @@ class PegaflowConfig:
                 ) from None
             if not kw["ssd_stage_timeout"] >= 0:
                 raise ConfigError("pegaflow.ssd_stage_timeout must be >= 0")
+        if "trace_sample_rate" in kw:
+            kw["trace_sample_rate"] = _number("pegaflow.trace_sample_rate", kw["trace_sample_rate"], "a fraction")
+            if not 0 <= kw["trace_sample_rate"] <= 1:
+                raise ConfigError(
+                    "pegaflow.trace_sample_rate must be between 0 (trace only slow loads) and 1 "
+                    f"(trace every load), got {kw['trace_sample_rate']!r}"
+                )
+        if "slow_load_ms" in kw:
+            kw["slow_load_ms"] = _number("pegaflow.slow_load_ms", kw["slow_load_ms"], "milliseconds")
+            if not kw["slow_load_ms"] >= 0:
+                raise ConfigError(
+                    "pegaflow.slow_load_ms must be >= 0 milliseconds (0 traces every load; "
+                    f"a huge value only the sampled ones), got {kw['slow_load_ms']!r}"
+                )
+        if kw.get("trace_seed") is not None:
+            seed = kw["trace_seed"]
+            if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
+                seed = int(seed)
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ConfigError(f"pegaflow.trace_seed must be an integer, got {kw['trace_seed']!r}")
+            kw["trace_seed"] = seed
         for b in ("save", "load", "ssd_stage"):
             if b in kw:
                 kw[b] = _bool(f"pegaflow.{b}", kw[b])

@@ -283,6 +283,10 @@ class PegaKVConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
 
+    def build_connector_worker_meta(self) -> Any:
+        """This step's finished copies, for the scheduler's load traces."""
+        return self._worker.trace.take()
+
     def get_worker_stats(self) -> dict[str, Any]:
         """Counters of this worker's owner client (tests, debugging)."""
         return self._worker.stats()

@@ -47,6 +47,7 @@ from pegaflow.config import PegaflowConfig
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from pegaflow.connector.ssd import SsdStager
+from pegaflow.connector.trace import LoadTracer
 from pegaflow.exceptions import ConfigError, PegaflowError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,6 +79,8 @@ class ReqState:
     #: how this request's hit is loaded (decided when it is pinned)
     layerwise: bool = True
     had_saves: bool = False
+    #: timings of this request's load (pegaflow.connector.trace)
+    trace: Any = None
 
 
 class SchedulerSide:
@@ -118,6 +121,7 @@ class SchedulerSide:
         #: output is not back yet (oldest first)
         self._step_loading: list[ReqState] = []
         self._steps_loading: deque[list[ReqState]] = deque()
+        self.tracer = LoadTracer(cfg.trace_sample_rate, cfg.slow_load_ms, cfg.trace_seed)
 
     def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
         """Look blocks up under the namespaces the workers save under.
@@ -181,6 +185,9 @@ class SchedulerSide:
                 pins.release()
         st.pins = None
         st.pinned_blocks = 0
+        if st.load_pending:
+            self.tracer.released(st.request.request_id, st.trace)
+        st.trace = None
         st.load_pending = False
 
     def get_num_new_matched_tokens(
@@ -197,12 +204,16 @@ class SchedulerSide:
                 local = num_computed_tokens // self.block_size
                 if len(hashes) <= local or not self.engine.is_connected():
                     return 0, False
+                # Kept across SSD waits: they are part of this load's time.
+                st.trace = st.trace or self.tracer.start()
                 # A block is a hit only when every rank's namespace has it.
                 n = min(self.engine.count_hits(ns, hashes) for ns in self.namespaces)
                 if self.ssd.should_wait(request.request_id, self.namespaces, hashes, n):
                     return None, False
+                st.trace.mark("lookup")
                 if n <= local:
                     st.saved = max(st.saved, n)
+                    st.trace = None
                     return 0, False
                 pins = [self.engine.lookup(ns, hashes[:n]) for ns in self.namespaces]
                 got = min(len(p) for p in pins)
@@ -213,6 +224,7 @@ class SchedulerSide:
                 for p in pins:
                     p.release(0, min(local, len(p)))
                     p.release(min(got, len(p)))
+                st.trace.mark("pin")
                 st.pins = pins
                 st.pinned_blocks = got
                 st.load_from = local
@@ -265,6 +277,7 @@ class SchedulerSide:
                 layerwise=st.layerwise,
             )
         )
+        self.tracer.loading(request.request_id, st.trace, n, st.layerwise)
         if st.layerwise:
             self._step_loading.append(st)
         else:
@@ -319,6 +332,7 @@ class SchedulerSide:
         st.had_saves = True
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        self.tracer.worker_notes(getattr(connector_output, "kv_connector_worker_meta", None))
         if self._steps_loading:
             for st in self._steps_loading.popleft():
                 self._release(st)

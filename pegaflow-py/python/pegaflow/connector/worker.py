@@ -41,6 +41,7 @@ from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.metadata import PegaConnectorMetadata, PegaHandshake
 from pegaflow.connector.namespace import KvShape
+from pegaflow.connector.trace import WorkerTrace, now
 from pegaflow.exceptions import LayoutError, PegaflowError
 from pegaflow.tensors import describe_kv_tensors
 
@@ -92,6 +93,8 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._load_stream: Any = None
         self._device_is_cuda = False
+        #: when this rank's copies were issued and done (the scheduler traces loads)
+        self.trace = WorkerTrace(tp_rank)
 
     def handshake(self) -> PegaHandshake:
         """What the scheduler must know about this worker (sent once)."""
@@ -174,12 +177,15 @@ class WorkerSide:
                 self._recving.add(ld.req_id)
             if n == 0:
                 continue
+            t0 = now()
             try:
                 h = self.kv.load(ld.segment_id, blocks[:n], ld.block_ids[:n], stream=stream)
             except PegaflowError as e:
                 logger.warning("PegaFlow load of %s failed (%s); vLLM recomputes it", ld.req_id, e)
                 self._load_errors.update(ld.block_ids)
+                self.trace.not_issued(ld.req_id, n, t0)
                 continue
+            self.trace.issued(h, ld.req_id, n, self.kv.slot_bytes, t0)
             if ld.layerwise:
                 self._layerwise_pending = True
             else:
@@ -206,6 +212,7 @@ class WorkerSide:
             logger.warning("PegaFlow could not check its loads: %s", e)
             return
         for h, failed in done:
+            self.trace.done(h, len(failed))
             if failed:
                 logger.warning(
                     "PegaFlow: %d loaded blocks changed under the copy; vLLM recomputes them",
