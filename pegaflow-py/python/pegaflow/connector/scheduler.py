@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from pegaflow import _native
 from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
+from pegaflow.connector import groups as hma
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from pegaflow.connector.ssd import SsdStager
@@ -78,6 +79,8 @@ class ReqState:
     #: how this request's hit is loaded (decided when it is pinned)
     layerwise: bool = True
     had_saves: bool = False
+    #: hybrid models: per-group block ids, save progress and pins
+    hy: Optional[hma.GroupReq] = None
 
 
 class SchedulerSide:
@@ -91,8 +94,14 @@ class SchedulerSide:
         tp_size: int,
         is_mla: bool,
         layout: str,
+        groups: "Optional[list[hma.Group]]" = None,
+        group_namespaces: Optional[list[list[int]]] = None,
     ):
         self.cfg = cfg
+        #: hybrid models (see .groups): vLLM's KV cache groups and the
+        #: namespaces of each group, per TP rank; None for one full group
+        self.groups = groups
+        self.group_namespaces = group_namespaces
         self.block_size = block_size
         #: per TP rank (MLA: one for all), from the config until the workers report
         self.namespaces = namespaces
@@ -160,6 +169,8 @@ class SchedulerSide:
                     f"two TP ranks' workers save under the same namespace ({namespaces}); "
                     "this is a bug, please report it"
                 )
+        if self.groups is not None:
+            self._adopt_group_namespaces(ours)
         if namespaces != self.namespaces:
             logger.info(
                 "PegaFlow looks blocks up under the workers' namespaces (their KV layout %s; "
@@ -168,10 +179,24 @@ class SchedulerSide:
             )
         self.namespaces = namespaces
 
+    def _adopt_group_namespaces(self, ours: dict[int, PegaHandshake]) -> None:
+        assert self.groups is not None
+        per_rank = [tuple(ours[r].group_namespaces) for r in range(self.tp_size)]
+        if any(len(ns) != len(self.groups) for ns in per_rank):
+            raise ConfigError(
+                f"PegaFlow workers report {[len(ns) for ns in per_rank]} KV cache groups but the "
+                f"scheduler has {len(self.groups)}; every worker must run the same model"
+            )
+        self.group_namespaces = [
+            [per_rank[r][g.index] for r in range(self.tp_size)] for g in self.groups
+        ]
+
     def _state(self, request: "Request") -> ReqState:
         st = self._reqs.get(request.request_id)
         if st is None:
             st = ReqState(request=request, keys=KeyChain(request, self.block_size))
+            if self.groups is not None:
+                st.hy = hma.new_group_req(len(self.groups))
             self._reqs[request.request_id] = st
         return st
 
@@ -197,6 +222,8 @@ class SchedulerSide:
                 local = num_computed_tokens // self.block_size
                 if len(hashes) <= local or not self.engine.is_connected():
                     return 0, False
+                if st.hy is not None:
+                    return self._group_lookup(st, hashes, local, num_computed_tokens)
                 # A block is a hit only when every rank's namespace has it.
                 n = min(self.engine.count_hits(ns, hashes) for ns in self.namespaces)
                 if self.ssd.should_wait(request.request_id, self.namespaces, hashes, n):
@@ -224,14 +251,64 @@ class SchedulerSide:
                 if got <= local:
                     self._release(st)
                     return 0, False
-            hit_tokens = min(st.pinned_blocks * self.block_size, request.num_tokens - 1)
-            ext = hit_tokens - num_computed_tokens
-            if ext <= 0:
-                return 0, False
-            return ext, not st.layerwise
+            return self._matched(st, num_computed_tokens)
         except PegaflowError:
             logger.exception("PegaFlow lookup failed; treating as a miss")
             return 0, False
+
+    def _matched(self, st: ReqState, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        hit_tokens = min(st.pinned_blocks * self.block_size, st.request.num_tokens - 1)
+        ext = hit_tokens - num_computed_tokens
+        if ext <= 0:
+            return 0, False
+        return ext, not st.layerwise
+
+    def _group_lookup(
+        self, st: ReqState, hashes: list[bytes], local: int, num_computed_tokens: int
+    ) -> tuple[Optional[int], bool]:
+        """A hybrid model's lookup: the longest hit every group has what it
+        needs for (``groups.longest_hit``), each group's needed blocks pinned.
+
+        The hit ends on a block boundary that leaves a token to compute:
+        vLLM decides which sliding-window blocks it keeps from where the hit
+        ends, and so must the lookup."""
+        assert self.groups is not None and self.group_namespaces is not None and st.hy is not None
+        eng, gns = self.engine, self.group_namespaces
+        hashes = hashes[: (st.request.num_tokens - 1) // self.block_size]
+        if len(hashes) <= local:
+            return 0, False
+
+        def held(g: hma.Group, lo: int, hi: int) -> int:
+            return min(eng.count_hits(ns, hashes[lo:hi]) for ns in gns[g.index])
+
+        n = hma.longest_hit(self.groups, len(hashes), held)
+        if n <= local:
+            st.hy.saved = [max(s, n) for s in st.hy.saved]
+            return 0, False
+        pins: list[list[Any]] = []
+        pin_from: list[int] = []
+        ok = True
+        for g in self.groups:
+            lo = max(local, g.first_needed(n))
+            ps = [eng.lookup(ns, hashes[lo:n]) for ns in gns[g.index]]
+            pins.append(ps)
+            pin_from.append(lo)
+            if any(len(p) < n - lo for p in ps):
+                ok = False  # evicted since it was counted: a miss this time
+        flat = [p for ps in pins for p in ps]
+        if not ok or len({p.segment_id for p in flat}) != 1:
+            for p in flat:
+                p.release()
+            return 0, False
+        st.pins = flat
+        st.hy.pins, st.hy.pin_from = pins, pin_from
+        st.pinned_blocks = n
+        st.load_from = local
+        st.layerwise = self.load_mode == "layerwise" or (
+            self.load_mode == "auto" and not (self._last_scheduled - {st.request.request_id})
+        )
+        st.hy.saved = [max(s, n) for s in st.hy.saved]
+        return self._matched(st, num_computed_tokens)
 
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
@@ -248,6 +325,9 @@ class SchedulerSide:
                 self._release(st)
             return
         if st.pins is None:
+            return
+        if st.hy is not None:
+            self._group_loads(st, blocks)
             return
         n = st.pinned_blocks - st.load_from
         block_ids = list(ids[st.load_from : st.load_from + n])
@@ -270,6 +350,31 @@ class SchedulerSide:
         else:
             self._loading[request.request_id] = st
 
+    def _group_loads(self, st: ReqState, blocks: "KVCacheBlocks") -> None:
+        """One LoadSpec per group (an async load is over once every group's
+        worker side reported it), each into that group's blocks."""
+        assert self.groups is not None and st.hy is not None and st.pins is not None
+        ids_all = blocks.get_block_ids()
+        st.load_pending = True
+        for g, ps, lo in zip(self.groups, st.hy.pins, st.hy.pin_from):
+            ids = list(ids_all[g.index][lo : st.pinned_blocks])
+            keep = [i for i, b in enumerate(ids) if b != hma.NULL_BLOCK]
+            pinned = [p.blocks(0, len(ids)) for p in ps]
+            self._loads.append(
+                LoadSpec(
+                    req_id=st.request.request_id,
+                    block_ids=[ids[i] for i in keep],
+                    segment_id=st.pins[0].segment_id,
+                    blocks=[[b[i] for i in keep] for b in pinned],
+                    layerwise=st.layerwise,
+                    group=g.index,
+                )
+            )
+        if st.layerwise:
+            self._step_loading.append(st)
+        else:
+            self._loading[st.request.request_id] = st
+
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> PegaConnectorMetadata:
         meta = PegaConnectorMetadata(loads=self._loads)
         self._loads = []
@@ -286,6 +391,8 @@ class SchedulerSide:
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0]) if new.block_ids else []
+            if st.hy is not None:
+                st.hy.block_ids = [list(b) for b in new.block_ids] if new.block_ids else st.hy.block_ids
             self._plan_save(meta, st, new.num_computed_tokens + nst.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
@@ -299,10 +406,19 @@ class SchedulerSide:
                     st.block_ids = list(nb[0])
                 else:
                     st.block_ids.extend(nb[0])
+                if st.hy is not None:
+                    for g, b in enumerate(nb):
+                        if req_id in resumed:
+                            st.hy.block_ids[g] = list(b)
+                        else:
+                            st.hy.block_ids[g].extend(b)
             self._plan_save(meta, st, cached.num_computed_tokens[i] + nst.get(req_id, 0))
         return meta
 
     def _plan_save(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
+        if st.hy is not None:
+            self._plan_group_saves(meta, st, computed)
+            return
         full = min(computed // self.block_size, len(st.block_ids))
         hashes = st.keys.upto(full)
         full = min(full, len(hashes))
@@ -317,6 +433,36 @@ class SchedulerSide:
         )
         st.saved = full
         st.had_saves = True
+
+    def _plan_group_saves(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
+        """Each group's newly computed blocks it keeps (see .groups)."""
+        assert self.groups is not None and st.hy is not None
+        hashes = st.keys.upto(computed // self.block_size)
+        every = hma.checkpoint_every(self.groups)
+        ends = hma.prompt_checkpoints(st.request.num_prompt_tokens, self.block_size)
+        for g in self.groups:
+            ids = st.hy.block_ids[g.index]
+            top = min(len(hashes), len(ids))
+            lo = st.hy.saved[g.index]
+            if top <= lo:
+                continue
+            sel = [
+                i
+                for i in range(lo, top)
+                if ids[i] != hma.NULL_BLOCK
+                and (g.kind == hma.FULL or hma.sliding_keeps(g, i, every, ends))
+            ]
+            st.hy.saved[g.index] = top
+            if sel:
+                meta.saves.append(
+                    SaveSpec(
+                        req_id=st.request.request_id,
+                        block_ids=[ids[i] for i in sel],
+                        hashes=[hashes[i] for i in sel],
+                        group=g.index,
+                    )
+                )
+                st.had_saves = True
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         if self._steps_loading:

@@ -1,0 +1,369 @@
+"""Hybrid models: several KV cache groups in one model (vLLM's hybrid KV
+cache manager, ``SupportsHMA``).
+
+vLLM gives each kind of attention layer its own *group*: its own spec, its
+own layers and its own block table (block ids are unique across groups: all
+groups draw from one block pool, and their tensors overlay each other).
+gpt-oss alternates sliding-window and full attention, Gemma 3 has five local
+layers to one global. PegaFlow saves each group under its own namespace
+(:func:`group_tag` goes into it), with its own slots (a slot holds one block
+of the group's layers), so groups of one model never collide and a model
+whose groups differ never shares.
+
+What each group keeps in the pool, and what a hit needs from it:
+
+* **full attention**: every block, as a model with one group. A hit of
+  ``n`` blocks needs blocks ``[0, n)``.
+* **sliding window** (window ``W`` tokens): a hit of ``n`` blocks needs
+  only the blocks vLLM keeps for position ``n * block_size``: from
+  ``(n * bs - W + 1) // bs`` on (:meth:`Group.first_needed`, vLLM's own
+  ``get_num_skipped_tokens``); vLLM puts its null block in the others. So
+  that the group costs the pool about its window rather than the whole
+  prompt, a block is saved only when it lies in the window of a
+  *checkpoint*: the end of the prompt (its last full block, and the last
+  one before it that leaves a token to compute) and every
+  :data:`CHECKPOINT_WINDOWS` windows. A prefix shared with a new request is
+  therefore hit up to the last checkpoint it covers.
+* **mamba / linear attention** (a recurrent state per request): not saved
+  yet. A model with such a group runs with the connector (vLLM's hybrid
+  manager stays on, which these models require) but PegaFlow neither looks
+  up nor saves anything for it.
+
+The hit (:func:`longest_hit`) is the longest prefix every group has what it
+needs for: the full groups' common leading hits, then shortened until each
+sliding group holds its window, jumping back past the first missing block
+each time (a fixed point, reached in a few probes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from pegaflow._log import get_logger
+from pegaflow.connector.namespace import KvShape
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = get_logger("pegaflow.connector")
+
+FULL = "full"
+SLIDING = "sliding"
+MAMBA = "mamba"
+
+#: Sliding-window groups keep the window before every this many windows
+#: of a prompt (besides its end): the pool cost of a sliding group is then
+#: at most 1/CHECKPOINT_WINDOWS of a full one, plus one window per prompt.
+CHECKPOINT_WINDOWS = 4
+
+#: vLLM's null block: placed in a block table where nothing is stored
+#: (blocks before a sliding window); never loaded into, never saved.
+NULL_BLOCK = 0
+
+
+@dataclass(frozen=True)
+class Group:
+    """One KV cache group of a hybrid model, as PegaFlow treats it."""
+
+    index: int
+    kind: str
+    shape: KvShape
+    layer_names: tuple[str, ...]
+    #: sliding window in tokens (sliding groups)
+    window: int = 0
+    #: vLLM >= 0.32: tokens kept below the window (multi-token prediction)
+    extra_retained: int = 0
+    #: vLLM's spec class name (messages)
+    spec_name: str = ""
+
+    @property
+    def block_size(self) -> int:
+        return self.shape.block_size
+
+    def first_needed(self, n_blocks: int) -> int:
+        """First block a hit of ``n_blocks`` blocks needs from this group."""
+        if self.kind != SLIDING:
+            return 0
+        skipped = max(0, n_blocks * self.block_size - self.window + 1 - self.extra_retained)
+        return min(n_blocks, skipped // self.block_size)
+
+    @property
+    def window_blocks(self) -> int:
+        """Blocks a hit needs from this group, at most (sliding groups)."""
+        big = 1 << 20
+        return big - self.first_needed(big)
+
+
+def _spec_kind(spec: Any) -> str:
+    try:
+        from vllm.v1.kv_cache_interface import (
+            FullAttentionSpec,
+            MambaSpec,
+            SlidingWindowSpec,
+        )
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    if isinstance(spec, SlidingWindowSpec):
+        return SLIDING
+    if isinstance(spec, MambaSpec):
+        return MAMBA
+    # vLLM 0.32's FullAttentionSpec carries a sliding_window when the hybrid
+    # manager is off (every block kept): still a full group for PegaFlow.
+    if isinstance(spec, FullAttentionSpec):
+        return FULL
+    return "unknown"
+
+
+def is_hybrid(kv_cache_config: "KVCacheConfig") -> bool:
+    """More than one group, or one group that is not full attention (a
+    model whose every layer is sliding-window)."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    if len(groups) != 1:
+        return True
+    return _spec_kind(groups[0].kv_cache_spec) != FULL
+
+
+def _shape(spec: Any, num_layers: int) -> KvShape:
+    import torch
+
+    try:
+        from vllm.v1.kv_cache_interface import MLAAttentionSpec
+    except ImportError:  # pragma: no cover
+        MLAAttentionSpec = ()  # type: ignore[assignment]
+    dtype = getattr(spec, "dtype", None)
+    if dtype is None:
+        dtypes = getattr(spec, "dtypes", None) or ()
+        dtype = dtypes[0] if dtypes else torch.uint8
+    return KvShape(
+        block_size=int(spec.block_size),
+        num_layers=num_layers,
+        layer_block_bytes=int(spec.page_size_bytes),
+        dtype=str(dtype).replace("torch.", ""),
+        dtype_size=torch.empty((), dtype=dtype).element_size(),
+        is_mla=bool(MLAAttentionSpec) and isinstance(spec, MLAAttentionSpec),
+    )
+
+
+def kv_groups(kv_cache_config: "KVCacheConfig") -> list[Group]:
+    """vLLM's KV cache groups, in vLLM's order (the index is vLLM's)."""
+    out = []
+    for i, g in enumerate(kv_cache_config.kv_cache_groups):
+        spec = g.kv_cache_spec
+        kind = _spec_kind(spec)
+        out.append(
+            Group(
+                index=i,
+                kind=kind,
+                shape=_shape(spec, len(g.layer_names)),
+                layer_names=tuple(g.layer_names),
+                window=int(getattr(spec, "sliding_window", 0) or 0) if kind == SLIDING else 0,
+                extra_retained=int(getattr(spec, "extra_retained_tokens", 0) or 0),
+                spec_name=type(spec).__name__,
+            )
+        )
+    return out
+
+
+def unsupported(groups: Sequence[Group]) -> list[Group]:
+    """Groups PegaFlow cannot cache yet (with them, it caches nothing)."""
+    return [g for g in groups if g.kind not in (FULL, SLIDING)]
+
+
+def group_tag(groups: Sequence[Group], g: Group) -> str:
+    """What goes into group ``g``'s namespace besides the usual shape: the
+    model's whole group structure (kinds, windows, layers), and which group
+    this is. Two models that differ in any group never share a namespace."""
+    h = hashlib.sha256()
+    for x in groups:
+        h.update(f"{x.index}|{x.kind}|{x.window}|{x.extra_retained}|{x.spec_name}|".encode())
+        h.update("\n".join(x.layer_names).encode() + b"\0")
+    return f"hma:{h.hexdigest()[:16]}:g{g.index}/{len(groups)}:{g.kind}:w{g.window}"
+
+
+def checkpoint_every(groups: Sequence[Group]) -> int:
+    """Blocks between two checkpoints of the sliding groups."""
+    wb = max((g.window_blocks for g in groups if g.kind == SLIDING), default=1)
+    return max(1, CHECKPOINT_WINDOWS * wb)
+
+
+def prompt_checkpoints(num_prompt_tokens: int, block_size: int) -> tuple[int, ...]:
+    """The boundaries (in blocks) at the end of a prompt that a later
+    request may hit: its last full block, and the last one that leaves a
+    token to compute when the same prompt comes again."""
+    return tuple(sorted({(num_prompt_tokens - 1) // block_size, num_prompt_tokens // block_size}))
+
+
+def sliding_keeps(g: Group, block: int, every: int, ends: Sequence[int]) -> bool:
+    """Whether sliding group ``g`` saves ``block``: it lies in the window of
+    a checkpoint (a multiple of ``every``, or one of ``ends``)."""
+    nxt = (block // every + 1) * every  # the first multiple of ``every`` after block
+    if g.first_needed(nxt) <= block:
+        return True
+    return any(b > block and g.first_needed(b) <= block for b in ends)
+
+
+def longest_hit(
+    groups: Sequence[Group],
+    max_blocks: int,
+    held: Callable[[Group, int, int], int],
+) -> int:
+    """The longest hit (in blocks, at most ``max_blocks``) for which every
+    group has what it needs.
+
+    ``held(g, lo, hi)``: how many of blocks ``lo, lo+1, ... hi-1`` of group
+    ``g`` the pool holds, counted from ``lo`` up to the first missing one.
+
+    A fixed point: ``n`` starts at the full groups' common leading hits and
+    only goes down, each time to just before a block some group needs and
+    lacks. No ``n`` above a missing needed block can be a hit (the window of
+    every larger boundary contains it, since :meth:`Group.first_needed` never
+    decreases), so the first ``n`` every group accepts is the longest hit.
+    """
+    n = max_blocks
+    for g in groups:
+        if g.kind == FULL and n > 0:
+            n = min(n, held(g, 0, n))
+    others = [g for g in groups if g.kind != FULL]
+    moved = True
+    while n > 0 and moved:
+        moved = False
+        for g in others:
+            lo = g.first_needed(n)
+            c = held(g, lo, n)
+            if c < n - lo:
+                n = lo + c
+                moved = True
+                break
+    return n
+
+
+@dataclass
+class GroupReq:
+    """What the scheduler side remembers about one request, per group."""
+
+    #: each group's block ids, in request order (vLLM's null block where
+    #: nothing is stored)
+    block_ids: list[list[int]]
+    #: blocks [0, saved[g]) of group g need no save planning any more
+    saved: list[int]
+    #: pins of group g (one ``Pins`` per namespace) cover blocks
+    #: [pin_from[g], pinned_blocks)
+    pins: list[list[Any]] = field(default_factory=list)
+    pin_from: list[int] = field(default_factory=list)
+
+
+def new_group_req(n_groups: int) -> GroupReq:
+    return GroupReq(block_ids=[[] for _ in range(n_groups)], saved=[0] * n_groups)
+
+
+class GroupedWorker:
+    """The worker side of a hybrid model: one :class:`WorkerSide` per group
+    (each with its own ``KvCache`` over that group's layers, under that
+    group's namespace), seen by vLLM as one.
+
+    Groups share vLLM's blocks (a block freed by one group may be handed to
+    another in the next step), so every group's saves are fenced before any
+    group loads. A request is reported done sending once every group that
+    saved blocks of it committed them, done receiving once every group's
+    load of it is over (the scheduler sends every group a load spec).
+    """
+
+    def __init__(self, sides: "list[Any]", tp_rank: int, layout: str):
+        self.sides = sides
+        self.tp_rank = tp_rank
+        self.layout = layout
+        #: finished request -> groups whose saves of it are not committed yet
+        self._owing: dict[str, set[int]] = {}
+        #: async load -> groups that reported it over
+        self._recv_done: dict[str, set[int]] = {}
+
+    @property
+    def kv(self) -> Any:
+        return self.sides[0].kv if self.sides else None
+
+    @property
+    def namespace(self) -> int:
+        return self.sides[0].namespace if self.sides else 0
+
+    def handshake(self) -> Any:
+        from pegaflow.connector.metadata import PegaHandshake
+
+        if not self.sides:
+            return None
+        return PegaHandshake(
+            tp_rank=self.tp_rank,
+            namespace=self.sides[0].namespace,
+            layout=self.layout,
+            group_namespaces=tuple(s.namespace for s in self.sides),
+        )
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        for s in self.sides:
+            s.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, meta: Any) -> None:
+        from pegaflow.exceptions import PegaflowError
+
+        if meta is not None and meta.loads:
+            for s in self.sides:
+                if s.kv is not None and s._device_is_cuda:
+                    try:
+                        s.kv.fence_saves(s._stream())
+                    except PegaflowError as e:
+                        logger.warning("PegaFlow could not order saves before the step: %s", e)
+        for s in self.sides:
+            s.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        for s in self.sides:
+            s.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, meta: Any) -> None:
+        for s in self.sides:
+            s.save_kv_layer(layer_name, meta)
+
+    def wait_for_save(self, meta: Any) -> None:
+        for s in self.sides:
+            s.wait_for_save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        for r in finished_req_ids:
+            owing = {i for i, s in enumerate(self.sides) if s.saw_saves(r)}
+            if owing:
+                self._owing[r] = owing
+        sending: set[str] = set()
+        recving: set[str] = set()
+        for i, s in enumerate(self.sides):
+            snd, rcv = s.get_finished(finished_req_ids)
+            for r in snd or ():
+                owing = self._owing.get(r)
+                if owing is not None:
+                    owing.discard(i)
+            for r in rcv or ():
+                self._recv_done.setdefault(r, set()).add(i)
+        for r in [r for r, o in self._owing.items() if not o]:
+            del self._owing[r]
+            sending.add(r)
+        for r in [r for r, d in self._recv_done.items() if len(d) == len(self.sides)]:
+            del self._recv_done[r]
+            recving.add(r)
+        return (sending or None), (recving or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errs: set[int] = set()
+        for s in self.sides:
+            errs |= s.get_block_ids_with_load_errors()
+        return errs
+
+    def stats(self) -> dict[str, Any]:
+        """The counters of group 0's owner client, plus every group's."""
+        per = [s.stats() for s in self.sides]
+        out = dict(per[0]) if per else {}
+        out["groups"] = per
+        return out
+
+    def shutdown(self) -> None:
+        for s in self.sides:
+            s.shutdown()
