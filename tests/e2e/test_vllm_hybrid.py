@@ -174,7 +174,7 @@ def test_hybrid_model_hits_with_vllm_hybrid_manager_on(gemma3, hy_owner, run):
     cold = ref.generate(P, MAX_TOKENS)
     own_hit = ref.generate(P, MAX_TOKENS)
     assert [o["cached"] for o in own_hit] == [full_blocks(p) for p in P], "vLLM's own prefix cache"
-    ref.stop()
+    ref.kill()  # (a clean shutdown of vLLM takes ~15 s here)
 
     a.wait_ready()
     log = a.log.read_text(errors="replace")
@@ -193,7 +193,7 @@ def test_hybrid_model_hits_with_vllm_hybrid_manager_on(gemma3, hy_owner, run):
     got = a.generate(P, MAX_TOKENS)
     assert [o["cached"] for o in got] == [full_blocks(p) for p in P], "hits from PegaFlow"
     same(got, own_hit, "a PegaFlow hit vs vLLM's own prefix-cache hit")
-    a.stop()
+    a.kill()
 
     # (2) a new vLLM process, another hash seed; (3) beside it, the same
     # model with vLLM's hybrid manager off: every layer saved as full.
@@ -208,14 +208,14 @@ def test_hybrid_model_hits_with_vllm_hybrid_manager_on(gemma3, hy_owner, run):
     got = b.generate(P, MAX_TOKENS)
     assert [o["cached"] for o in got] == [full_blocks(p) for p in P], "hits after a vLLM restart"
     same(got, own_hit, "a hit in a new vLLM process")
-    b.stop()
+    b.kill()
 
     d.wait_ready()
     b0 = wait_settled(hy_owner)
     got = d.generate(P, MAX_TOKENS)
     assert [o["cached"] for o in got] == [0] * len(P), "the dense layout must not share the hybrid's blocks"
     dense_bytes = wait_settled(hy_owner) - b0
-    d.stop()
+    d.kill()
 
     hit_tokens = sum(full_blocks(p) for p in P)
     per_hybrid, per_dense = hybrid_bytes / hit_tokens, dense_bytes / hit_tokens
