@@ -170,9 +170,10 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
     ) -> None:
         """Several KV cache groups (vLLM's hybrid manager): one namespace per
         group and rank, one worker side per group."""
-        groups = hma.kv_groups(kv_cache_config)
+        all_groups = hma.kv_groups(kv_cache_config)
+        groups = hma.cached(all_groups)
         self.groups = groups
-        self.shape = groups[0].shape
+        self.shape = (groups or all_groups)[0].shape
         self.block_size = self.shape.block_size
         self.is_mla = False
         tp = int(vllm_config.parallel_config.tensor_parallel_size)
@@ -191,7 +192,7 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
             groups = []
         group_ns = [
             namespaces_for(
-                vllm_config, g.shape, cfg.model_id, kv_cache_config, group_tag=hma.group_tag(groups, g)
+                vllm_config, g.shape, cfg.model_id, kv_cache_config, group_tag=hma.group_tag(all_groups, g)
             )
             for g in groups
         ]

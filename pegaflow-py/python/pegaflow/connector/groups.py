@@ -77,6 +77,9 @@ class Group:
     extra_retained: int = 0
     #: vLLM's spec class name (messages)
     spec_name: str = ""
+    #: vLLM >= 0.32 marks groups it rebuilds itself after a connector load
+    #: (accelerator-side replicas): PegaFlow neither saves nor loads them
+    transfer: bool = True
 
     @property
     def block_size(self) -> int:
@@ -161,6 +164,7 @@ def kv_groups(kv_cache_config: "KVCacheConfig") -> list[Group]:
                 window=int(getattr(spec, "sliding_window", 0) or 0) if kind == SLIDING else 0,
                 extra_retained=int(getattr(spec, "extra_retained_tokens", 0) or 0),
                 spec_name=type(spec).__name__,
+                transfer=bool(getattr(g, "enable_kv_transfer", True)),
             )
         )
     return out
@@ -168,7 +172,12 @@ def kv_groups(kv_cache_config: "KVCacheConfig") -> list[Group]:
 
 def unsupported(groups: Sequence[Group]) -> list[Group]:
     """Groups PegaFlow cannot cache yet (with them, it caches nothing)."""
-    return [g for g in groups if g.kind not in (FULL, SLIDING)]
+    return [g for g in groups if g.transfer and g.kind not in (FULL, SLIDING)]
+
+
+def cached(groups: Sequence[Group]) -> list[Group]:
+    """The groups PegaFlow saves and loads."""
+    return [g for g in groups if g.transfer]
 
 
 def group_tag(groups: Sequence[Group], g: Group) -> str:
@@ -254,8 +263,10 @@ class GroupReq:
     pin_from: list[int] = field(default_factory=list)
 
 
-def new_group_req(n_groups: int) -> GroupReq:
-    return GroupReq(block_ids=[[] for _ in range(n_groups)], saved=[0] * n_groups)
+def new_group_req(groups: Sequence[Group]) -> GroupReq:
+    """Per-group state, indexed by vLLM's group index."""
+    n = max((g.index for g in groups), default=-1) + 1
+    return GroupReq(block_ids=[[] for _ in range(n)], saved=[0] * n)
 
 
 class GroupedWorker:

@@ -187,8 +187,9 @@ class SchedulerSide:
                 f"PegaFlow workers report {[len(ns) for ns in per_rank]} KV cache groups but the "
                 f"scheduler has {len(self.groups)}; every worker must run the same model"
             )
+        # (the workers report the cached groups, in the scheduler's order)
         self.group_namespaces = [
-            [per_rank[r][g.index] for r in range(self.tp_size)] for g in self.groups
+            [per_rank[r][i] for r in range(self.tp_size)] for i in range(len(self.groups))
         ]
 
     def _state(self, request: "Request") -> ReqState:
@@ -196,7 +197,7 @@ class SchedulerSide:
         if st is None:
             st = ReqState(request=request, keys=KeyChain(request, self.block_size))
             if self.groups is not None:
-                st.hy = hma.new_group_req(len(self.groups))
+                st.hy = hma.new_group_req(self.groups)
             self._reqs[request.request_id] = st
         return st
 
@@ -278,8 +279,10 @@ class SchedulerSide:
         if len(hashes) <= local:
             return 0, False
 
+        pos = {g.index: i for i, g in enumerate(self.groups)}
+
         def held(g: hma.Group, lo: int, hi: int) -> int:
-            return min(eng.count_hits(ns, hashes[lo:hi]) for ns in gns[g.index])
+            return min(eng.count_hits(ns, hashes[lo:hi]) for ns in gns[pos[g.index]])
 
         n = hma.longest_hit(self.groups, len(hashes), held)
         if n <= local:
@@ -288,9 +291,9 @@ class SchedulerSide:
         pins: list[list[Any]] = []
         pin_from: list[int] = []
         ok = True
-        for g in self.groups:
+        for g, g_ns in zip(self.groups, gns):
             lo = max(local, g.first_needed(n))
-            ps = [eng.lookup(ns, hashes[lo:n]) for ns in gns[g.index]]
+            ps = [eng.lookup(ns, hashes[lo:n]) for ns in g_ns]
             pins.append(ps)
             pin_from.append(lo)
             if any(len(p) < n - lo for p in ps):
@@ -392,7 +395,8 @@ class SchedulerSide:
                 continue
             st.block_ids = list(new.block_ids[0]) if new.block_ids else []
             if st.hy is not None:
-                st.hy.block_ids = [list(b) for b in new.block_ids] if new.block_ids else st.hy.block_ids
+                if new.block_ids:
+                    st.hy.block_ids = [list(b) for b in new.block_ids[: len(st.hy.block_ids)]]
             self._plan_save(meta, st, new.num_computed_tokens + nst.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
@@ -407,7 +411,7 @@ class SchedulerSide:
                 else:
                     st.block_ids.extend(nb[0])
                 if st.hy is not None:
-                    for g, b in enumerate(nb):
+                    for g, b in enumerate(nb[: len(st.hy.block_ids)]):
                         if req_id in resumed:
                             st.hy.block_ids[g] = list(b)
                         else:
