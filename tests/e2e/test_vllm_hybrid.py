@@ -15,6 +15,11 @@ implements SupportsHMA), which the first check proves from vLLM's log.
       hybrid manager off (every layer treated as full attention, the cost
       of a dense model of that size): the sliding groups keep only their
       window, so the hybrid cost must be well under it.
+
+Then a linear-attention model (Qwen3-Next's shape: three Gated DeltaNet
+layers to one full attention layer, bf16, which vLLM's CPU backend requires
+for it), which needs the hybrid manager: it runs with the connector, with
+the same tokens as without, and nothing is cached (not supported yet).
 """
 
 from __future__ import annotations
@@ -58,6 +63,38 @@ def make_gemma3(path: Path, seed: int = 0) -> None:
         tie_word_embeddings=True,
     )
     Gemma3ForCausalLM(cfg).to(torch.float32).save_pretrained(str(path), safe_serialization=True)
+
+
+def make_qwen3_next(path: Path, seed: int = 0) -> None:
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3NextConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+        decoder_sparse_step=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+    )
+    Qwen3NextForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(path), safe_serialization=True)
 
 
 def prompts(seed: int, n: int) -> list[list[int]]:
@@ -224,3 +261,24 @@ def test_hybrid_model_hits_with_vllm_hybrid_manager_on(gemma3, hy_owner, run):
     # The full layer keeps every block (1/4 of the dense cost); each sliding
     # layer keeps the window around the prompt's end (2-3 of 6-8 blocks).
     assert hybrid_bytes < 0.7 * dense_bytes, (hybrid_bytes, dense_bytes)
+
+
+def test_linear_attention_model_runs_with_the_connector(tmp_path_factory, hy_owner, run):
+    model = tmp_path_factory.mktemp("qwen3next")
+    make_qwen3_next(model)
+    kw = dict(dtype="bfloat16")
+    a = run.launch("Q", llm_kwargs(model, kv_transfer_config=connector(hy_owner), **kw), "0", "0")
+    ref = run.launch("Q-ref", llm_kwargs(model, **kw), "1", "0")
+    want = ref.wait_ready().generate(P, MAX_TOKENS)
+    ref.kill()
+    a.wait_ready()
+    log = a.log.read_text(errors="replace")
+    assert "Turning off hybrid kv cache manager" not in log
+    assert "PegaFlow does not cache this model's KV yet" in log, log[-3000:]
+    b0 = pool_bytes(hy_owner)
+    got = a.generate(P, MAX_TOKENS)
+    same(got, want, "a linear-attention model with the connector")
+    got = a.generate(P, MAX_TOKENS)
+    assert [o["cached"] for o in got] == [0] * len(P)
+    assert wait_settled(hy_owner) == b0, "nothing of a linear-attention model is saved yet"
+    a.kill()

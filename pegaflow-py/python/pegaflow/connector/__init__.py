@@ -312,8 +312,10 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
         self, request: "Request", block_ids: tuple[list[int], ...]
     ) -> tuple[bool, Optional[dict[str, Any]]]:
         """vLLM's hybrid manager (``SupportsHMA``): as ``request_finished``,
-        with every group's blocks (the scheduler side tracks them itself)."""
-        return self._sched.request_finished(request, list(block_ids[0]) if block_ids else [])
+        with every group's blocks (the scheduler side tracks them itself).
+        vLLM >= 0.3x calls only this one when the connector supports HMA,
+        for models of one group too."""
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
         """vLLM hands over what each worker's connector sent, keyed by TP rank."""
