@@ -58,6 +58,8 @@ def test_longest_hit_is_the_longest_boundary_every_group_serves(seed):
     ]
     if rng.random() < 0.3:
         groups.append(group(len(groups), hma.FULL))
+    if rng.random() < 0.5:
+        groups.append(group(len(groups), hma.MAMBA))  # needs the state at the boundary only
     max_blocks = rng.randrange(0, 80)
     density = rng.random()
     present = {

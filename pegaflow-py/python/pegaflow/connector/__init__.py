@@ -177,7 +177,7 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
         self.block_size = self.shape.block_size
         self.is_mla = False
         tp = int(vllm_config.parallel_config.tensor_parallel_size)
-        why = [f"group {g.index}: {g.spec_name}" for g in hma.unsupported(groups)]
+        why = [f"group {g.index}: {g.unsupported_why}" for g in hma.unsupported(groups)]
         why += [f"group {g.index}: MLA" for g in groups if g.shape.is_mla]
         if len({g.block_size for g in groups}) != 1:
             why.append(f"block sizes {sorted({g.block_size for g in groups})}")

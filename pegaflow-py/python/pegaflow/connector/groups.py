@@ -24,10 +24,19 @@ What each group keeps in the pool, and what a hit needs from it:
   one before it that leaves a token to compute) and every
   :data:`CHECKPOINT_WINDOWS` windows. A prefix shared with a new request is
   therefore hit up to the last checkpoint it covers.
-* **mamba / linear attention** (a recurrent state per request): not saved
-  yet. A model with such a group runs with the connector (vLLM's hybrid
-  manager stays on, which these models require) but PegaFlow neither looks
-  up nor saves anything for it.
+* **mamba / linear attention** (a recurrent state per request, Gated
+  DeltaNet included), with vLLM's prefix caching on (its ``align`` mamba
+  cache mode, vLLM >= 0.30): block ``i`` of the group's block table holds
+  the state after ``(i + 1) * block_size`` tokens when vLLM materialized it
+  there (a step that ended on that boundary, or vLLM's prefill checkpoint)
+  and vLLM's null block otherwise. PegaFlow saves each state block the step
+  that reaches its boundary, under the key of the boundary's block; a hit of
+  ``n`` blocks needs the state at ``n`` (block ``n - 1``), which is loaded
+  into block ``n - 1``, where vLLM reads it. Such loads are always
+  asynchronous: vLLM copies the hit state out of that block before the
+  step's layer-wise loads would have started. In any other mode (prefix
+  caching off: one running state per request; speculative blocks) the
+  model runs with the connector but PegaFlow caches nothing for it.
 
 The hit (:func:`longest_hit`) is the longest prefix every group has what it
 needs for: the full groups' common leading hits, then shortened until each
@@ -80,6 +89,8 @@ class Group:
     #: vLLM >= 0.32 marks groups it rebuilds itself after a connector load
     #: (accelerator-side replicas): PegaFlow neither saves nor loads them
     transfer: bool = True
+    #: why PegaFlow cannot cache this group ("" when it can)
+    unsupported_why: str = ""
 
     @property
     def block_size(self) -> int:
@@ -87,6 +98,8 @@ class Group:
 
     def first_needed(self, n_blocks: int) -> int:
         """First block a hit of ``n_blocks`` blocks needs from this group."""
+        if self.kind == MAMBA:
+            return max(0, n_blocks - 1)  # the state at the hit boundary only
         if self.kind != SLIDING:
             return 0
         skipped = max(0, n_blocks * self.block_size - self.window + 1 - self.extra_retained)
@@ -131,6 +144,13 @@ def is_hybrid(kv_cache_config: "KVCacheConfig") -> bool:
 def _shape(spec: Any, num_layers: int) -> KvShape:
     import torch
 
+    page = int(spec.page_size_bytes)
+    if _spec_kind(spec) == MAMBA:
+        # vLLM hands the connector each mamba layer as the state bytes of a
+        # block (conv and SSM state), inside a page padded to the attention
+        # layers' page size
+        page = int(getattr(spec, "state_content_size_bytes", 0) or getattr(spec, "real_page_size_bytes", page))
+
     try:
         from vllm.v1.kv_cache_interface import MLAAttentionSpec
     except ImportError:  # pragma: no cover
@@ -142,11 +162,30 @@ def _shape(spec: Any, num_layers: int) -> KvShape:
     return KvShape(
         block_size=int(spec.block_size),
         num_layers=num_layers,
-        layer_block_bytes=int(spec.page_size_bytes),
+        layer_block_bytes=page,
         dtype=str(dtype).replace("torch.", ""),
         dtype_size=torch.empty((), dtype=dtype).element_size(),
         is_mla=bool(MLAAttentionSpec) and isinstance(spec, MLAAttentionSpec),
     )
+
+
+def _mamba_why(spec: Any, kv_cache_config: "KVCacheConfig") -> str:
+    """Why PegaFlow cannot cache this mamba group ("" when it can)."""
+    from pegaflow.connector.namespace import vllm_version
+
+    if vllm_version() < (0, 30):
+        return "mamba state on vLLM < 0.30"
+    mode = getattr(spec, "mamba_cache_mode", "none")
+    if mode != "align":
+        return f"mamba cache mode {mode!r} (needs vLLM's prefix caching on: 'align')"
+    if int(getattr(spec, "num_speculative_blocks", 0) or 0):
+        return "mamba state with speculative decoding"
+    bs = int(spec.block_size)
+    for what in ("hash_block_size", "cache_hit_alignment_tokens"):
+        v = getattr(kv_cache_config, what, None)
+        if v is not None and int(v) != bs:
+            return f"mamba state with {what} {v} != block size {bs}"
+    return ""
 
 
 def kv_groups(kv_cache_config: "KVCacheConfig") -> list[Group]:
@@ -155,6 +194,11 @@ def kv_groups(kv_cache_config: "KVCacheConfig") -> list[Group]:
     for i, g in enumerate(kv_cache_config.kv_cache_groups):
         spec = g.kv_cache_spec
         kind = _spec_kind(spec)
+        why = ""
+        if kind == MAMBA:
+            why = _mamba_why(spec, kv_cache_config)
+        elif kind not in (FULL, SLIDING):
+            why = type(spec).__name__
         out.append(
             Group(
                 index=i,
@@ -165,6 +209,7 @@ def kv_groups(kv_cache_config: "KVCacheConfig") -> list[Group]:
                 extra_retained=int(getattr(spec, "extra_retained_tokens", 0) or 0),
                 spec_name=type(spec).__name__,
                 transfer=bool(getattr(g, "enable_kv_transfer", True)),
+                unsupported_why=why,
             )
         )
     return out
@@ -172,7 +217,7 @@ def kv_groups(kv_cache_config: "KVCacheConfig") -> list[Group]:
 
 def unsupported(groups: Sequence[Group]) -> list[Group]:
     """Groups PegaFlow cannot cache yet (with them, it caches nothing)."""
-    return [g for g in groups if g.transfer and g.kind not in (FULL, SLIDING)]
+    return [g for g in groups if g.transfer and g.unsupported_why]
 
 
 def cached(groups: Sequence[Group]) -> list[Group]:
@@ -189,6 +234,11 @@ def group_tag(groups: Sequence[Group], g: Group) -> str:
         h.update(f"{x.index}|{x.kind}|{x.window}|{x.extra_retained}|{x.spec_name}|".encode())
         h.update("\n".join(x.layer_names).encode() + b"\0")
     return f"hma:{h.hexdigest()[:16]}:g{g.index}/{len(groups)}:{g.kind}:w{g.window}"
+
+
+def has_state(groups: Sequence[Group]) -> bool:
+    """A mamba group is cached: hits are loaded asynchronously (see above)."""
+    return any(g.kind == MAMBA for g in groups)
 
 
 def checkpoint_every(groups: Sequence[Group]) -> int:

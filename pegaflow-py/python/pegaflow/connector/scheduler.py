@@ -307,8 +307,9 @@ class SchedulerSide:
         st.hy.pins, st.hy.pin_from = pins, pin_from
         st.pinned_blocks = n
         st.load_from = local
-        st.layerwise = self.load_mode == "layerwise" or (
-            self.load_mode == "auto" and not (self._last_scheduled - {st.request.request_id})
+        st.layerwise = not hma.has_state(self.groups) and (
+            self.load_mode == "layerwise"
+            or (self.load_mode == "auto" and not (self._last_scheduled - {st.request.request_id}))
         )
         st.hy.saved = [max(s, n) for s in st.hy.saved]
         return self._matched(st, num_computed_tokens)
@@ -439,7 +440,8 @@ class SchedulerSide:
         st.had_saves = True
 
     def _plan_group_saves(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
-        """Each group's newly computed blocks it keeps (see .groups)."""
+        """Each group's newly computed blocks it keeps (see .groups). A mamba
+        group's non-null blocks among them hold the state at their end."""
         assert self.groups is not None and st.hy is not None
         hashes = st.keys.upto(computed // self.block_size)
         every = hma.checkpoint_every(self.groups)
@@ -454,7 +456,7 @@ class SchedulerSide:
                 i
                 for i in range(lo, top)
                 if ids[i] != hma.NULL_BLOCK
-                and (g.kind == hma.FULL or hma.sliding_keeps(g, i, every, ends))
+                and (g.kind != hma.SLIDING or hma.sliding_keeps(g, i, every, ends))
             ]
             st.hy.saved[g.index] = top
             if sel:
