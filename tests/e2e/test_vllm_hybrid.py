@@ -213,6 +213,15 @@ def test_hybrid_model_hits_with_vllm_hybrid_manager_on(gemma3, hy_owner, run):
     own_hit = ref.generate(P, MAX_TOKENS)
     assert [o["cached"] for o in own_hit] == [full_blocks(p) for p in P], "vLLM's own prefix cache"
     ref.kill()  # (a clean shutdown of vLLM takes ~15 s here)
+    # (3) the same model with vLLM's hybrid manager off: every layer saved
+    # as full attention. It starts while A runs; it generates once A's
+    # saves are counted.
+    d = run.launch(
+        "dense",
+        llm_kwargs(gemma3, kv_transfer_config=connector(hy_owner), disable_hybrid_kv_cache_manager=True),
+        "1",
+        "2",
+    )
 
     a.wait_ready()
     log = a.log.read_text(errors="replace")
@@ -233,27 +242,20 @@ def test_hybrid_model_hits_with_vllm_hybrid_manager_on(gemma3, hy_owner, run):
     same(got, own_hit, "a PegaFlow hit vs vLLM's own prefix-cache hit")
     a.kill()
 
-    # (2) a new vLLM process, another hash seed; (3) beside it, the same
-    # model with vLLM's hybrid manager off: every layer saved as full.
+    # (2) a new vLLM process, another hash seed, starting while the dense one runs
     b = run.launch("B", llm_kwargs(gemma3, kv_transfer_config=connector(hy_owner)), "0", "1")
-    d = run.launch(
-        "dense",
-        llm_kwargs(gemma3, kv_transfer_config=connector(hy_owner), disable_hybrid_kv_cache_manager=True),
-        "1",
-        "2",
-    )
-    b.wait_ready()
-    got = b.generate(P, MAX_TOKENS)
-    assert [o["cached"] for o in got] == [full_blocks(p) for p in P], "hits after a vLLM restart"
-    same(got, own_hit, "a hit in a new vLLM process")
-    b.kill()
-
     d.wait_ready()
     b0 = wait_settled(hy_owner)
     got = d.generate(P, MAX_TOKENS)
     assert [o["cached"] for o in got] == [0] * len(P), "the dense layout must not share the hybrid's blocks"
     dense_bytes = wait_settled(hy_owner) - b0
     d.kill()
+
+    b.wait_ready()
+    got = b.generate(P, MAX_TOKENS)
+    assert [o["cached"] for o in got] == [full_blocks(p) for p in P], "hits after a vLLM restart"
+    same(got, own_hit, "a hit in a new vLLM process")
+    b.kill()
 
     hit_tokens = sum(full_blocks(p) for p in P)
     per_hybrid, per_dense = hybrid_bytes / hit_tokens, dense_bytes / hit_tokens
@@ -281,6 +283,9 @@ def test_linear_attention_model_hits(tmp_path_factory, hy_owner, run):
     own = ref.generate(P, MAX_TOKENS)
     assert [o["cached"] for o in own] == hit, "vLLM's own prefix cache"
     ref.kill()
+    # a new vLLM, started while A saves: its own prefix cache is empty, so
+    # every hit it gets is PegaFlow's
+    b = run.launch("Q-B", llm_kwargs(model, kv_transfer_config=connector(hy_owner), **kw), "1", "1")
     a.wait_ready()
     log = a.log.read_text(errors="replace")
     assert "Turning off hybrid kv cache manager" not in log
@@ -290,8 +295,6 @@ def test_linear_attention_model_hits(tmp_path_factory, hy_owner, run):
     same(got, cold, "cold, with the connector")
     assert wait_settled(hy_owner) > b0
     a.kill()
-    # a new vLLM: its own prefix cache is empty, every hit is PegaFlow's
-    b = run.launch("Q-B", llm_kwargs(model, kv_transfer_config=connector(hy_owner), **kw), "0", "1")
     got = b.wait_ready().generate(P, MAX_TOKENS)
     assert [o["cached"] for o in got] == hit, "hits after a vLLM restart"
     same(got, own, "a PegaFlow hit (states and attention blocks) vs vLLM's own prefix-cache hit")
