@@ -51,10 +51,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from pegaflow._log import get_logger
+from pegaflow.connector.metadata import LoadSpec, SaveSpec
 from pegaflow.connector.namespace import KvShape
+from pegaflow.exceptions import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from pegaflow.connector.metadata import PegaConnectorMetadata, PegaHandshake
+    from pegaflow.connector.scheduler import ReqState
 
 logger = get_logger("pegaflow.connector")
 
@@ -317,6 +323,146 @@ def new_group_req(groups: Sequence[Group]) -> GroupReq:
     """Per-group state, indexed by vLLM's group index."""
     n = max((g.index for g in groups), default=-1) + 1
     return GroupReq(block_ids=[[] for _ in range(n)], saved=[0] * n)
+
+
+class GroupScheduling:
+    """The hybrid-model half of the scheduler side (mixed into
+    :class:`pegaflow.connector.scheduler.SchedulerSide`, whose state it
+    uses): the lookup over every group, one load per group, each group's
+    saves. Used when ``self.groups`` is set (a model of several groups)."""
+
+    # set by SchedulerSide
+    groups: Optional[list[Group]]
+    group_namespaces: Optional[list[list[int]]]
+    engine: Any
+    block_size: int
+    tp_size: int
+    load_mode: str
+    _loads: list[Any]
+    _step_loading: list[Any]
+    _loading: dict[str, Any]
+    _last_scheduled: set[str]
+
+    _matched: Callable[..., tuple[Optional[int], bool]]
+
+    def _adopt_group_namespaces(self, ours: "dict[int, PegaHandshake]") -> None:
+        assert self.groups is not None
+        per_rank = [tuple(ours[r].group_namespaces) for r in range(self.tp_size)]
+        if any(len(ns) != len(self.groups) for ns in per_rank):
+            raise ConfigError(
+                f"PegaFlow workers report {[len(ns) for ns in per_rank]} KV cache groups but the "
+                f"scheduler has {len(self.groups)}; every worker must run the same model"
+            )
+        # (the workers report the cached groups, in the scheduler's order)
+        self.group_namespaces = [
+            [per_rank[r][i] for r in range(self.tp_size)] for i in range(len(self.groups))
+        ]
+
+    def _group_lookup(
+        self, st: "ReqState", hashes: list[bytes], local: int, num_computed_tokens: int
+    ) -> tuple[Optional[int], bool]:
+        """A hybrid model's lookup: the longest hit every group has what it
+        needs for (``groups.longest_hit``), each group's needed blocks pinned.
+
+        The hit ends on a block boundary that leaves a token to compute:
+        vLLM decides which sliding-window blocks it keeps from where the hit
+        ends, and so must the lookup."""
+        assert self.groups is not None and self.group_namespaces is not None and st.hy is not None
+        eng, gns = self.engine, self.group_namespaces
+        hashes = hashes[: (st.request.num_tokens - 1) // self.block_size]
+        if len(hashes) <= local:
+            return 0, False
+
+        pos = {g.index: i for i, g in enumerate(self.groups)}
+
+        def held(g: Group, lo: int, hi: int) -> int:
+            return min(eng.count_hits(ns, hashes[lo:hi]) for ns in gns[pos[g.index]])
+
+        n = longest_hit(self.groups, len(hashes), held)
+        if n <= local:
+            st.hy.saved = [max(s, n) for s in st.hy.saved]
+            return 0, False
+        pins: list[list[Any]] = []
+        pin_from: list[int] = []
+        ok = True
+        for g, g_ns in zip(self.groups, gns):
+            lo = max(local, g.first_needed(n))
+            ps = [eng.lookup(ns, hashes[lo:n]) for ns in g_ns]
+            pins.append(ps)
+            pin_from.append(lo)
+            if any(len(p) < n - lo for p in ps):
+                ok = False  # evicted since it was counted: a miss this time
+        flat = [p for ps in pins for p in ps]
+        if not ok or len({p.segment_id for p in flat}) != 1:
+            for p in flat:
+                p.release()
+            return 0, False
+        st.pins = flat
+        st.hy.pins, st.hy.pin_from = pins, pin_from
+        st.pinned_blocks = n
+        st.load_from = local
+        st.layerwise = not has_state(self.groups) and (
+            self.load_mode == "layerwise"
+            or (self.load_mode == "auto" and not (self._last_scheduled - {st.request.request_id}))
+        )
+        st.hy.saved = [max(s, n) for s in st.hy.saved]
+        return self._matched(st, num_computed_tokens)
+
+    def _group_loads(self, st: "ReqState", blocks: "KVCacheBlocks") -> None:
+        """One LoadSpec per group (an async load is over once every group's
+        worker side reported it), each into that group's blocks."""
+        assert self.groups is not None and st.hy is not None and st.pins is not None
+        ids_all = blocks.get_block_ids()
+        st.load_pending = True
+        for g, ps, lo in zip(self.groups, st.hy.pins, st.hy.pin_from):
+            ids = list(ids_all[g.index][lo : st.pinned_blocks])
+            keep = [i for i, b in enumerate(ids) if b != NULL_BLOCK]
+            pinned = [p.blocks(0, len(ids)) for p in ps]
+            self._loads.append(
+                LoadSpec(
+                    req_id=st.request.request_id,
+                    block_ids=[ids[i] for i in keep],
+                    segment_id=st.pins[0].segment_id,
+                    blocks=[[b[i] for i in keep] for b in pinned],
+                    layerwise=st.layerwise,
+                    group=g.index,
+                )
+            )
+        if st.layerwise:
+            self._step_loading.append(st)
+        else:
+            self._loading[st.request.request_id] = st
+
+    def _plan_group_saves(self, meta: "PegaConnectorMetadata", st: "ReqState", computed: int) -> None:
+        """Each group's newly computed blocks it keeps (see .groups). A mamba
+        group's non-null blocks among them hold the state at their end."""
+        assert self.groups is not None and st.hy is not None
+        hashes = st.keys.upto(computed // self.block_size)
+        every = checkpoint_every(self.groups)
+        ends = prompt_checkpoints(st.request.num_prompt_tokens, self.block_size)
+        for g in self.groups:
+            ids = st.hy.block_ids[g.index]
+            top = min(len(hashes), len(ids))
+            lo = st.hy.saved[g.index]
+            if top <= lo:
+                continue
+            sel = [
+                i
+                for i in range(lo, top)
+                if ids[i] != NULL_BLOCK
+                and (g.kind != SLIDING or sliding_keeps(g, i, every, ends))
+            ]
+            st.hy.saved[g.index] = top
+            if sel:
+                meta.saves.append(
+                    SaveSpec(
+                        req_id=st.request.request_id,
+                        block_ids=[ids[i] for i in sel],
+                        hashes=[hashes[i] for i in sel],
+                        group=g.index,
+                    )
+                )
+                st.had_saves = True
 
 
 class GroupedWorker:
