@@ -79,6 +79,8 @@ def kwargs(model: Path, **kw) -> dict:
         model=str(model), skip_tokenizer_init=True, dtype="bfloat16", enforce_eager=True,
         enable_prefix_caching=False, gpu_memory_utilization=0.25, max_model_len=8192, seed=0,
         disable_log_stats=False,
+        # the offline H200 bundle needs it (see benches/ttft/ttft_bench.py)
+        attention_backend="TRITON_ATTN",
     )
     base.update(kw)
     return base
