@@ -15,7 +15,10 @@ This class is only the face vLLM sees; the work is done by the role objects:
   the pool;
 * :mod:`.metadata`: what the scheduler sends the workers each step;
 * :mod:`.namespace`: the KV shape and the namespaces both sides compute;
-* :mod:`.keys`: the block keys.
+* :mod:`.keys`: the block keys;
+* :mod:`.groups`: hybrid models (several KV cache groups: sliding-window
+  and full attention), which vLLM runs with its hybrid KV cache manager
+  (the connector implements ``SupportsHMA``).
 
 At start-up vLLM passes each worker's :class:`PegaHandshake` (its TP rank
 and namespace) to the scheduler, which looks blocks up under exactly those
@@ -30,6 +33,7 @@ from the per-step methods.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -51,6 +55,7 @@ from pegaflow.connector.namespace import (
     vllm_version,
     worker_tp_rank,
 )
+from pegaflow.connector import groups as hma
 from pegaflow.connector.scheduler import SchedulerSide
 from pegaflow.connector.worker import WorkerSide
 from pegaflow.exceptions import ConfigError
@@ -59,6 +64,11 @@ try:  # vLLM >= 0.26
     from vllm.v1.metrics.cache_hit_source import CacheHitSource as _CacheHitSource
 except ImportError:  # pragma: no cover - older vLLM
     _CacheHitSource = None
+
+try:  # every supported vLLM (0.25 .. 0.32) has it
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA as _SupportsHMA
+except ImportError:  # pragma: no cover - a vLLM without the hybrid manager's interface
+    _SupportsHMA = object  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
@@ -84,8 +94,13 @@ __all__ = [
 logger = get_logger("pegaflow.connector")
 
 
-class PegaKVConnector(KVConnectorBase_V1):
-    """vLLM KV connector backed by a node-local ``pegaflow-owner``."""
+class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
+    """vLLM KV connector backed by a node-local ``pegaflow-owner``.
+
+    It supports vLLM's hybrid KV cache manager (``SupportsHMA``), so vLLM
+    keeps it on: sliding-window groups cost the pool about their window
+    (see :mod:`.groups`).
+    """
 
     if _CacheHitSource is not None and hasattr(_CacheHitSource, "HOST"):
         _cache_hit_source = _CacheHitSource.HOST
@@ -109,9 +124,13 @@ class PegaKVConnector(KVConnectorBase_V1):
             raise ConfigError(
                 "PegaKVConnector needs vLLM's kv_cache_config (vLLM >= 0.25 passes it)"
             )
+        layout = layout_tag(vllm_config, kv_cache_config)
+        if hma.is_hybrid(kv_cache_config):
+            self._init_hybrid(vllm_config, role, kv_cache_config, layout)
+            return
+        self.groups: Optional[list[hma.Group]] = None
         self.shape = kv_shape(kv_cache_config)
         self.block_size = self.shape.block_size
-        layout = layout_tag(vllm_config, kv_cache_config)
         namespaces = namespaces_for(vllm_config, self.shape, self.cfg.model_id, kv_cache_config)
         self.is_mla = self.shape.is_mla
         if getattr(ktc, "kv_load_failure_policy", "recompute") == "fail":
@@ -140,6 +159,74 @@ class PegaKVConnector(KVConnectorBase_V1):
                 namespaces,
                 worker_tp_rank(vllm_config),
                 layout,
+            )
+
+    def _init_hybrid(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "KVCacheConfig",
+        layout: str,
+    ) -> None:
+        """Several KV cache groups (vLLM's hybrid manager): one namespace per
+        group and rank, one worker side per group."""
+        all_groups = hma.kv_groups(kv_cache_config)
+        groups = hma.cached(all_groups)
+        self.groups = groups
+        self.shape = (groups or all_groups)[0].shape
+        self.block_size = self.shape.block_size
+        self.is_mla = False
+        tp = int(vllm_config.parallel_config.tensor_parallel_size)
+        why = [f"group {g.index}: {g.unsupported_why}" for g in hma.unsupported(groups)]
+        why += [f"group {g.index}: MLA" for g in groups if g.shape.is_mla]
+        if len({g.block_size for g in groups}) != 1:
+            why.append(f"block sizes {sorted({g.block_size for g in groups})}")
+        cfg = self.cfg
+        if why:
+            logger.warning(
+                "PegaFlow does not cache this model's KV yet (%s): it runs with the connector "
+                "but nothing is looked up or saved; see docs/vllm.md (hybrid models)",
+                ", ".join(why),
+            )
+            cfg = dataclasses.replace(cfg, load=False, save=False)
+            groups = []
+        group_ns = [
+            namespaces_for(
+                vllm_config, g.shape, cfg.model_id, kv_cache_config, group_tag=hma.group_tag(all_groups, g)
+            )
+            for g in groups
+        ]
+        self._namespaces = group_ns[0] if group_ns else [0] * tp
+        self.scheduler_side = None
+        self.worker_side = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = SchedulerSide(
+                cfg,
+                self.block_size,
+                self._namespaces,
+                tp_size=tp,
+                is_mla=False,
+                layout=layout,
+                groups=groups or None,
+                group_namespaces=group_ns or None,
+            )
+            watch_connection(self.scheduler_side.engine, "scheduler", logger)
+        else:
+            rank = worker_tp_rank(vllm_config)
+            sides = [
+                WorkerSide(cfg, g.shape, kv_cache_config, group_ns[i], rank, layout, group=g.index)
+                for i, g in enumerate(groups)
+            ]
+            self.worker_side = hma.GroupedWorker(sides, rank, layout)  # type: ignore[assignment]
+        if groups:
+            logger.info(
+                "PegaFlow caches a hybrid model: %s",
+                ", ".join(
+                    f"group {g.index} {g.kind}"
+                    + (f" (window {g.window}, {g.window_blocks} blocks)" if g.window else "")
+                    + f" {g.shape.num_layers} layers"
+                    for g in groups
+                ),
             )
 
     # vLLM asks these while it builds its config and sets up each worker's
@@ -221,6 +308,15 @@ class PegaKVConnector(KVConnectorBase_V1):
     ) -> tuple[bool, Optional[dict[str, Any]]]:
         return self._sched.request_finished(request, block_ids)
 
+    def request_finished_all_groups(
+        self, request: "Request", block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, Optional[dict[str, Any]]]:
+        """vLLM's hybrid manager (``SupportsHMA``): as ``request_finished``,
+        with every group's blocks (the scheduler side tracks them itself).
+        vLLM >= 0.3x calls only this one when the connector supports HMA,
+        for models of one group too."""
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
+
     def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
         """vLLM hands over what each worker's connector sent, keyed by TP rank."""
         self._sched.adopt_worker_namespaces(metadata)
@@ -254,7 +350,13 @@ class PegaKVConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
-        if self._worker.kv is not None:
+        if isinstance(self._worker, hma.GroupedWorker):
+            for s in self._worker.sides:
+                if s.kv is not None:
+                    watch_connection(
+                        s.kv.engine, f"worker (TP rank {self.tp_rank}, group {s.group})", logger
+                    )
+        elif self._worker.kv is not None:
             watch_connection(self._worker.kv.engine, f"worker (TP rank {self.tp_rank})", logger)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:

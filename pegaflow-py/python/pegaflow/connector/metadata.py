@@ -15,6 +15,9 @@ Invariants:
   list, shared by all ranks.
 * ``SaveSpec.hashes[i]`` is the block key of ``SaveSpec.block_ids[i]``; every
   rank saves the same keys under its own namespace.
+* ``group``: vLLM's KV cache group the blocks belong to (hybrid models,
+  see :mod:`.groups`; 0 for everything else). Block ids and pins are that
+  group's; only the worker side of that group copies them.
 
 Once at start-up, each worker sends the scheduler a :class:`PegaHandshake`
 (vLLM's ``get_handshake_metadata`` -> ``set_xfer_handshake_metadata``, keyed
@@ -46,6 +49,8 @@ class LoadSpec:
     #: loaded in this step, each attention layer waiting for its own layer
     #: (else asynchronously: reported in finished_recving when done)
     layerwise: bool = True
+    #: vLLM's KV cache group of block_ids (hybrid models)
+    group: int = 0
 
 
 @dataclass
@@ -55,6 +60,8 @@ class SaveSpec:
     req_id: str
     block_ids: list[int]
     hashes: list[bytes]
+    #: vLLM's KV cache group of block_ids (hybrid models)
+    group: int = 0
 
 
 @dataclass
@@ -75,3 +82,6 @@ class PegaHandshake(KVConnectorHandshakeMetadata):
     namespace: int
     #: the KV layout tag that went into the namespace (for error messages)
     layout: str
+    #: hybrid models: the namespace of each KV cache group (``namespace``
+    #: is the first's); empty for a model with one group
+    group_namespaces: tuple[int, ...] = ()

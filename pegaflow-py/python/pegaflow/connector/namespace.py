@@ -145,14 +145,20 @@ def namespaces_for(
     shape: KvShape,
     model_id: Optional[str],
     kv_cache_config: "Optional[KVCacheConfig]" = None,
+    group_tag: Optional[str] = None,
 ) -> list[int]:
-    """The namespace of each TP rank (MLA: one, shared by all ranks)."""
+    """The namespace of each TP rank (MLA: one, shared by all ranks).
+
+    ``group_tag``: a hybrid model's KV cache group (``groups.group_tag``),
+    so that each group, and each model's set of groups, has its own."""
     tp = int(vllm_config.parallel_config.tensor_parallel_size)
     model = model_id or str(vllm_config.model_config.model)
     major, minor = vllm_version()
     # The vLLM minor version is part of the format: its KV layouts change
     # between releases, and a wrong guess would load garbage.
     fmt = f"{shape.dtype}|vllm{major}.{minor}|{layout_tag(vllm_config, kv_cache_config)}"
+    if group_tag is not None:
+        fmt += f"|{group_tag}"
     common = dict(
         model=model,
         dtype=fmt,

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from pegaflow import _native
 from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
+from pegaflow.connector import groups as hma
+from pegaflow.connector.groups import GroupScheduling
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from pegaflow.connector.ssd import SsdStager
@@ -81,9 +83,11 @@ class ReqState:
     had_saves: bool = False
     #: timings of this request's load (pegaflow.connector.trace)
     trace: Any = None
+    #: hybrid models: per-group block ids, save progress and pins
+    hy: Optional[hma.GroupReq] = None
 
 
-class SchedulerSide:
+class SchedulerSide(GroupScheduling):
     """Scheduler-role state of one vLLM instance."""
 
     def __init__(
@@ -94,8 +98,14 @@ class SchedulerSide:
         tp_size: int,
         is_mla: bool,
         layout: str,
+        groups: "Optional[list[hma.Group]]" = None,
+        group_namespaces: Optional[list[list[int]]] = None,
     ):
         self.cfg = cfg
+        #: hybrid models (see .groups): vLLM's KV cache groups and the
+        #: namespaces of each group, per TP rank; None for one full group
+        self.groups = groups
+        self.group_namespaces = group_namespaces
         self.block_size = block_size
         #: per TP rank (MLA: one for all), from the config until the workers report
         self.namespaces = namespaces
@@ -164,6 +174,8 @@ class SchedulerSide:
                     f"two TP ranks' workers save under the same namespace ({namespaces}); "
                     "this is a bug, please report it"
                 )
+        if self.groups is not None:
+            self._adopt_group_namespaces(ours)
         if namespaces != self.namespaces:
             logger.info(
                 "PegaFlow looks blocks up under the workers' namespaces (their KV layout %s; "
@@ -176,6 +188,8 @@ class SchedulerSide:
         st = self._reqs.get(request.request_id)
         if st is None:
             st = ReqState(request=request, keys=KeyChain(request, self.block_size))
+            if self.groups is not None:
+                st.hy = hma.new_group_req(self.groups)
             self._reqs[request.request_id] = st
         return st
 
@@ -204,6 +218,8 @@ class SchedulerSide:
                 local = num_computed_tokens // self.block_size
                 if len(hashes) <= local or not self.engine.is_connected():
                     return 0, False
+                if st.hy is not None:
+                    return self._group_lookup(st, hashes, local, num_computed_tokens)
                 # Kept across SSD waits: they are part of this load's time.
                 st.trace = st.trace or self.tracer.start()
                 # A block is a hit only when every rank's namespace has it.
@@ -236,14 +252,17 @@ class SchedulerSide:
                 if got <= local:
                     self._release(st)
                     return 0, False
-            hit_tokens = min(st.pinned_blocks * self.block_size, request.num_tokens - 1)
-            ext = hit_tokens - num_computed_tokens
-            if ext <= 0:
-                return 0, False
-            return ext, not st.layerwise
+            return self._matched(st, num_computed_tokens)
         except PegaflowError:
             logger.exception("PegaFlow lookup failed; treating as a miss")
             return 0, False
+
+    def _matched(self, st: ReqState, num_computed_tokens: int) -> tuple[Optional[int], bool]:
+        hit_tokens = min(st.pinned_blocks * self.block_size, st.request.num_tokens - 1)
+        ext = hit_tokens - num_computed_tokens
+        if ext <= 0:
+            return 0, False
+        return ext, not st.layerwise
 
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
@@ -260,6 +279,9 @@ class SchedulerSide:
                 self._release(st)
             return
         if st.pins is None:
+            return
+        if st.hy is not None:
+            self._group_loads(st, blocks)
             return
         n = st.pinned_blocks - st.load_from
         block_ids = list(ids[st.load_from : st.load_from + n])
@@ -299,6 +321,9 @@ class SchedulerSide:
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0]) if new.block_ids else []
+            if st.hy is not None:
+                if new.block_ids:
+                    st.hy.block_ids = [list(b) for b in new.block_ids[: len(st.hy.block_ids)]]
             self._plan_save(meta, st, new.num_computed_tokens + nst.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         resumed = set(getattr(cached, "resumed_req_ids", ()) or ())
@@ -312,10 +337,19 @@ class SchedulerSide:
                     st.block_ids = list(nb[0])
                 else:
                     st.block_ids.extend(nb[0])
+                if st.hy is not None:
+                    for g, b in enumerate(nb[: len(st.hy.block_ids)]):
+                        if req_id in resumed:
+                            st.hy.block_ids[g] = list(b)
+                        else:
+                            st.hy.block_ids[g].extend(b)
             self._plan_save(meta, st, cached.num_computed_tokens[i] + nst.get(req_id, 0))
         return meta
 
     def _plan_save(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
+        if st.hy is not None:
+            self._plan_group_saves(meta, st, computed)
+            return
         full = min(computed // self.block_size, len(st.block_ids))
         hashes = st.keys.upto(full)
         full = min(full, len(hashes))

@@ -62,8 +62,13 @@ class WorkerSide:
         namespaces: list[int],
         tp_rank: int,
         layout: str,
+        group: int = 0,
     ):
         self.cfg = cfg
+        #: vLLM's KV cache group this side copies (hybrid models: one
+        #: WorkerSide per group, see .groups; loads and saves of other
+        #: groups are not its own)
+        self.group = group
         self.shape = shape
         self.block_size = shape.block_size
         self._kv_cache_config = kv_cache_config
@@ -102,7 +107,7 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = list(kv_caches)
-        group_layers = list(self._kv_cache_config.kv_cache_groups[0].layer_names)
+        group_layers = list(self._kv_cache_config.kv_cache_groups[self.group].layer_names)
         order = [n for n in group_layers if n in kv_caches] or names
         tensors = [kv_caches[n] for n in order]
         num_blocks = int(self._kv_cache_config.num_blocks)
@@ -171,6 +176,8 @@ class WorkerSide:
             except PegaflowError:
                 pass
         for ld in meta.loads:
+            if ld.group != self.group:
+                continue
             blocks = ld.blocks[0] if len(ld.blocks) == 1 else ld.blocks[self.rank_index]
             n = min(len(blocks), len(ld.block_ids))
             if not ld.layerwise:
@@ -221,19 +228,27 @@ class WorkerSide:
                 self._load_errors.update(failed)
             self._load_handles.pop(h, None)
 
+    def saw_saves(self, req_id: str) -> bool:
+        """Whether this side was asked to save blocks of ``req_id`` (and has
+        not reported them all committed yet)."""
+        return req_id in self._seen_save_reqs
+
     def _begin_step_saves(self, meta: Optional[PegaConnectorMetadata]) -> None:
         if self._step_begun or self.kv is None or meta is None or not meta.saves:
             return
+        saves = [sv for sv in meta.saves if sv.group == self.group]
+        if not saves:
+            return
         self._step_begun = True
-        for sv in meta.saves:
+        for sv in saves:
             self._seen_save_reqs.add(sv.req_id)
         try:
             # One reservation for the whole step: at most one bounded wait.
-            begun = self.kv.begin_saves([(sv.block_ids, sv.hashes) for sv in meta.saves])
+            begun = self.kv.begin_saves([(sv.block_ids, sv.hashes) for sv in saves])
         except PegaflowError as e:
             logger.warning("PegaFlow saves of this step skipped: %s", e)
             return
-        for sv, (h, n) in zip(meta.saves, begun):
+        for sv, (h, n) in zip(saves, begun):
             if n:
                 self._step_saves[h] = sv.req_id
                 self._open.setdefault(sv.req_id, set()).add(h)
