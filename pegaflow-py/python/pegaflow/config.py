@@ -65,6 +65,13 @@ class PegaflowConfig:
     ssd_stage: bool = True
     #: Longest one request waits for blocks being staged from SSD (seconds).
     ssd_stage_timeout: float = 5.0
+    #: P/D decode (``kv_consumer``): longest a request waits for the blocks
+    #: its prefill announced to be in the pool (seconds); then it loads what
+    #: is there and computes the rest.
+    pd_wait: float = 5.0
+    #: P/D prefill (``kv_producer``): how long the blocks a finished prefill
+    #: announced stay pinned for its decode (seconds).
+    pd_hold: float = 10.0
 
     @classmethod
     def from_extra_config(cls, extra: Optional[Mapping[str, Any]]) -> "PegaflowConfig":
@@ -81,6 +88,8 @@ class PegaflowConfig:
             "pegaflow.reserve_wait": "reserve_wait",
             "pegaflow.ssd_stage": "ssd_stage",
             "pegaflow.ssd_stage_timeout": "ssd_stage_timeout",
+            "pegaflow.pd_wait": "pd_wait",
+            "pegaflow.pd_hold": "pd_hold",
         }
         kw: dict[str, Any] = {}
         for key, value in extra.items():
@@ -132,6 +141,14 @@ class PegaflowConfig:
                 ) from None
             if not kw["ssd_stage_timeout"] >= 0:
                 raise ConfigError("pegaflow.ssd_stage_timeout must be >= 0")
+        for k in ("pd_wait", "pd_hold"):
+            if k in kw:
+                try:
+                    kw[k] = float(kw[k])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"pegaflow.{k} must be seconds, got {kw[k]!r}") from None
+                if not 0 <= kw[k] <= 3600:
+                    raise ConfigError(f"pegaflow.{k} must be between 0 and 3600 seconds")
         for b in ("save", "load", "ssd_stage"):
             if b in kw:
                 kw[b] = _bool(f"pegaflow.{b}", kw[b])

@@ -46,6 +46,7 @@ from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
+from pegaflow.connector.pd import PdRoles, remote_prefill
 from pegaflow.connector.ssd import SsdStager
 from pegaflow.exceptions import ConfigError, PegaflowError
 
@@ -91,6 +92,7 @@ class SchedulerSide:
         tp_size: int,
         is_mla: bool,
         layout: str,
+        role: str = "kv_both",
     ):
         self.cfg = cfg
         self.block_size = block_size
@@ -118,6 +120,8 @@ class SchedulerSide:
         #: output is not back yet (oldest first)
         self._step_loading: list[ReqState] = []
         self._steps_loading: deque[list[ReqState]] = deque()
+        #: prefill/decode roles (see pegaflow.connector.pd)
+        self.pd = PdRoles(role, self.engine, block_size, cfg.pd_wait, cfg.pd_hold)
 
     def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
         """Look blocks up under the namespaces the workers save under.
@@ -197,6 +201,12 @@ class SchedulerSide:
                 local = num_computed_tokens // self.block_size
                 if len(hashes) <= local or not self.engine.is_connected():
                     return 0, False
+                if self.pd.should_wait(
+                    request,
+                    lambda k: min(self.engine.count_hits(ns, hashes[:k]) for ns in self.namespaces),
+                    len(hashes),
+                ):
+                    return None, False
                 # A block is a hit only when every rank's namespace has it.
                 n = min(self.engine.count_hits(ns, hashes) for ns in self.namespaces)
                 if self.ssd.should_wait(request.request_id, self.namespaces, hashes, n):
@@ -216,9 +226,9 @@ class SchedulerSide:
                 st.pins = pins
                 st.pinned_blocks = got
                 st.load_from = local
-                st.layerwise = self.load_mode == "layerwise" or (
-                    self.load_mode == "auto"
-                    and not (self._last_scheduled - {request.request_id})
+                st.layerwise = remote_prefill(request) is None and (
+                    self.load_mode == "layerwise"
+                    or (self.load_mode == "auto" and not (self._last_scheduled - {request.request_id}))
                 )
                 st.saved = max(st.saved, got)
                 if got <= local:
@@ -303,6 +313,8 @@ class SchedulerSide:
         return meta
 
     def _plan_save(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
+        if self.pd.role == "kv_consumer" and remote_prefill(st.request) is not None:
+            return  # its prompt is in the pool already; copies would slow decode steps
         full = min(computed // self.block_size, len(st.block_ids))
         hashes = st.keys.upto(full)
         full = min(full, len(hashes))
@@ -319,6 +331,8 @@ class SchedulerSide:
         st.had_saves = True
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        self.pd.saves_committed(connector_output.finished_sending, self.namespaces)
+        self.pd.expire(self.namespaces)
         if self._steps_loading:
             for st in self._steps_loading.popleft():
                 self._release(st)
@@ -332,16 +346,18 @@ class SchedulerSide:
     ) -> tuple[bool, Optional[dict[str, Any]]]:
         self._last_scheduled.discard(request.request_id)
         self.ssd.forget(request.request_id)
+        self.pd.forget(request.request_id)
         st = self._reqs.pop(request.request_id, None)
         if st is None:
-            return False, None
+            return False, self.pd.announce(request, 0, lambda n: [], False, self.namespaces)
+        params = self.pd.announce(request, st.saved, st.keys.upto, st.had_saves, self.namespaces)
         if not st.load_pending:
             self._release(st)
         # else: the load may still read its pinned slots (an aborted request
         # whose step is on the GPU); update_connector_output releases them
         # when that step's output, or the async load's end, is reported.
-        return st.had_saves, None
+        return st.had_saves, params
 
     def stats(self) -> dict[str, Any]:
         """Counters of the scheduler's owner client (tests, debugging)."""
-        return dict(self.engine.stats())
+        return {**self.engine.stats(), **self.pd.counters}
