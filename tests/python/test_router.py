@@ -112,6 +112,7 @@ def test_completion_goes_prefill_then_decode_with_ids_and_params(pd):
     body = json.loads(resp.read())
     assert resp.status == 200, body
     assert resp.getheader("X-Request-Id") == "client-42"
+    assert float(resp.getheader("X-PD-Prefill-Ms")) >= 0
     assert body["choices"][0]["text"] == "tok0tok1tok2tok3"
     assert body["id"] == "cmpl-client-42"
     (pr,) = seen(p)

@@ -15,7 +15,8 @@ Each request goes
 
 Both hops carry the client's ``X-Request-Id`` (one is made when the client
 sent none), so the id in the client's answer and in both instances' logs is
-the same. Endpoints are probed on ``/health``; a side with no healthy
+the same; the answer also carries ``X-PD-Prefill-Ms``, how long the
+prefill hop took. Endpoints are probed on ``/health``; a side with no healthy
 endpoint is answered at once with 503 and a message naming the side, an
 endpoint that refuses or drops a connection before answering is marked down
 and the next one of its side is tried, and an error the instance itself

@@ -280,7 +280,9 @@ class Router:
             tried.add(ep.url)
             ep.in_flight += 1
             try:
-                resp = await self._decode(request, ep, path, dbody, headers, stream, rid)
+                # how long the prefill hop took (benchmarks, debugging)
+                out_headers = {"X-Request-Id": rid, "X-PD-Prefill-Ms": f"{t_prefill * 1e3:.1f}"}
+                resp = await self._decode(request, ep, path, dbody, headers, stream, out_headers)
             except HopError as e:
                 self._mark_down(ep, f"decode hop failed: {e}")
                 continue
@@ -301,8 +303,9 @@ class Router:
         body: dict[str, Any],
         headers: dict[str, str],
         stream: bool,
-        rid: str,
+        out_headers: dict[str, str],
     ) -> web.StreamResponse:
+        rid = out_headers["X-Request-Id"]
         try:
             cm = self.session.post(ep.url + path, json=body, headers=headers)
             r = await cm.__aenter__()
@@ -321,9 +324,9 @@ class Router:
                     body=raw,
                     status=r.status,
                     content_type=r.content_type,
-                    headers={"X-Request-Id": rid},
+                    headers=out_headers,
                 )
-            out = web.StreamResponse(status=r.status, headers={"X-Request-Id": rid})
+            out = web.StreamResponse(status=r.status, headers=out_headers)
             out.content_type = r.content_type or "text/event-stream"
             out.headers["Cache-Control"] = "no-cache"
             await out.prepare(request)
