@@ -50,10 +50,10 @@ def saves_of(so, req_id):
     return [sv for sv in (meta.saves if meta else []) if sv.req_id == req_id]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_prefill_announces_decode_loads_async_and_does_not_save(tiny_model_dir, owner, tp):
+@pytest.mark.parametrize("tp,mode", [(1, "auto"), (2, "auto"), (1, "async")])
+def test_prefill_announces_decode_loads_and_does_not_save(tiny_model_dir, owner, tp, mode):
     p = make_instance(tiny_model_dir, owner, tp=tp, role="kv_producer")
-    d = make_instance(tiny_model_dir, owner, tp=tp, role="kv_consumer")
+    d = make_instance(tiny_model_dir, owner, tp=tp, role="kv_consumer", extra={"pegaflow.load_mode": mode})
     wait_ready(p, d)
     params = prefill(p, "r1")
     assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
@@ -61,20 +61,31 @@ def test_prefill_announces_decode_loads_async_and_does_not_save(tiny_model_dir, 
     # the producer pinned what it announced once its saves committed
     assert p.connector.scheduler_side.pd.held_requests() == ["r1"]
 
+    # the decode instance is busy decoding another request
+    bg = make_request("bg", list(range(700, 720)), max_tokens=50)
+    d.scheduler.add_request(bg)
+    step(d)
     rd = decode_request("r1", params)
     d.scheduler.add_request(rd)
     # (the owner publishes committed blocks a moment after the commit: the
     # decode may wait a step or two for them, computing nothing meanwhile)
     for _ in range(200):
         so = step(d)
-        assert "r1" not in so.num_scheduled_tokens
         if so.kv_connector_metadata.loads:
             break
+        assert "r1" not in so.num_scheduled_tokens
         time.sleep(0.005)
-    # an async load even though nothing else runs: other requests' decode
-    # steps must never wait for a handover
     loads = so.kv_connector_metadata.loads
-    assert [(ld.req_id, ld.layerwise, len(ld.block_ids)) for ld in loads] == [("r1", False, 3)]
+    if mode == "auto":
+        # layer-wise even though another request runs: the hand-over and
+        # the prompt's last partial block in one step (the fastest first token)
+        assert [(ld.req_id, ld.layerwise, len(ld.block_ids)) for ld in loads] == [("r1", True, 3)]
+        assert so.num_scheduled_tokens["r1"] == len(PROMPT) - 3 * BLOCK
+    else:
+        assert [(ld.req_id, ld.layerwise, len(ld.block_ids)) for ld in loads] == [("r1", False, 3)]
+        assert "r1" not in so.num_scheduled_tokens
+    through_prompt(d, rd)
+    verify_blocks(d, rd, 3 * BLOCK)
     run_until_done(d, ["r1"])
     assert not any(pos < 3 * BLOCK for pos in d.computed["r1"]), "the decode recomputed handed-over tokens"
     assert 3 * BLOCK in d.computed["r1"]

@@ -13,9 +13,13 @@ instead of computing it. vLLM ties the two requests together with
   alike (:mod:`.keys`);
 * the decode, given those params, waits (the request only, no step) until
   the pool holds those N blocks, at most ``pegaflow.pd_wait`` seconds, then
-  loads them asynchronously (the request sits in WAITING_FOR_REMOTE_KVS;
-  the other requests' decode steps never wait for the copy) and computes
-  only the prompt's last partial block.
+  loads them and computes only the prompt's last partial block. With
+  ``pegaflow.load_mode: auto`` (the default) the load is layer-wise, in the
+  step that computes that block (each layer's attention waits on the GPU
+  for its own layer's copy, which overlaps the other layers' compute): an
+  async load would cost the first token two more decode steps (measured on
+  H200: docs/benchmarks.md). ``async`` keeps other requests' steps from
+  ever waiting for a copy, at that price.
 
 Guarantees and failure behaviour:
 

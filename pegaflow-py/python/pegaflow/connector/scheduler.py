@@ -226,9 +226,14 @@ class SchedulerSide:
                 st.pins = pins
                 st.pinned_blocks = got
                 st.load_from = local
-                st.layerwise = remote_prefill(request) is None and (
-                    self.load_mode == "layerwise"
-                    or (self.load_mode == "auto" and not (self._last_scheduled - {request.request_id}))
+                # auto: a prefill's hand-over is loaded layer-wise too: an
+                # async load would cost its first token two more steps.
+                st.layerwise = self.load_mode == "layerwise" or (
+                    self.load_mode == "auto"
+                    and (
+                        remote_prefill(request) is not None
+                        or not (self._last_scheduled - {request.request_id})
+                    )
                 )
                 st.saved = max(st.saved, got)
                 if got <= local:
