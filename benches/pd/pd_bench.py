@@ -215,8 +215,7 @@ def vllm_serve(args, name: str, gpu: int, port: int, work: Path, ktc: dict | Non
            "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "bfloat16",
            "--max-model-len", str(args.prompt_len + args.max_tokens + 64),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           "--disable-log-stats"]
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if not args.no_enforce_eager:
         cmd.append("--enforce-eager")
     if args.attention_backend:
@@ -328,6 +327,26 @@ def summarize(rs: list[dict]) -> dict:
     }
 
 
+def metric_sums(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum of each metric over its labels (the owner's per-client series)."""
+    st, body = http_get(url + "/metrics", timeout=5)
+    out = {n: 0.0 for n in names}
+    for line in body.decode(errors="replace").splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            try:
+                out[name] += float(line.rsplit(" ", 1)[1])
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
+OWNER_SERIES = ("pegaflow_client_load_bytes_total", "pegaflow_client_load_seconds_total",
+                "pegaflow_client_save_bytes_total", "pegaflow_client_save_seconds_total",
+                "pegaflow_client_saves_dropped_total", "pegaflow_block_evictions_total",
+                "pegaflow_admission_rejections_total")
+
+
 def scrape(url: str, words: tuple[str, ...]) -> dict[str, float]:
     st, body = http_get(url + "/metrics", timeout=5)
     out = {}
@@ -397,8 +416,9 @@ def main() -> int:
             log(f"/dev/shm has {shm_free >> 30} GiB free: pool {args.pool_size}")
         name = f"pd-{uuid.uuid4().hex[:8]}"
         sock = str(work / f"{name}.sock")
+        owner_metrics = f"127.0.0.1:{free_port()}"
         owner = Proc("owner", [args.owner_bin, "--name", name, "--socket", sock, "--pool-size", args.pool_size,
-                               "--metrics-addr", f"127.0.0.1:{free_port()}", "--disable-lfu-admission"], work)
+                               "--metrics-addr", owner_metrics, "--disable-lfu-admission"], work)
         t = time.monotonic()
         while not os.path.exists(sock):
             if not owner.alive() or time.monotonic() - t > 120:
@@ -426,12 +446,22 @@ def main() -> int:
             toks = asyncio.run(run_correctness([url], check_prompts, args.check_tokens, 1))
             result["pd_tokens"] = [t[0] for t in toks]
             before = scrape(f"http://127.0.0.1:{dp}", ("prefix_cache", "prompt_tokens"))
+            o_before = metric_sums(f"http://{owner_metrics}", OWNER_SERIES)
             t = time.monotonic()
             rs = asyncio.run(run_load([url], bench_prompts, args.rate, args.max_tokens, "pd"))
             result["pd"] = summarize(rs)
             result["pd"]["wall_s"] = time.monotonic() - t
             after = scrape(f"http://127.0.0.1:{dp}", ("prefix_cache", "prompt_tokens"))
             result["pd_decode_metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after}
+            o_after = metric_sums(f"http://{owner_metrics}", OWNER_SERIES)
+            od = {k: o_after[k] - o_before[k] for k in OWNER_SERIES}
+            result["pd_owner_delta"] = od
+            if od["pegaflow_client_load_seconds_total"] > 0:
+                result["pd"]["load_copy_GBps"] = (od["pegaflow_client_load_bytes_total"]
+                                                  / od["pegaflow_client_load_seconds_total"] / 1e9)
+            if od["pegaflow_client_save_seconds_total"] > 0:
+                result["pd"]["save_copy_GBps"] = (od["pegaflow_client_save_bytes_total"]
+                                                  / od["pegaflow_client_save_seconds_total"] / 1e9)
             side = [(r["ttft"] - r["prefill_ms"] / 1e3) for r in rs if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
             pre = [r["prefill_ms"] for r in rs if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
             if side:
@@ -505,6 +535,9 @@ def report(r: dict) -> None:
         print(f"handover: {r['handover_bytes'] / 1e6:.0f} MB per request; prefill hop {f(s['prefill_hop_ms_mean'])} ms "
               f"mean; decode side (wait + load + last block + first token) {f(s['decode_side_ms_median'])} ms "
               f"median, {f(s['decode_side_ms_p99'])} p99 = {s['handover_GBps_lower_bound']:.1f} GB/s")
+        if "load_copy_GBps" in s:
+            print(f"owner's counters: decode loads at {s['load_copy_GBps']:.1f} GB/s, prefill saves at "
+                  f"{s.get('save_copy_GBps', 0):.1f} GB/s (bytes / copy seconds)")
         if c:
             print(f"ceilings: GPU0->GPU1 {c['gpu0_to_gpu1_GBps']:.0f} GB/s (peer access {c['peer_access']}), "
                   f"GPU->host {c['gpu_to_host_GBps']:.0f}, host->GPU {c['host_to_gpu_GBps']:.0f}; handover at "
