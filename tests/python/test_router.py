@@ -269,3 +269,15 @@ def test_router_refuses_to_start_without_both_sides(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pegaflow.router", "--prefill", "127.0.0.1:1"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "--decode" in out.stderr
+
+
+def test_known_dead_decode_side_spares_the_prefill(pd):
+    endpoint, router = pd
+    p, d = endpoint("prefill"), endpoint("decode")
+    r = router([p], [d])
+    d.kill()
+    wait_http(r.port, want=503)  # the probe noticed
+    c, resp = post(r.port, "/v1/completions", {"model": "m", "prompt": "x"})
+    body = json.loads(resp.read())
+    assert resp.status == 503 and body["error"]["type"] == "pd_decode_unavailable"
+    assert seen(p) == [], "no prefill (and no pinned blocks) for a request no decode can take"

@@ -261,6 +261,9 @@ class Router:
             return _error(400, "the request body must be a JSON object", "invalid_request_error", rid)
         path = request.path
         headers = self._headers(request, rid)
+        if not any(e.healthy for e in self.decode):
+            # no prefill work (and no pinned blocks) for a request no decode can take
+            return self._side_down("decode", set(), rid)
         t0 = time.monotonic()
         answer, params = await self._prefill(path, body, headers)
         if answer is not None:
