@@ -281,3 +281,23 @@ def test_known_dead_decode_side_spares_the_prefill(pd):
     body = json.loads(resp.read())
     assert resp.status == 503 and body["error"]["type"] == "pd_decode_unavailable"
     assert seen(p) == [], "no prefill (and no pinned blocks) for a request no decode can take"
+
+
+def test_client_leaving_mid_stream_does_not_mark_the_decode_down(pd, tmp_path):
+    endpoint, router = pd
+    gate = tmp_path / "gate"
+    p, d = endpoint("prefill"), endpoint("decode", "--gate", str(gate))
+    r = router([p], [d], "--health-interval", "60")  # only the hop's own verdict counts
+    c, resp = post(r.port, "/v1/completions", {"model": "m", "prompt": "x", "stream": True})
+    assert b"tok0" in resp.readline()
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    gate.touch()  # the decode writes on; the router finds its client gone
+    time.sleep(1.0)
+    c2 = http.client.HTTPConnection("127.0.0.1", r.port, timeout=5)
+    c2.request("GET", "/health")
+    h = json.loads(c2.getresponse().read())
+    assert h["decode"][0]["healthy"] is True, h["decode"][0]["last_error"]
+    c, resp = post(r.port, "/v1/completions", {"model": "m", "prompt": "x"})
+    assert resp.status == 200
+    resp.read()

@@ -308,34 +308,36 @@ class Router:
         stream: bool,
         out_headers: dict[str, str],
     ) -> web.StreamResponse:
-        rid = out_headers["X-Request-Id"]
         try:
-            cm = self.session.post(ep.url + path, json=body, headers=headers)
-            r = await cm.__aenter__()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise HopError(f"{type(e).__name__}: {e}") from None
-        try:
-            if r.status in _RETRY_STATUSES:
-                raw = await r.read()
-                raise HopError(f"answered {r.status}: {raw[:200]!r}")
-            if not stream or r.status != 200:
-                try:
+            async with self.session.post(ep.url + path, json=body, headers=headers) as r:
+                if r.status in _RETRY_STATUSES:
+                    raise HopError(f"answered {r.status}: {(await r.read())[:200]!r}")
+                if not stream or r.status != 200:
                     raw = await r.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                    raise HopError(f"{type(e).__name__} while reading the answer: {e}") from None
-                return web.Response(
-                    body=raw,
-                    status=r.status,
-                    content_type=r.content_type,
-                    headers=out_headers,
-                )
-            out = web.StreamResponse(status=r.status, headers=out_headers)
-            out.content_type = r.content_type or "text/event-stream"
-            out.headers["Cache-Control"] = "no-cache"
-            await out.prepare(request)
+                    return web.Response(
+                        body=raw, status=r.status, content_type=r.content_type, headers=out_headers
+                    )
+                return await self._relay(request, ep, r, out_headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            # (_relay handles everything after the answer started)
+            raise HopError(f"{type(e).__name__}: {e}") from None
+
+    async def _relay(
+        self,
+        request: web.Request,
+        ep: Endpoint,
+        r: aiohttp.ClientResponse,
+        out_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Streams a decode's answer to the client as it comes."""
+        rid = out_headers["X-Request-Id"]
+        out = web.StreamResponse(status=r.status, headers=out_headers)
+        out.content_type = r.content_type or "text/event-stream"
+        out.headers["Cache-Control"] = "no-cache"
+        await out.prepare(request)
+        while True:
             try:
-                async for chunk in r.content.iter_any():
-                    await out.write(chunk)
+                chunk = await r.content.readany()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 # The answer has started: the client saw tokens, so no retry.
                 why = (
@@ -345,14 +347,26 @@ class Router:
                 self._mark_down(ep, why)
                 logger.warning("request %s: %s", rid, why)
                 err = {"error": {"message": why, "type": "pd_decode_failed", "code": 502}}
+                chunk = f"data: {json.dumps(err)}\n\n".encode()
                 try:
-                    await out.write(f"data: {json.dumps(err)}\n\n".encode())
-                except (ConnectionResetError, RuntimeError):
+                    await out.write(chunk)
+                except (ConnectionError, RuntimeError):
                     pass
+                break
+            if not chunk:
+                break
+            try:
+                await out.write(chunk)
+            except (ConnectionError, RuntimeError):
+                # The client went away: leaving the decode's connection makes
+                # vLLM abort the request. Not the decode's fault.
+                logger.info("request %s: the client disconnected mid-answer", rid)
+                return out
+        try:
             await out.write_eof()
-            return out
-        finally:
-            await cm.__aexit__(None, None, None)
+        except (ConnectionError, RuntimeError):
+            pass
+        return out
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
