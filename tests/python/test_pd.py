@@ -35,14 +35,14 @@ def decode_request(req_id, params, prompt=PROMPT, max_tokens=3):
     return r
 
 
-def through_prompt(inst, req, max_steps=200):
+def through_prompt(inst, req, timeout=10.0):
     """Steps until the request's prompt is computed (it still runs: its KV
     blocks can be checked)."""
-    for _ in range(max_steps):
-        if req.num_computed_tokens >= req.num_prompt_tokens and req.request_id in inst.computed:
-            return
+    deadline = time.monotonic() + timeout
+    while not (req.num_computed_tokens >= req.num_prompt_tokens and req.request_id in inst.computed):
+        assert time.monotonic() < deadline, f"{req.request_id}: prompt not computed in {timeout} s"
         step(inst)
-    raise AssertionError(f"{req.request_id}: prompt not computed after {max_steps} steps")
+        time.sleep(0.001)  # a waiting request's steps are empty: do not spin
 
 
 def saves_of(so, req_id):
@@ -69,11 +69,13 @@ def test_prefill_announces_decode_loads_and_does_not_save(tiny_model_dir, owner,
     d.scheduler.add_request(rd)
     # (the owner publishes committed blocks a moment after the commit: the
     # decode may wait a step or two for them, computing nothing meanwhile)
-    for _ in range(200):
+    deadline = time.monotonic() + 10
+    while True:
         so = step(d)
         if so.kv_connector_metadata.loads:
             break
         assert "r1" not in so.num_scheduled_tokens
+        assert time.monotonic() < deadline, "the handed-over blocks never became visible"
         time.sleep(0.005)
     loads = so.kv_connector_metadata.loads
     if mode == "auto":
@@ -102,10 +104,10 @@ def test_decode_kv_is_byte_exact_and_no_saves(tiny_model_dir, owner):
     rd = decode_request("x", params, max_tokens=2 * BLOCK)
     d.scheduler.add_request(rd)
     saves = []
-    for _ in range(200):
+    deadline = time.monotonic() + 10
+    while not (rd.num_computed_tokens > len(PROMPT) and "x" in d.computed):
+        assert time.monotonic() < deadline, "the prompt was never computed"
         saves += saves_of(step(d), "x")
-        if rd.num_computed_tokens > len(PROMPT) and "x" in d.computed:
-            break
         time.sleep(0.002)
     assert not any(pos < 3 * BLOCK for pos in d.computed["x"])
     verify_blocks(d, rd, 3 * BLOCK)  # KV the decode never computed, byte for byte
@@ -188,18 +190,17 @@ def test_owner_down_decode_computes_at_once(tiny_model_dir, owner):
 
 
 def test_producer_hold_expires_when_no_decode_comes(tiny_model_dir, owner):
-    p = make_instance(tiny_model_dir, owner, role="kv_producer", extra={"pegaflow.pd_hold": 0.3})
+    p = make_instance(tiny_model_dir, owner, role="kv_producer", extra={"pegaflow.pd_hold": 2})
     wait_ready(p)
     prefill(p, "h1")
     pd = p.connector.scheduler_side.pd
     (held,) = pd._held.values()
-    for _ in range(100):  # committed blocks show in the owner's index a moment later
-        if held.complete():
-            break
+    while not held.complete():  # committed blocks show in the owner's index a moment later
+        assert time.monotonic() < held.deadline, "the announced blocks were never all pinned"
         step(p)
         time.sleep(0.002)
     assert all(pins.held() == 3 for pins in held.pins)
-    time.sleep(0.35)
+    time.sleep(max(0.0, held.deadline - time.monotonic()) + 0.05)
     step(p)  # the scheduler's next call releases it
     assert pd.held_requests() == []
     assert all(pins.held() == 0 for pins in held.pins)

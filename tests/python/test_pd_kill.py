@@ -56,7 +56,7 @@ def test_prefill_killed_mid_save(tiny_model_dir, owner):
     rd = decode_request("k1", dict(ANNOUNCED))
     d.scheduler.add_request(rd)
     t0 = time.monotonic()
-    through_prompt(d, rd, max_steps=10_000)
+    through_prompt(d, rd)
     assert 0.5 <= time.monotonic() - t0 < 10
     verify_blocks(d, rd, len(PROMPT))
     assert not any(pos < 2 * BLOCK for pos in d.computed["k1"]), "the committed blocks were not loaded"
@@ -71,7 +71,7 @@ def test_prefill_killed_mid_save(tiny_model_dir, owner):
     assert params["pegaflow"]["blocks"] == 3
     rd2 = decode_request("k2", params)
     d.scheduler.add_request(rd2)
-    through_prompt(d, rd2, max_steps=10_000)
+    through_prompt(d, rd2)
     verify_blocks(d, rd2, 3 * BLOCK)
     assert not any(pos < 3 * BLOCK for pos in d.computed["k2"])
     run_until_done(d, ["k2"])
@@ -91,7 +91,7 @@ def test_decode_killed_mid_load(tiny_model_dir, owner):
     assert pool_blocks(d) == 3
     rd = decode_request("k3", params)
     d.scheduler.add_request(rd)
-    through_prompt(d, rd, max_steps=10_000)
+    through_prompt(d, rd)
     verify_blocks(d, rd, 3 * BLOCK)
     assert not any(pos < 3 * BLOCK for pos in d.computed["k3"])
     run_until_done(d, ["k3"])
