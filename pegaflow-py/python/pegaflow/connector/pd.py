@@ -55,9 +55,6 @@ logger = get_logger("pegaflow.connector")
 #: version of the ``kv_transfer_params["pegaflow"]`` dict
 PARAMS_VERSION = 1
 
-ROLES = ("kv_both", "kv_producer", "kv_consumer")
-
-
 def remote_prefill(request: "Request") -> Optional[dict[str, Any]]:
     """The prefill's announcement this decode request carries, if any."""
     p = getattr(request, "kv_transfer_params", None)
@@ -102,8 +99,8 @@ class PdRoles:
         self.hold = hold
         #: consumer: req_id -> monotonic deadline of the wait for the producer's blocks
         self._waiting: dict[str, float] = {}
-        #: producer: req_id -> keys to pin once its saves committed
-        self._to_pin: dict[str, list[bytes]] = {}
+        #: producer: req_id -> (deadline, keys to pin once its saves committed)
+        self._to_pin: dict[str, tuple[float, list[bytes]]] = {}
         #: producer: req_id -> pins held until the deadline
         self._held: dict[str, _Held] = {}
         self.counters = {
@@ -190,7 +187,7 @@ class PdRoles:
         if n > 0 and self.hold > 0:
             hashes = keys(n)[:n]
             if saves_pending:
-                self._to_pin[request.request_id] = hashes
+                self._to_pin[request.request_id] = (time.monotonic() + self.hold, hashes)
             else:
                 self._pin(request.request_id, hashes, namespaces)
         return {
@@ -201,9 +198,9 @@ class PdRoles:
 
     def saves_committed(self, req_ids: Any, namespaces: list[int]) -> None:
         for rid in req_ids or ():
-            hashes = self._to_pin.pop(rid, None)
-            if hashes is not None:
-                self._pin(rid, hashes, namespaces)
+            pending = self._to_pin.pop(rid, None)
+            if pending is not None:
+                self._pin(rid, pending[1], namespaces)
 
     def _pin(self, rid: str, hashes: list[bytes], namespaces: list[int]) -> None:
         h = _Held(time.monotonic() + self.hold, hashes)
@@ -229,9 +226,10 @@ class PdRoles:
 
     def expire(self, namespaces: Optional[list[int]] = None, now: Optional[float] = None) -> None:
         """Releases the pins whose hold is over; tops up incomplete ones."""
-        if not self._held:
-            return
         now = time.monotonic() if now is None else now
+        for rid in [r for r, (d, _) in self._to_pin.items() if d <= now]:
+            # its saves never reported committed within the hold: nothing to pin
+            del self._to_pin[rid]
         for rid, h in list(self._held.items()):
             if h.deadline <= now:
                 self._release(rid)
