@@ -248,3 +248,26 @@ def test_pd_config_keys():
     for bad in ({"pegaflow.pd_wait": "soon"}, {"pegaflow.pd_hold": -1}):
         with pytest.raises(ConfigError, match="pegaflow.pd_"):
             PegaflowConfig.from_extra_config(bad)
+
+
+def test_prefill_with_a_pool_hit_announces_blocks_it_did_not_save(tiny_model_dir, owner):
+    """Prefix hits come from the pool on the prefill side too: a second
+    prefill of a prompt already in the pool loads it instead of computing
+    it, and still announces (and pins) all its blocks for the decode."""
+    p1 = make_instance(tiny_model_dir, owner, role="kv_producer")
+    p2 = make_instance(tiny_model_dir, owner, role="kv_producer")
+    d = make_instance(tiny_model_dir, owner, role="kv_consumer")
+    wait_ready(p1, p2, d)
+    prefill(p1, "first")
+    wait_hits(p2, make_request("probe", PROMPT), 3)
+    params = prefill(p2, "again")
+    assert not any(pos < 3 * BLOCK for pos in p2.computed["again"]), "the prefill recomputed a pool hit"
+    assert params["pegaflow"]["blocks"] == 3
+    held = p2.connector.scheduler_side.pd._held["again"]
+    assert all(pins.held() == 3 for pins in held.pins)
+    rd = decode_request("again", params)
+    d.scheduler.add_request(rd)
+    through_prompt(d, rd)
+    verify_blocks(d, rd, 3 * BLOCK)
+    assert not any(pos < 3 * BLOCK for pos in d.computed["again"])
+    run_until_done(d, ["again"])
