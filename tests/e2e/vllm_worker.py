@@ -6,8 +6,10 @@ Each further stdin line is a JSON command; the answer is one JSON line written
 to REPLY_FD (a pipe the test passed in), because vLLM and its child processes
 log to stdout and stderr, which the test sends to a log file.
 
-  {"op": "generate", "prompts": [[ids...], ...], "max_tokens": N}
-      -> {"outputs": [{"tokens": [...], "logprobs": [...], "cached": n}], "seconds": s}
+  {"op": "generate", "prompts": [[ids...], ...], "max_tokens": N,
+   "kv_transfer_params": [{...} or null, ...] (optional, one per prompt)}
+      -> {"outputs": [{"tokens": [...], "logprobs": [...], "cached": n,
+                       "kv_transfer_params": {...} or null}], "seconds": s}
   {"op": "reset_prefix_cache"} -> {"ok": true|false}
   {"op": "metrics"}            -> {"metrics": {name: value summed over labels}}
   {"op": "exit"}               -> {"ok": true}, then the process exits
@@ -53,6 +55,12 @@ def main() -> None:
                     detokenize=False,
                     ignore_eos=True,
                 )
+                kvp = cmd.get("kv_transfer_params")
+                if kvp is not None:
+                    # vLLM takes a request's kv_transfer_params from its sampling params
+                    sp = [sp.clone() for _ in kvp]
+                    for s, params in zip(sp, kvp):
+                        s.extra_args = {"kv_transfer_params": params} if params is not None else None
                 t0 = time.perf_counter()
                 outs = llm.generate(
                     [{"prompt_token_ids": p} for p in cmd["prompts"]], sp, use_tqdm=False
@@ -63,7 +71,8 @@ def main() -> None:
                     c = o.outputs[0]
                     toks = list(c.token_ids)
                     lps = [float(lp[t].logprob) for t, lp in zip(toks, c.logprobs)]
-                    res.append({"tokens": toks, "logprobs": lps, "cached": o.num_cached_tokens or 0})
+                    res.append({"tokens": toks, "logprobs": lps, "cached": o.num_cached_tokens or 0,
+                                "kv_transfer_params": o.kv_transfer_params})
                 answer({"outputs": res, "seconds": took})
             elif op == "reset_prefix_cache":
                 answer({"ok": bool(llm.reset_prefix_cache())})

@@ -64,6 +64,7 @@ def make_vllm_config(
     policy: str = "recompute",
     num_blocks: int = 64,
     prefix_caching: bool = True,
+    role: str = "kv_both",
 ) -> VllmConfig:
     model = ModelConfig(
         model=model_dir,
@@ -86,7 +87,7 @@ def make_vllm_config(
     ex.update(extra or {})
     ktc = KVTransferConfig(
         kv_connector="PegaKVConnector",
-        kv_role="kv_both",
+        kv_role=role,
         kv_connector_module_path="pegaflow.connector",
         kv_connector_extra_config=ex,
         kv_load_failure_policy=policy,
@@ -214,6 +215,8 @@ class Instance:
     kv: list[dict[str, torch.Tensor]]
     computed: dict[str, list[int]] = field(default_factory=dict)
     loaded_tokens: dict[str, int] = field(default_factory=dict)
+    #: what request_finished answered (vLLM's EngineCoreOutput.kv_transfer_params)
+    kv_transfer_params: dict[str, Any] = field(default_factory=dict)
     next_token: int = 500
 
     @property
@@ -346,7 +349,11 @@ def step(inst: Instance, *, sample: bool = True) -> Any:
         pooler_output=[],
         kv_connector_output=kco,
     )
-    inst.scheduler.update_from_output(so, mro)
+    outs = inst.scheduler.update_from_output(so, mro)
+    for eco in (outs or {}).values():
+        for o in eco.outputs:
+            if o.kv_transfer_params is not None:
+                inst.kv_transfer_params[o.request_id] = o.kv_transfer_params
     return so
 
 

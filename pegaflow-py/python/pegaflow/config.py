@@ -82,6 +82,13 @@ class PegaflowConfig:
     slow_load_ms: float = 1000.0
     #: Seed of the trace sampling (reproducible choices); default: random.
     trace_seed: Optional[int] = None
+    #: P/D decode (``kv_consumer``): longest a request waits for the blocks
+    #: its prefill announced to be in the pool (seconds); then it loads what
+    #: is there and computes the rest.
+    pd_wait: float = 5.0
+    #: P/D prefill (``kv_producer``): how long the blocks a finished prefill
+    #: announced stay pinned for its decode (seconds).
+    pd_hold: float = 10.0
 
     @classmethod
     def from_extra_config(cls, extra: Optional[Mapping[str, Any]]) -> "PegaflowConfig":
@@ -101,6 +108,8 @@ class PegaflowConfig:
             "pegaflow.trace_sample_rate": "trace_sample_rate",
             "pegaflow.slow_load_ms": "slow_load_ms",
             "pegaflow.trace_seed": "trace_seed",
+            "pegaflow.pd_wait": "pd_wait",
+            "pegaflow.pd_hold": "pd_hold",
         }
         kw: dict[str, Any] = {}
         for key, value in extra.items():
@@ -173,6 +182,14 @@ class PegaflowConfig:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise ConfigError(f"pegaflow.trace_seed must be an integer, got {kw['trace_seed']!r}")
             kw["trace_seed"] = seed
+        for k in ("pd_wait", "pd_hold"):
+            if k in kw:
+                try:
+                    kw[k] = float(kw[k])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"pegaflow.{k} must be seconds, got {kw[k]!r}") from None
+                if not 0 <= kw[k] <= 3600:
+                    raise ConfigError(f"pegaflow.{k} must be between 0 and 3600 seconds")
         for b in ("save", "load", "ssd_stage"):
             if b in kw:
                 kw[b] = _bool(f"pegaflow.{b}", kw[b])

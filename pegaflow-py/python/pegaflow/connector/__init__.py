@@ -149,6 +149,7 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
                 tp_size=int(vllm_config.parallel_config.tensor_parallel_size),
                 is_mla=self.is_mla,
                 layout=layout,
+                role=str(getattr(ktc, "kv_role", None) or "kv_both"),
             )
             watch_connection(self.scheduler_side.engine, "scheduler", logger)
         else:
@@ -394,6 +395,8 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
         return self._worker.stats()
 
     def shutdown(self) -> None:
+        if self.scheduler_side is not None:
+            self.scheduler_side.pd.shutdown()
         if self.worker_side is not None:
             self.worker_side.shutdown()
 

@@ -48,6 +48,7 @@ from pegaflow.connector import groups as hma
 from pegaflow.connector.groups import GroupScheduling
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
+from pegaflow.connector.pd import PdRoles, remote_prefill
 from pegaflow.connector.ssd import SsdStager
 from pegaflow.connector.trace import LoadTracer
 from pegaflow.exceptions import ConfigError, PegaflowError
@@ -100,6 +101,7 @@ class SchedulerSide(GroupScheduling):
         layout: str,
         groups: "Optional[list[hma.Group]]" = None,
         group_namespaces: Optional[list[list[int]]] = None,
+        role: str = "kv_both",
     ):
         self.cfg = cfg
         #: hybrid models (see .groups): vLLM's KV cache groups and the
@@ -132,6 +134,8 @@ class SchedulerSide(GroupScheduling):
         self._step_loading: list[ReqState] = []
         self._steps_loading: deque[list[ReqState]] = deque()
         self.tracer = LoadTracer(cfg.trace_sample_rate, cfg.slow_load_ms, cfg.trace_seed)
+        #: prefill/decode roles (see pegaflow.connector.pd)
+        self.pd = PdRoles(role, self.engine, block_size, cfg.pd_wait, cfg.pd_hold)
 
     def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
         """Look blocks up under the namespaces the workers save under.
@@ -222,6 +226,12 @@ class SchedulerSide(GroupScheduling):
                     return self._group_lookup(st, hashes, local, num_computed_tokens)
                 # Kept across SSD waits: they are part of this load's time.
                 st.trace = st.trace or self.tracer.start()
+                if self.pd.should_wait(
+                    request,
+                    lambda k: min(self.engine.count_hits(ns, hashes[:k]) for ns in self.namespaces),
+                    len(hashes),
+                ):
+                    return None, False
                 # A block is a hit only when every rank's namespace has it.
                 n = min(self.engine.count_hits(ns, hashes) for ns in self.namespaces)
                 if self.ssd.should_wait(request.request_id, self.namespaces, hashes, n):
@@ -244,9 +254,14 @@ class SchedulerSide(GroupScheduling):
                 st.pins = pins
                 st.pinned_blocks = got
                 st.load_from = local
+                # auto: a prefill's hand-over is loaded layer-wise too: an
+                # async load would cost its first token two more steps.
                 st.layerwise = self.load_mode == "layerwise" or (
                     self.load_mode == "auto"
-                    and not (self._last_scheduled - {request.request_id})
+                    and (
+                        remote_prefill(request) is not None
+                        or not (self._last_scheduled - {request.request_id})
+                    )
                 )
                 st.saved = max(st.saved, got)
                 if got <= local:
@@ -347,6 +362,8 @@ class SchedulerSide(GroupScheduling):
         return meta
 
     def _plan_save(self, meta: PegaConnectorMetadata, st: ReqState, computed: int) -> None:
+        if self.pd.role == "kv_consumer" and remote_prefill(st.request) is not None:
+            return  # its prompt is in the pool already; copies would slow decode steps
         if st.hy is not None:
             self._plan_group_saves(meta, st, computed)
             return
@@ -367,6 +384,8 @@ class SchedulerSide(GroupScheduling):
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         self.tracer.worker_notes(getattr(connector_output, "kv_connector_worker_meta", None))
+        self.pd.saves_committed(connector_output.finished_sending, self.namespaces)
+        self.pd.expire(self.namespaces)
         if self._steps_loading:
             for st in self._steps_loading.popleft():
                 self._release(st)
@@ -380,16 +399,18 @@ class SchedulerSide(GroupScheduling):
     ) -> tuple[bool, Optional[dict[str, Any]]]:
         self._last_scheduled.discard(request.request_id)
         self.ssd.forget(request.request_id)
+        self.pd.forget(request.request_id)
         st = self._reqs.pop(request.request_id, None)
         if st is None:
-            return False, None
+            return False, self.pd.announce(request, 0, lambda n: [], False, self.namespaces)
+        params = self.pd.announce(request, st.saved, st.keys.upto, st.had_saves, self.namespaces)
         if not st.load_pending:
             self._release(st)
         # else: the load may still read its pinned slots (an aborted request
         # whose step is on the GPU); update_connector_output releases them
         # when that step's output, or the async load's end, is reported.
-        return st.had_saves, None
+        return st.had_saves, params
 
     def stats(self) -> dict[str, Any]:
         """Counters of the scheduler's owner client (tests, debugging)."""
-        return dict(self.engine.stats())
+        return {**self.engine.stats(), **self.pd.counters}

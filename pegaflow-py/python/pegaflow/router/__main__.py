@@ -1,0 +1,3 @@
+from pegaflow.router.app import main
+
+main()
