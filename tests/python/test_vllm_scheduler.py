@@ -250,17 +250,20 @@ def test_layerwise_pins_outlive_an_abort_until_the_step_is_back(tiny_model_dir, 
     w.wait_for_save()
     send, recv = w.get_finished(set())
     errors = w.get_block_ids_with_load_errors()
+    worker_meta = w.build_connector_worker_meta()
     w.clear_connector_metadata()
     assert not errors
     mro = ModelRunnerOutput(
         req_ids=[], req_id_to_index={}, sampled_token_ids=[],
-        kv_connector_output=KVConnectorOutput(finished_sending=send, finished_recving=recv),
+        kv_connector_output=KVConnectorOutput(
+            finished_sending=send, finished_recving=recv, kv_connector_worker_meta=worker_meta
+        ),
     )
     b.scheduler.update_from_output(so, mro)
     assert all(p.held() == 0 for p in pins), "pins leaked after the step came back"
     step(b)
     assert "b1" not in b.scheduler.requests
-    assert not side._reqs and not any(side._steps_loading)
+    assert not side._reqs and not side._steps_loading
 
 
 def test_auto_mode_loads_asynchronously_while_others_decode(tiny_model_dir, owner):
@@ -296,3 +299,29 @@ def test_auto_mode_loads_asynchronously_while_others_decode(tiny_model_dir, owne
     verify_blocks(c, r2, 3 * BLOCK)
     assert not any(p < 3 * BLOCK for p in c.computed["c2"])
     run_until_done(c, ["c2", "dec"])
+
+
+def test_layerwise_pins_are_released_after_steps_without_a_forward(tiny_model_dir, owner):
+    """Steps in which nothing is computed (every request waits for blocks
+    staged from SSD or announced by a prefill) come back from vLLM without a
+    connector output when the connector had nothing to report, so
+    update_connector_output is not called for them. A layer-wise load of a
+    later step must still release its pins when its own step is back (seen
+    on the H200: pins held for good, the pool filled with pinned blocks and
+    every save and stage after failed)."""
+    a = make_instance(tiny_model_dir, owner)
+    wait_ready(a)
+    run_one(a, "a1", PROMPT)
+    b = make_instance(tiny_model_dir, owner, extra={"pegaflow.load_mode": "layerwise"})
+    wait_ready(b)
+    wait_hits(b, make_request("p", PROMPT), 3)
+    for _ in range(3):
+        step(b)  # nothing scheduled: as while a request waits for staging
+    r = make_request("b1", PROMPT, 3)
+    so = first_schedule(b, r)
+    assert so.kv_connector_metadata.loads and so.kv_connector_metadata.loads[0].layerwise
+    side = b.connector.scheduler_side
+    run_until_done(b, ["b1"])
+    assert b.connector.engine.stats()["hit_blocks"] >= 3
+    held = [st for _, entry in side._steps_loading for st in entry]
+    assert not held, f"{len(held)} layer-wise loads still hold their pins after their step came back"

@@ -349,6 +349,14 @@ def step(inst: Instance, *, sample: bool = True) -> Any:
         pooler_output=[],
         kv_connector_output=kco,
     )
+    if not so.total_num_scheduled_tokens:
+        # vLLM's model runner with nothing to compute (every request waits
+        # for a load): kv_connector_no_forward() returns
+        # ModelRunnerOutput.with_kv_conn_output_only(), which is
+        # EMPTY_MODEL_RUNNER_OUTPUT, without a connector output, when the
+        # connector had nothing to report. The connector's
+        # update_connector_output is then not called for that step.
+        mro = ModelRunnerOutput.with_kv_conn_output_only(kco)
     outs = inst.scheduler.update_from_output(so, mro)
     for eco in (outs or {}).values():
         for o in eco.outputs:

@@ -57,6 +57,7 @@ from pegaflow.connector.namespace import (
 )
 from pegaflow.connector import groups as hma
 from pegaflow.connector.scheduler import SchedulerSide
+from pegaflow.connector.trace import PegaWorkerMeta
 from pegaflow.connector.worker import WorkerSide
 from pegaflow.exceptions import ConfigError
 
@@ -387,8 +388,12 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
         return self._worker.get_block_ids_with_load_errors()
 
     def build_connector_worker_meta(self) -> Any:
-        """This step's finished copies, for the scheduler's load traces."""
-        return self._worker.trace.take()
+        """The step this worker ran and its finished copies, for the
+        scheduler (never empty, so vLLM always returns it)."""
+        meta = self._worker.trace.take() or PegaWorkerMeta()
+        m = self._meta()
+        meta.steps.append(m.step if m is not None else 0)
+        return meta
 
     def get_worker_stats(self) -> dict[str, Any]:
         """Counters of this worker's owner client (tests, debugging)."""

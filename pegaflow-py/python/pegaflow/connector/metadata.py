@@ -70,6 +70,8 @@ class PegaConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    #: the scheduler's number of this step; workers echo it back
+    step: int = 0
 
 
 @dataclass(frozen=True)

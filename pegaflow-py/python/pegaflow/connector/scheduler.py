@@ -129,10 +129,13 @@ class SchedulerSide(GroupScheduling):
         self._last_scheduled: set[str] = set()
         #: async loads: req_id -> pins to release once the load reported finished
         self._loading: dict[str, ReqState] = {}
-        #: layer-wise loads of the step being built, then of each step whose
-        #: output is not back yet (oldest first)
+        #: layer-wise loads of the step being built, then (step number, loads)
+        #: of each step whose output is not back yet, oldest first
         self._step_loading: list[ReqState] = []
-        self._steps_loading: deque[list[ReqState]] = deque()
+        self._steps_loading: deque[tuple[int, list[ReqState]]] = deque()
+        #: number of the last step built (workers echo it back: see
+        #: update_connector_output)
+        self._step_seq = 0
         self.tracer = LoadTracer(cfg.trace_sample_rate, cfg.slow_load_ms, cfg.trace_seed)
         #: prefill/decode roles (see pegaflow.connector.pd)
         self.pd = PdRoles(role, self.engine, block_size, cfg.pd_wait, cfg.pd_hold)
@@ -321,11 +324,13 @@ class SchedulerSide(GroupScheduling):
             self._loading[request.request_id] = st
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> PegaConnectorMetadata:
-        meta = PegaConnectorMetadata(loads=self._loads)
+        self._step_seq += 1
+        meta = PegaConnectorMetadata(loads=self._loads, step=self._step_seq)
         self._loads = []
-        # Every step's output comes back once, in order: its layer-wise
-        # loads are over then.
-        self._steps_loading.append(self._step_loading)
+        # A step's layer-wise loads are over once the workers report that
+        # step back (update_connector_output).
+        if self._step_loading:
+            self._steps_loading.append((self._step_seq, self._step_loading))
         self._step_loading = []
         self._last_scheduled = set(scheduler_output.num_scheduled_tokens)
         if not self.cfg.save:
@@ -386,9 +391,18 @@ class SchedulerSide(GroupScheduling):
         self.tracer.worker_notes(getattr(connector_output, "kv_connector_worker_meta", None))
         self.pd.saves_committed(connector_output.finished_sending, self.namespaces)
         self.pd.expire(self.namespaces)
-        if self._steps_loading:
-            for st in self._steps_loading.popleft():
-                self._release(st)
+        # The workers name the last step they ran (PegaWorkerMeta.steps): its
+        # forward pass, and with it every layer-wise copy it waited for, is
+        # done once its output is here. Not "one output per step": vLLM
+        # returns no connector output at all for a step that computed
+        # nothing if the connector had nothing to say, so counting outputs
+        # fell behind for good after such steps and held the pins.
+        steps = getattr(getattr(connector_output, "kv_connector_worker_meta", None), "steps", None)
+        if steps:
+            done = min(steps)
+            while self._steps_loading and self._steps_loading[0][0] <= done:
+                for st in self._steps_loading.popleft()[1]:
+                    self._release(st)
         for req_id in connector_output.finished_recving or ():
             st = self._loading.pop(req_id, None)
             if st is not None:

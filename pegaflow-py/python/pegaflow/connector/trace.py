@@ -86,12 +86,18 @@ class CopyNote:
 
 @dataclass
 class PegaWorkerMeta(KVConnectorWorkerMetadata):
-    """A step's finished copies, from every TP worker."""
+    """What the workers tell the scheduler after a step: its finished
+    copies (load traces) and the step each worker ran (layer-wise loads of
+    that step and before are over: their pins can go)."""
 
     copies: list[CopyNote] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
 
     def aggregate(self, other: "PegaWorkerMeta") -> "PegaWorkerMeta":
-        return PegaWorkerMeta(self.copies + list(getattr(other, "copies", ())))
+        return PegaWorkerMeta(
+            self.copies + list(getattr(other, "copies", ())),
+            self.steps + list(getattr(other, "steps", ())),
+        )
 
 
 #: Copies a worker remembers while they run; the oldest are forgotten beyond
