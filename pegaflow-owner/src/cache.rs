@@ -511,7 +511,7 @@ impl Cache {
         let seg = &self.seg;
         let holders = &self.pin_holders;
         let mut stale = Vec::new();
-        let mut pinned_skips = 0;
+        let mut pinned = Vec::new();
         let victim = self.classes[class]
             .lru
             .iter_cold()
@@ -523,22 +523,29 @@ impl Cache {
                     stale.push(slot);
                     return None;
                 };
-                let pinned = any_pinned(
+                let is_pinned = any_pinned(
                     holders
                         .iter()
                         .filter_map(|&c| seg.client(c))
                         .map(|c| &c.pins[slot as usize]),
                 );
-                if pinned {
+                if is_pinned {
                     entry.abort_evict(st);
-                    pinned_skips += 1;
+                    pinned.push(slot);
                     return None;
                 }
                 Some((slot, st))
             });
-        self.stats.evict_pinned_skips += pinned_skips;
+        self.stats.evict_pinned_skips += pinned.len() as u64;
         for slot in stale {
             self.classes[class].lru.remove(slot);
+        }
+        // A pinned block is being read: as good as used now. Moving it to
+        // the hot end keeps the scan window free of it, so a long load (or
+        // pins held by a waiting request) at the cold end cannot hide the
+        // evictable blocks behind it from every later eviction.
+        for slot in pinned {
+            self.classes[class].lru.touch(slot);
         }
         let (slot, st) = victim?;
         if self.ssd.is_some() {

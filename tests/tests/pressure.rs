@@ -78,3 +78,56 @@ fn full_pool_drops_and_counts_saves_without_blocking() {
     let a = Audit::read(&owner.control());
     assert!(a.pins.is_empty() && a.bad_index_entries == 0, "{a:?}");
 }
+
+#[test]
+fn pinned_blocks_at_the_cold_end_do_not_hide_evictable_ones() {
+    // 512 slots of 64 KiB. The 300 oldest blocks are pinned (a long load,
+    // or a request waiting with its hits pinned): more than one eviction
+    // scan looks at. The next 200 are free to evict, yet every eviction
+    // used to scan only the pinned cold end and give up, so saves into the
+    // full pool were dropped although the pool held evictable blocks.
+    const SMALL: u64 = 64 << 10;
+    let owner = OwnerProc::start_with(
+        "coldpins",
+        &[
+            "--pool-size",
+            "32mb",
+            "--slab-size",
+            "2mb",
+            "--min-slot-size",
+            "64kb",
+            "--disable-lfu-admission",
+        ],
+    );
+    let w = pegaflow_core::Engine::connect(owner.engine_config(NS, SMALL)).unwrap();
+    assert!(w.wait_connected(Duration::from_secs(5)));
+    let save = |seed: u64, n: u64| {
+        let ks = keys(NS, seed, 0, n);
+        ks.chunks(50)
+            .map(|c| {
+                w.save_with(c, |i, buf| {
+                    fill_block(&c[i], &mut buf[..SMALL as usize]);
+                    SMALL as usize
+                })
+            })
+            .sum::<usize>()
+    };
+    assert_eq!(save(10, 300), 300);
+    let old: Vec<[u8; 32]> = keys(NS, 10, 0, 300).iter().map(|k| k.hash).collect();
+    assert!(pegaflow_tests::eventually(Duration::from_secs(3), || w
+        .count_hits(NS, &old)
+        == 300));
+    let pinned = w.lookup(NS, &old);
+    assert_eq!(pinned.len(), 300);
+    // Fill the rest of the pool, then keep saving: every save must evict.
+    save(11, 400);
+    let dropped_before = w.stats().save_dropped_blocks;
+    let saved = save(12, 100);
+    assert_eq!(
+        saved,
+        100,
+        "{} of 100 saves dropped with 200 evictable blocks in the pool",
+        w.stats().save_dropped_blocks - dropped_before
+    );
+    w.release(&pinned);
+}
