@@ -153,7 +153,9 @@ class WorkerSide:
             # the owner fills the stash meanwhile (with a full pool, a save
             # larger than the stash otherwise loses what the reservation's
             # short wait cannot evict).
-            self.kv.prepare_saves(sum(len(sv.block_ids) for sv in meta.saves))
+            mine = sum(len(sv.block_ids) for sv in meta.saves if sv.group == self.group)
+            if mine:
+                self.kv.prepare_saves(mine)
         if self._device_is_cuda:
             try:
                 # Saves run on their own stream and may still read blocks
