@@ -845,10 +845,17 @@ impl Cache {
     /// Never call this for a client whose process may still run copies into
     /// its writing slots or read its pinned ones: quarantine it instead.
     pub fn reclaim(&mut self, client: &ClientView<'_>) -> u64 {
+        // First of all, the entry stops naming a process: an owner killed
+        // half-way through (slots freed, entry not yet cleared) leaves an
+        // entry the next owner's adoption takes for a dead engine's and
+        // reclaims whole, instead of keeping it as a live engine's
+        // (ORPHANED) with a stash of slots it no longer holds and pins
+        // that would never be released while that process runs.
+        let pid = client.entry.pid.swap(0, Ordering::SeqCst);
         if let Err(e) = self.drain(client) {
             warn!(
                 client = client.index,
-                pid = client.entry.pid.load(Ordering::Relaxed),
+                pid,
                 namespace = format!("{:#018x}", client.entry.namespace.load(Ordering::Relaxed)),
                 error = %e,
                 "request ring of a dead client is corrupt; discarded"
