@@ -36,21 +36,34 @@ fn ssd_owner(tag: &str, dir: &Path, extra: &[&str]) -> OwnerProc {
 }
 
 fn ssd_owner_cap(tag: &str, dir: &Path, capacity: &str, extra: &[&str]) -> OwnerProc {
+    let mut args = vec!["--disable-lfu-admission"];
+    args.extend_from_slice(extra);
+    tier_owner(tag, dir, ("8mb", "64kb"), (capacity, "8mb"), &args)
+}
+
+/// An owner with a pool of `pool.0` (2 MiB slabs, slots of at least
+/// `pool.1`) and the tier in `dir` (capacity, segment size).
+fn tier_owner(
+    tag: &str,
+    dir: &Path,
+    pool: (&str, &str),
+    tier: (&str, &str),
+    extra: &[&str],
+) -> OwnerProc {
     let d = dir.display().to_string();
     let mut args = vec![
         "--pool-size",
-        "8mb",
+        pool.0,
         "--slab-size",
         "2mb",
         "--min-slot-size",
-        "64kb",
-        "--disable-lfu-admission",
+        pool.1,
         "--ssd-cache-path",
         &d,
         "--ssd-cache-capacity",
-        capacity,
+        tier.0,
         "--ssd-segment-size",
-        "8mb",
+        tier.1,
     ];
     args.extend_from_slice(extra);
     OwnerProc::start_with(tag, &args)
@@ -545,23 +558,12 @@ fn a_block_the_pools_admission_refuses_still_reaches_the_disk() {
     // block seen twice (a tie), but the SSD admits it (seen twice), so a
     // working set larger than the pool still reaches the tier.
     let dir = disk_dir();
-    let d = dir.path().display().to_string();
-    let o = OwnerProc::start_with(
+    let o = tier_owner(
         "ssd-admit",
-        &[
-            "--pool-size",
-            "8mb",
-            "--slab-size",
-            "2mb",
-            "--min-slot-size",
-            "64kb",
-            "--ssd-cache-path",
-            &d,
-            "--ssd-cache-capacity",
-            "64mb",
-            "--ssd-segment-size",
-            "8mb",
-        ],
+        dir.path(),
+        ("8mb", "64kb"),
+        ("64mb", "8mb"),
+        &[],
     );
     let e = engine(&o);
     let resident = keys(NS, 7, 0, 32);
@@ -602,24 +604,12 @@ fn a_full_pool_keeps_room_for_the_next_request() {
     // forward pass.
     const BIG: usize = 2 << 20;
     let dir = disk_dir();
-    let d = dir.path().display().to_string();
-    let o = OwnerProc::start_with(
+    let o = tier_owner(
         "ssd-room",
-        &[
-            "--pool-size",
-            "128mb",
-            "--slab-size",
-            "2mb",
-            "--min-slot-size",
-            "2mb",
-            "--disable-lfu-admission",
-            "--ssd-cache-path",
-            &d,
-            "--ssd-cache-capacity",
-            "512mb",
-            "--ssd-segment-size",
-            "64mb",
-        ],
+        dir.path(),
+        ("128mb", "2mb"),
+        ("512mb", "64mb"),
+        &["--disable-lfu-admission"],
     );
     let mut cfg = o.engine_config(NS, BIG as u64);
     // The connector's default (2 ms) would still be tight on a loaded CI
