@@ -465,6 +465,20 @@ class GroupScheduling:
                 st.had_saves = True
 
 
+class _GroupTraces:
+    def __init__(self, traces: "list[Any]"):
+        self.traces = traces
+
+    def take(self) -> Any:
+        metas = [m for m in (t.take() for t in self.traces) if m is not None]
+        if not metas:
+            return None
+        out = metas[0]
+        for m in metas[1:]:
+            out = out.aggregate(m)
+        return out
+
+
 class GroupedWorker:
     """The worker side of a hybrid model: one :class:`WorkerSide` per group
     (each with its own ``KvCache`` over that group's layers, under that
@@ -493,6 +507,11 @@ class GroupedWorker:
     @property
     def namespace(self) -> int:
         return self.sides[0].namespace if self.sides else 0
+
+    @property
+    def trace(self) -> "_GroupTraces":
+        """Every group's copy notes (load traces), taken together."""
+        return _GroupTraces([s.trace for s in self.sides if getattr(s, "trace", None) is not None])
 
     def handshake(self) -> Any:
         from pegaflow.connector.metadata import PegaHandshake
