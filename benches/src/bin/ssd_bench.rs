@@ -10,6 +10,8 @@
 //!    one io_uring, at queue depths 1..32 (the best is the ceiling);
 //! 2. tier writes: an engine saves `--blocks` 2 MiB blocks into a real
 //!    owner's pool; the time until every one is on SSD (write-behind);
+//!    then the tier alone: the owner restarted over the same pool with the
+//!    tier emptied writes them all while nothing else runs;
 //! 3. recovery and staging, `--reps` times: SIGKILL the owner, delete its
 //!    shm segments (a reboot), restart it, time the background recovery,
 //!    then stage all blocks (one 10K-token Llama-8B request: 625 x 2 MiB)
@@ -341,6 +343,34 @@ fn main() {
         let _ = c.wait();
     }
 
+    // 2b. The tier's own write speed: the same blocks in the pool (kept by
+    // the restart), the tier emptied, so the restarted owner's write-behind
+    // writes all of them while nothing else runs.
+    let tier_dir = ssd.join(format!("pegaflow-{name}"));
+    for f in std::fs::read_dir(&tier_dir).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(f.path());
+    }
+    o.spawn();
+    let t = Instant::now();
+    assert!(e.wait_connected(Duration::from_secs(10)));
+    assert!(
+        wait(Duration::from_secs(600), || e.ssd_hits(NS, &hashes) == n),
+        "write-behind never finished; owner log:\n{}",
+        o.log_text()
+    );
+    let drain_s = t.elapsed().as_secs_f64();
+    let drain_w = (n * BLOCK) as f64 / drain_s / 1e9;
+    println!(
+        "tier write-behind alone (blocks already in the pool, tier empty): {n} x 2 MiB in {drain_s:.2} s = {drain_w:.2} GB/s"
+    );
+    if let Some(c) = o.child.as_ref() {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    if let Some(mut c) = o.child.take() {
+        let _ = c.wait();
+    }
+
     // 3. Reboot, recover, stage; repeated.
     let mut lat = Vec::new();
     let mut rec = Vec::new();
@@ -394,12 +424,14 @@ fn main() {
         bytes / 1e9
     );
     println!(
-        "ratios to the raw ceiling: tier write {:.0} % of {raw_w:.2} GB/s, stage read {:.0} % of {raw_r:.2} GB/s",
+        "ratios to the raw ceiling: tier write {:.0} % (with the saves) and {:.0} % (alone) of {raw_w:.2} GB/s, stage read {:.0} % of {raw_r:.2} GB/s",
         tier_w / raw_w * 100.0,
+        drain_w / raw_w * 100.0,
         stage_gbps / raw_r * 100.0
     );
     println!(
-        "{{\"raw_write_gbps\":{raw_w:.3},\"raw_read_gbps\":{raw_r:.3},\"tier_write_gbps\":{tier_w:.3},\"stage_gbps_p50\":{stage_gbps:.3},\"stage_ms_p50\":{:.2},\"stage_ms_p99\":{:.2},\"blocks\":{n},\"recovery_s_per_100gb\":{rec_per_100g:.3},\"write_ratio\":{:.3},\"read_ratio\":{:.3},\"verified_blocks\":{verified}}}",
+        "{{\"raw_write_gbps\":{raw_w:.3},\"raw_read_gbps\":{raw_r:.3},\"tier_write_gbps\":{tier_w:.3},\"tier_write_alone_gbps\":{drain_w:.3},\"write_alone_ratio\":{:.3},\"stage_gbps_p50\":{stage_gbps:.3},\"stage_ms_p50\":{:.2},\"stage_ms_p99\":{:.2},\"blocks\":{n},\"recovery_s_per_100gb\":{rec_per_100g:.3},\"write_ratio\":{:.3},\"read_ratio\":{:.3},\"verified_blocks\":{verified}}}",
+        drain_w / raw_w,
         p50 * 1e3,
         p99 * 1e3,
         tier_w / raw_w,
