@@ -38,6 +38,13 @@ log "pegaflow-owner --version: '$got'; pegaflow.__version__: $pkg; wheel: $whl"
     exit 1
 }
 "$BIN/pegaflow-inspect" --help >/dev/null
+# The router needs aiohttp (vLLM brings it); a bare venv has none: a clear
+# message, not a traceback.
+if router_out="$("$BIN/pegaflow-router" --help 2>&1)"; then
+    "$BIN/python" -c 'import aiohttp' 2>/dev/null || { echo "wheel-test: pegaflow-router ran without aiohttp?" >&2; exit 1; }
+else
+    grep -q "needs aiohttp" <<<"$router_out" || { echo "wheel-test: pegaflow-router without aiohttp: $router_out" >&2; exit 1; }
+fi
 
 name="wheel-test-$$"
 export PEGAFLOW_SHM_DIR="$TMP/shm"

@@ -27,8 +27,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-import aiohttp
-from aiohttp import web
+try:
+    import aiohttp
+    from aiohttp import web
+except ImportError:  # pragma: no cover - checked by tests/python/test_router.py in a subprocess
+    sys.exit(
+        "pegaflow-router needs aiohttp, which comes with vLLM: run it in vLLM's environment, "
+        "or install it (pip install 'pegaflow[router]' or pip install aiohttp)"
+    )
 
 logger = logging.getLogger("pegaflow.router")
 
