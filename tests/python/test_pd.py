@@ -271,3 +271,42 @@ def test_prefill_with_a_pool_hit_announces_blocks_it_did_not_save(tiny_model_dir
     verify_blocks(d, rd, 3 * BLOCK)
     assert not any(pos < 3 * BLOCK for pos in d.computed["again"])
     run_until_done(d, ["again"])
+
+
+def test_a_hold_that_never_completes_says_why_and_what_to_do(tiny_model_dir, owner):
+    """Announced blocks that never show in the pool (refused by a full
+    pool's TinyLFU admission, the usual cause; here: two keys that were
+    never saved) make the decode recompute. The producer
+    says so once, with the fix, instead of leaving the slow TTFT
+    unexplained."""
+    import logging
+
+    p = make_instance(tiny_model_dir, owner, role="kv_producer", extra={"pegaflow.pd_hold": 0.5})
+    wait_ready(p)
+    pd = p.connector.scheduler_side.pd
+    records: list[logging.LogRecord] = []
+    handler = type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r)})()
+    from pegaflow.connector import pd as pd_module
+
+    log = pd_module.logger
+    log.addHandler(handler)
+    try:
+        params = prefill(p, "h1")
+        assert params["pegaflow"]["blocks"] == 3
+        (held,) = pd._held.values()
+        # Two blocks it announced never reach the pool (as when the owner
+        # refuses or loses them): the producer can pin only 3 of 5.
+        held.hashes.extend([b"\x01" * 32, b"\x02" * 32])
+        deadline = held.deadline + 1.0
+        while pd.held_requests():
+            assert time.monotonic() < deadline, "the hold never ended"
+            step(p)
+            time.sleep(0.01)
+        for i in range(2, 4):
+            pd._incomplete(f"h{i}", held)  # the next ones are counted, not logged again
+    finally:
+        log.removeHandler(handler)
+    warned = [r.getMessage() for r in records if "P/D" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "--disable-lfu-admission" in warned[0] and "h1" in warned[0], warned[0]
+    assert p.connector.get_scheduler_stats()["pd_hold_incomplete"] == 3

@@ -109,6 +109,7 @@ class PdRoles:
             "pd_wait_timeouts": 0,
             "pd_held": 0,
             "pd_hold_expired": 0,
+            "pd_hold_incomplete": 0,
         }
 
     # ------------------------------------------------------------ consumer
@@ -232,10 +233,33 @@ class PdRoles:
             del self._to_pin[rid]
         for rid, h in list(self._held.items()):
             if h.deadline <= now:
+                if not h.complete():
+                    self._incomplete(rid, h)
                 self._release(rid)
                 self.counters["pd_hold_expired"] += 1
             elif namespaces is not None and not h.complete():
                 self._repin(rid, h, namespaces)
+
+    def _incomplete(self, rid: str, h: _Held) -> None:
+        """Some announced blocks never showed in the pool during the hold:
+        the decode computed them. Say why it happens and what to do (once,
+        then every 100th time: it repeats for every request)."""
+        n = self.counters["pd_hold_incomplete"]
+        self.counters["pd_hold_incomplete"] += 1
+        if n % 100:
+            return
+        got = min((p.held() for p in h.pins), default=0)
+        logger.warning(
+            "PegaFlow P/D: only %d of the %d blocks announced for %s were in the pool while its "
+            "hold lasted (%d request(s) so far): its decode computes the rest. Usually the pool "
+            "refused them: TinyLFU admission keeps a full pool's blocks against new ones, which "
+            "is every prefill's; run pegaflow-owner with --disable-lfu-admission for P/D, and a "
+            "pool that holds the prompts in flight (docs/pd.md)",
+            got,
+            len(h.hashes),
+            rid,
+            n + 1,
+        )
 
     def _release(self, rid: str) -> None:
         h = self._held.pop(rid, None)
