@@ -228,15 +228,8 @@ class Snapshots:
 
 def labelled(addr: str, suffix: tuple[str, ...]) -> dict[str, float]:
     """Labelled samples of counters ending in `suffix` (drops and skips by reason)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
     out = {}
-    for line in text.splitlines():
+    for line in tb.metrics_text(addr).splitlines():
         name = line.split("{", 1)[0]
         if not line.startswith("#") and "{" in line and name.endswith(suffix) and "client" not in name:
             key, _, val = line.rpartition(" ")

@@ -135,17 +135,21 @@ def med(xs: list[float]) -> float | None:
 # ---------------------------------------------------------------------------------------
 
 
+def metrics_text(addr: str) -> str:
+    """pegaflow-owner's /metrics page ('' when it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
 def scrape(addr: str | None) -> dict[str, float]:
     """Node totals from pegaflow-owner's /metrics (label-less samples)."""
     if not addr:
         return {}
-    try:
-        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError:
-        return {}
     out = {}
-    for line in text.splitlines():
+    for line in metrics_text(addr).splitlines():
         if line.startswith("#") or "{" in line:
             continue
         parts = line.split()

@@ -708,12 +708,9 @@ impl Engine {
         if n <= have {
             return;
         }
-        // The owner fills the stash until it holds `want` (capped at half
-        // the class).
-        let want = u32::try_from(n).unwrap_or(u32::MAX);
-        client.entry.stash_want.store(want, Ordering::Relaxed);
-        client.entry.refill_asked.fetch_add(1, Ordering::SeqCst);
-        s.ring_owner();
+        // The owner fills the stash until it holds `n` (capped at half the
+        // class).
+        ask_refill(&s, n);
     }
 
     /// Up to `n` free slots for saving. Fewer (or none) when the pool is under
@@ -763,15 +760,7 @@ impl Engine {
         let target = u64::from(client.entry.stash_target.load(Ordering::Relaxed));
         let short = n - got.len();
         let asked = if short > 0 || client.stash.len() * 2 < target {
-            let want = u32::try_from(short).unwrap_or(u32::MAX);
-            client.entry.stash_want.store(want, Ordering::Relaxed);
-            let asked = client
-                .entry
-                .refill_asked
-                .fetch_add(1, Ordering::SeqCst)
-                .wrapping_add(1);
-            s.ring_owner();
-            asked
+            ask_refill(&s, short as u64)
         } else {
             0
         };
@@ -1090,6 +1079,22 @@ impl Engine {
 /// Give back what our stash holds beyond twice its target (a refill that
 /// outlived the reservation it was for): only the consumer can take slots
 /// out of a stash, so idle stashes decay here, the next time we reserve.
+/// Ask the owner to fill the stash until it holds `want` slots (the ask
+/// is served at its next pass, which the doorbell starts now). Returns the
+/// ask's number, for waiting on `refill_done`.
+fn ask_refill(s: &Session, want: u64) -> u32 {
+    let client = s.client();
+    let want = u32::try_from(want).unwrap_or(u32::MAX);
+    client.entry.stash_want.store(want, Ordering::Relaxed);
+    let asked = client
+        .entry
+        .refill_asked
+        .fetch_add(1, Ordering::SeqCst)
+        .wrapping_add(1);
+    s.ring_owner();
+    asked
+}
+
 fn trim_stash(s: &Session, target: u64) {
     let client = s.client();
     let excess = client.stash.len().saturating_sub(target.max(1) * 2);

@@ -190,6 +190,14 @@ impl Owner {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    /// A clean stop (SIGTERM): segments sealed, the pool kept.
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child, not yet waited for.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -335,13 +343,7 @@ fn main() {
         write_s - saved_at.as_secs_f64()
     );
     // Clean stop: segments sealed.
-    if let Some(c) = o.child.as_ref() {
-        // SAFETY: kill(2) on our child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    }
-    if let Some(mut c) = o.child.take() {
-        let _ = c.wait();
-    }
+    o.terminate();
 
     // 2b. The tier's own write speed: the same blocks in the pool (kept by
     // the restart), the tier emptied, so the restarted owner's write-behind
@@ -363,13 +365,7 @@ fn main() {
     println!(
         "tier write-behind alone (blocks already in the pool, tier empty): {n} x 2 MiB in {drain_s:.2} s = {drain_w:.2} GB/s"
     );
-    if let Some(c) = o.child.as_ref() {
-        // SAFETY: kill(2) on our child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    }
-    if let Some(mut c) = o.child.take() {
-        let _ = c.wait();
-    }
+    o.terminate();
 
     // 3. Reboot, recover, stage; repeated.
     let mut lat = Vec::new();
