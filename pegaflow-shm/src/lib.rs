@@ -14,6 +14,8 @@
 //! - [`client`]: the client table and its counters;
 //! - [`ring`], [`request`]: SPSC rings and what engines put in them;
 //! - [`doorbell`]: the futex that lets an idle owner sleep;
+//! - [`handover`]: the hold table a prefill instance lends GPU blocks
+//!   through to a decode instance (P/D, engine to engine);
 //! - [`segment`]: creating, re-adopting and mapping the segments;
 //! - [`proto`]: the socket hello and CUDA IPC brokering messages.
 
@@ -21,6 +23,8 @@ pub mod client;
 pub mod doorbell;
 pub mod error;
 pub mod geometry;
+#[cfg(not(loom))]
+pub mod handover;
 pub mod header;
 pub mod index;
 pub mod proto;
