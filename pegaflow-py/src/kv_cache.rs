@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use pegaflow_core::copy::{make_backend, CopyBackend, CopyBackendKind};
+use pegaflow_core::cuda::ipc::{copy_peer_blocks, ImportedKv, PeerDirection, PeerExport};
 use pegaflow_core::cuda::{
     register_segment_background, CudaDevice, HostRegistration, PendingRegistration, StreamRef,
 };
@@ -150,7 +151,14 @@ struct State {
     saves: BTreeMap<u64, PendingSave>,
     loads: BTreeMap<u64, PendingLoad>,
     next_handle: u64,
+    /// Other engines' caches mapped for peer copies (`pull_peer`), by the
+    /// key they were published under; most recent last.
+    peers: Vec<(String, ImportedKv)>,
 }
+
+/// Peer caches kept mapped at once (one per prefill instance and rank; a
+/// restarted one publishes under a new key).
+const MAX_PEERS: usize = 16;
 
 #[pyclass(name = "KvCache", module = "pegaflow._native", frozen)]
 pub struct PyKvCache {
@@ -473,6 +481,7 @@ impl PyKvCache {
                 saves: BTreeMap::new(),
                 loads: BTreeMap::new(),
                 next_handle: 1,
+                peers: Vec::new(),
             }),
             _keepalive: keepalive,
         };
@@ -746,6 +755,102 @@ impl PyKvCache {
             );
             Ok(h)
         })
+    }
+
+    /// This cache's GPU memory, exported for another engine of the node to
+    /// copy blocks out of (`pull_peer` there): bytes to publish with
+    /// `Engine.publish_ipc`. Fails on a host cache, and on memory CUDA
+    /// cannot export (PyTorch's expandable segments).
+    fn export_peer<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let Some(device) = &self.device else {
+            return Err(TransferError::new_err(
+                "export_peer: this KV cache is in host memory; only GPU caches can be exported",
+            ));
+        };
+        let e = py
+            .detach(|| PeerExport::new(device, &self.layout))
+            .map_err(|e| {
+                TransferError::new_err(format!("exporting the KV cache for peer copies: {e}"))
+            })?;
+        Ok(pyo3::types::PyBytes::new(py, &e.encode()))
+    }
+
+    /// Copies blocks of another engine's cache into this one's on `stream`:
+    /// `pairs[i] = (local_block, peer_block)`, every layer. `export`: what
+    /// that engine published (`export_peer`), mapped on first use and kept
+    /// under `key`. Returns at once; record an event on `stream` to know
+    /// when the copies are done.
+    ///
+    /// The caller guarantees the peer blocks are not rewritten until then
+    /// (the P/D hold table) and that nothing else writes the local blocks.
+    #[pyo3(signature = (key, export, pairs, stream=0))]
+    fn pull_peer(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        export: &[u8],
+        pairs: Vec<(u32, u32)>,
+        stream: u64,
+    ) -> PyResult<()> {
+        let Some(device) = &self.device else {
+            return Err(TransferError::new_err(
+                "pull_peer: this KV cache is in host memory; peer copies need a GPU cache",
+            ));
+        };
+        py.detach(|| {
+            let mut st = self.lock();
+            let i = match st.peers.iter().position(|(k, _)| k == key) {
+                Some(i) => i,
+                None => {
+                    let pe = PeerExport::decode(export)
+                        .map_err(|e| TransferError::new_err(format!("peer export {key:?}: {e}")))?;
+                    if let Some(why) = pe.incompatible_with(&self.layout) {
+                        return Err(LayoutError::new_err(format!(
+                            "peer {key:?} has another KV layout ({why}); both instances must \
+                             serve the same model with the same dtype, attention backend and TP"
+                        )));
+                    }
+                    let imported = ImportedKv::open(device, &pe.kv, &pe.layout).map_err(|e| {
+                        TransferError::new_err(format!(
+                            "mapping peer {key:?}'s KV cache: {e} (another node, no peer access \
+                             between the GPUs, or an instance that exited)"
+                        ))
+                    })?;
+                    if st.peers.len() >= MAX_PEERS {
+                        // The oldest mapping goes; no copy may still use it.
+                        device
+                            .synchronize()
+                            .map_err(|e| TransferError::new_err(e.to_string()))?;
+                        st.peers.remove(0);
+                    }
+                    st.peers.push((key.to_string(), imported));
+                    st.peers.len() - 1
+                }
+            };
+            let remote = st.peers[i].1.layout();
+            // SAFETY: the local layout describes live tensors kept alive by
+            // `keepalive`; the peer's is mapped by the ImportedKv kept in
+            // `peers` (dropped only after a device synchronize); block ids
+            // are range-checked by copy_peer_blocks; the caller guarantees
+            // (docs above) nobody rewrites either side until the copies end.
+            unsafe {
+                copy_peer_blocks(
+                    device,
+                    &self.layout,
+                    remote,
+                    &pairs,
+                    0..self.layout.num_segments(),
+                    PeerDirection::Pull,
+                    StreamRef(stream),
+                )
+            }
+            .map_err(|e| TransferError::new_err(format!("peer copy from {key:?}: {e}")))
+        })
+    }
+
+    /// Peer caches mapped now (`pull_peer`).
+    fn peers_mapped(&self) -> usize {
+        self.lock().peers.len()
     }
 
     /// Loads whose copies completed (with `wait`, waits for all of them):

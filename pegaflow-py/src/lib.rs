@@ -16,6 +16,7 @@
 //! Errors become the exception classes of `pegaflow.exceptions`.
 
 mod errors;
+mod handover;
 mod kv_cache;
 
 use std::path::PathBuf;
@@ -159,6 +160,30 @@ impl PyEngine {
     /// Drops every pin `pins` still holds (same as `pins.release()`).
     fn release(&self, pins: &PyPins) {
         pins.inner.release_all();
+    }
+
+    /// Hands `handle` (bytes: a CUDA IPC export) to the owner under `key`
+    /// for other engines of the node; published again after a reconnect.
+    /// Raises `OwnerUnavailable` while the owner is away (the handle is
+    /// kept and published when it comes back).
+    fn publish_ipc(&self, py: Python<'_>, key: &str, handle: &[u8]) -> PyResult<()> {
+        py.detach(|| self.inner.publish_ipc(key, handle))
+            .map_err(engine_err)
+    }
+
+    /// What another engine published under `key` (None: nothing).
+    #[pyo3(signature = (key, timeout=2.0))]
+    fn fetch_ipc<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        timeout: f64,
+    ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+        let t = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 60.0));
+        let got = py
+            .detach(|| self.inner.fetch_ipc(key, t))
+            .map_err(engine_err)?;
+        Ok(got.map(|b| pyo3::types::PyBytes::new(py, &b)))
     }
 
     /// Bytes of a slot (tests and tools): `None` when the owner is away or
@@ -362,6 +387,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPins>()?;
     m.add_class::<PyStageTicket>()?;
     m.add_class::<kv_cache::PyKvCache>()?;
+    m.add_class::<handover::PyHoldTable>()?;
     m.add_function(wrap_pyfunction!(kv_cache::namespace_fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
     m.add_function(wrap_pyfunction!(chain_keys, m)?)?;

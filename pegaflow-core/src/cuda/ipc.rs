@@ -31,7 +31,7 @@ use thiserror::Error;
 
 use super::{check, CudaDevice, CudaError, Event, StreamRef};
 use crate::copy::dma::{copy_device_to_device, BatchApi};
-use crate::layout::{KvLayout, PlanError};
+use crate::layout::{KvKind, KvLayout, PieceOrder, PlanError};
 
 /// Bytes of a CUDA IPC handle (event or memory).
 pub const IPC_HANDLE_BYTES: usize = 64;
@@ -282,6 +282,146 @@ impl KvIpcExport {
     }
 }
 
+/// What an engine publishes so another engine of the node can copy its
+/// blocks: its cache's layout (the bases are the exporter's addresses; the
+/// importer maps the allocations and rebuilds them) and its exported
+/// allocations. One owner-brokered blob per engine (or TP rank).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerExport {
+    pub layout: KvLayout,
+    pub kv: KvIpcExport,
+}
+
+const PEER_EXPORT_MAGIC: u32 = u32::from_le_bytes(*b"PGPX");
+
+impl PeerExport {
+    /// Exports `layout`'s allocations (see [`export_kv`]).
+    pub fn new(device: &CudaDevice, layout: &KvLayout) -> Result<Self, IpcError> {
+        Ok(PeerExport {
+            kv: export_kv(device, layout)?,
+            layout: layout.clone(),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let l = &self.layout;
+        let mut v = Vec::new();
+        v.extend_from_slice(&PEER_EXPORT_MAGIC.to_le_bytes());
+        v.push(match l.kind {
+            KvKind::SplitKv => 0,
+            KvKind::Mla => 1,
+            KvKind::CrossLayer => 2,
+        });
+        v.push(match l.order {
+            PieceOrder::Nhd => 0,
+            PieceOrder::Hnd => 1,
+            PieceOrder::Opaque => 2,
+        });
+        for x in [
+            l.segment_bases.len(),
+            l.num_layers,
+            l.num_blocks,
+            l.block_tokens,
+            l.block_stride,
+            l.kv_stride,
+            l.piece_bytes,
+            l.dtype_size,
+        ] {
+            v.extend_from_slice(&(x as u64).to_le_bytes());
+        }
+        v.extend_from_slice(&self.kv.encode());
+        v
+    }
+
+    /// Inverse of [`PeerExport::encode`]. The layout comes back with the
+    /// exporter's bases (meaningless here until [`ImportedKv::open`]) and is
+    /// validated; bytes from another process are checked, never trusted.
+    pub fn decode(b: &[u8]) -> Result<Self, IpcError> {
+        const FIXED: usize = 4 + 2 + 8 * 8;
+        if b.len() < FIXED || b[..4] != PEER_EXPORT_MAGIC.to_le_bytes() {
+            return Err(IpcError::Decode("not a peer export"));
+        }
+        let kind = match b[4] {
+            0 => KvKind::SplitKv,
+            1 => KvKind::Mla,
+            2 => KvKind::CrossLayer,
+            _ => return Err(IpcError::Decode("KV kind")),
+        };
+        let order = match b[5] {
+            0 => PieceOrder::Nhd,
+            1 => PieceOrder::Hnd,
+            2 => PieceOrder::Opaque,
+            _ => return Err(IpcError::Decode("piece order")),
+        };
+        let mut f = [0usize; 8];
+        for (i, x) in f.iter_mut().enumerate() {
+            let o = 6 + 8 * i;
+            let v = u64::from_le_bytes(
+                b[o..o + 8]
+                    .try_into()
+                    .map_err(|_| IpcError::Decode("u64"))?,
+            );
+            *x = usize::try_from(v).map_err(|_| IpcError::Decode("size"))?;
+        }
+        let kv = KvIpcExport::decode(&b[FIXED..])?;
+        let [segments, num_layers, num_blocks, block_tokens, block_stride, kv_stride, piece_bytes, dtype_size] =
+            f;
+        if segments != kv.segments.len() || segments > 1 << 16 {
+            return Err(IpcError::Decode("segment count"));
+        }
+        let layout = KvLayout {
+            kind,
+            order,
+            // placeholder bases (aligned, distinct) so the shape validates
+            segment_bases: (0..segments as u64).map(|s| (s + 1) << 40).collect(),
+            num_layers,
+            num_blocks,
+            block_tokens,
+            block_stride,
+            kv_stride,
+            piece_bytes,
+            dtype_size,
+        };
+        layout
+            .validate()
+            .map_err(|e| IpcError::Incompatible(e.to_string()))?;
+        Ok(PeerExport { layout, kv })
+    }
+
+    /// Why a cache of `local`'s layout cannot take this engine's blocks as
+    /// its own (None: same kind, order, segments, block and element sizes).
+    pub fn incompatible_with(&self, local: &KvLayout) -> Option<String> {
+        let r = &self.layout;
+        let same = r.kind == local.kind
+            && r.order == local.order
+            && r.num_segments() == local.num_segments()
+            && r.num_layers == local.num_layers
+            && r.piece_bytes == local.piece_bytes
+            && r.block_tokens == local.block_tokens
+            && r.dtype_size == local.dtype_size;
+        (!same).then(|| {
+            format!(
+                "peer {:?}/{:?}, {} segments, {} layers, {} B pieces, {} tokens, {} B elements; \
+                 here {:?}/{:?}, {}, {}, {}, {}, {}",
+                r.kind,
+                r.order,
+                r.num_segments(),
+                r.num_layers,
+                r.piece_bytes,
+                r.block_tokens,
+                r.dtype_size,
+                local.kind,
+                local.order,
+                local.num_segments(),
+                local.num_layers,
+                local.piece_bytes,
+                local.block_tokens,
+                local.dtype_size
+            )
+        })
+    }
+}
+
 /// Exports every allocation behind `layout` (validated).
 pub fn export_kv(device: &CudaDevice, layout: &KvLayout) -> Result<KvIpcExport, IpcError> {
     let extent = (layout.num_blocks as u64 - 1) * layout.block_stride as u64
@@ -506,5 +646,50 @@ mod tests {
         let mut extra = b;
         extra.push(0);
         assert!(KvIpcExport::decode(&extra).is_err());
+    }
+
+    #[test]
+    fn peer_export_round_trips_and_rejects_garbage() {
+        let layout = KvLayout {
+            kind: KvKind::SplitKv,
+            order: PieceOrder::Nhd,
+            segment_bases: vec![1 << 20, 1 << 30],
+            num_layers: 2,
+            num_blocks: 4,
+            block_tokens: 16,
+            block_stride: 4096,
+            kv_stride: 2048,
+            piece_bytes: 2048,
+            dtype_size: 2,
+        };
+        let kv = KvIpcExport {
+            allocations: vec![IpcMemExport {
+                handle: [3; 64],
+                alloc_len: 1 << 31,
+            }],
+            segments: vec![(0, 0), (0, 1 << 20)],
+        };
+        let e = PeerExport {
+            layout: layout.clone(),
+            kv,
+        };
+        let d = PeerExport::decode(&e.encode()).unwrap();
+        assert_eq!(d.kv, e.kv);
+        assert_eq!(d.incompatible_with(&layout), None);
+        let mut other = layout.clone();
+        other.piece_bytes = 1024;
+        other.block_stride = 2048;
+        other.kv_stride = 1024;
+        assert!(d.incompatible_with(&other).is_some());
+        let b = e.encode();
+        for cut in [0, 3, 10, b.len() - 1] {
+            assert!(PeerExport::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = b.clone();
+        bad[4] = 9;
+        assert!(PeerExport::decode(&bad).is_err());
+        let mut bad = b;
+        bad[6] = 3; // three segments, two exported
+        assert!(PeerExport::decode(&bad).is_err());
     }
 }

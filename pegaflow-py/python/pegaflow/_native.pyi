@@ -54,6 +54,12 @@ class Engine:
         """Releases every pin ``pins`` still holds (same as ``pins.release()``)."""
     def read_slot(self, slot: int, length: int) -> Optional[bytes]: ...
     def stats(self) -> dict[str, Any]: ...
+    def publish_ipc(self, key: str, handle: bytes) -> None:
+        """Hands ``handle`` to the owner under ``key`` for other engines of the
+        node (published again after a reconnect; raises OwnerUnavailable while
+        the owner is away, and publishes when it is back)."""
+    def fetch_ipc(self, key: str, timeout: float = 2.0) -> Optional[bytes]:
+        """What another engine published under ``key`` (None: nothing)."""
 
 class Pins:
     """The blocks one ``Engine.lookup`` pinned, in the segment it pinned them
@@ -160,6 +166,17 @@ class KvCache:
         """Make ``stream`` wait on the GPU for every save queued so far (call
         before a step's compute: saves run on their own stream)."""
     def layer_ready(self, layer: int) -> bool: ...
+    def export_peer(self) -> bytes:
+        """This GPU cache exported for peer copies (publish it with
+        ``Engine.publish_ipc``); TransferError for host caches and memory
+        CUDA cannot export (expandable segments)."""
+    def pull_peer(
+        self, key: str, export: bytes, pairs: Sequence[tuple[int, int]], stream: int = 0
+    ) -> None:
+        """Queue copies of ``pairs = [(local_block, peer_block)]`` (every layer)
+        from the peer cache ``export`` (mapped once, cached under ``key``) on
+        ``stream``; record an event there to know when they are done."""
+    def peers_mapped(self) -> int: ...
 
 def namespace_fingerprint(
     *,
@@ -186,6 +203,50 @@ def chain_keys(
     ``parent`` (the key of the block before, None at the start). ``extra``:
     None, or one entry (bytes or None) per full block. Byte format:
     ``pegaflow_core::keys`` (raises ValueError on bad arguments)."""
+
+class HoldTable:
+    """The P/D hold table (docs/pd.md): a prefill lends GPU blocks through
+    it, a decode takes, copies and gives them back. States per rank: free,
+    held, taken, done, expired."""
+
+    @staticmethod
+    def create(
+        name: str,
+        *,
+        capacity: int,
+        max_blocks: int,
+        namespaces: Sequence[int],
+        peer_keys: Sequence[str],
+        dir: Optional[str] = None,
+    ) -> HoldTable: ...
+    @staticmethod
+    def open(name: str, *, dir: Optional[str] = None) -> HoldTable: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def nonce(self) -> int: ...
+    @property
+    def ranks(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def max_blocks(self) -> int: ...
+    @property
+    def namespaces(self) -> list[int]: ...
+    @property
+    def peer_keys(self) -> list[str]: ...
+    @property
+    def creator_pid(self) -> int: ...
+    def creator_alive(self) -> bool: ...
+    def word(self, slot: int, rank: int) -> tuple[str, int, int]: ...
+    def hold(self, slot: int, ticket: int, key: bytes, blocks: Sequence[int]) -> None: ...
+    def over(self, slot: int, ticket: int) -> bool: ...
+    def expire(self, slot: int, ticket: int) -> bool: ...
+    def free(self, slot: int, ticket: int) -> None: ...
+    def peek(self, slot: int, ticket: int) -> Optional[tuple[int, bytes]]: ...
+    def take(self, slot: int, ticket: int, rank: int) -> Optional[tuple[bytes, list[int]]]: ...
+    def done(self, slot: int, ticket: int, rank: int) -> bool: ...
+    def unlink(self) -> None: ...
 
 class StageTicket:
     """What one ``Engine.stage`` queued."""
