@@ -87,8 +87,14 @@ class PegaflowConfig:
     #: is there and computes the rest.
     pd_wait: float = 5.0
     #: P/D prefill (``kv_producer``): how long the blocks a finished prefill
-    #: announced stay pinned for its decode (seconds).
+    #: announced stay pinned for its decode (seconds); with ``pd_direct``,
+    #: how long its GPU blocks stay lent (a decode copying then still
+    #: finishes its copy).
     pd_hold: float = 10.0
+    #: P/D on one node: a prefill lends its finished prompts' GPU blocks and
+    #: the decode copies them GPU to GPU (CUDA IPC, over NVLink where the
+    #: GPUs have it); the pool stays the fallback. False: always the pool.
+    pd_direct: bool = True
 
     @classmethod
     def from_extra_config(cls, extra: Optional[Mapping[str, Any]]) -> "PegaflowConfig":
@@ -110,6 +116,7 @@ class PegaflowConfig:
             "pegaflow.trace_seed": "trace_seed",
             "pegaflow.pd_wait": "pd_wait",
             "pegaflow.pd_hold": "pd_hold",
+            "pegaflow.pd_direct": "pd_direct",
         }
         kw: dict[str, Any] = {}
         for key, value in extra.items():
@@ -190,7 +197,7 @@ class PegaflowConfig:
                     raise ConfigError(f"pegaflow.{k} must be seconds, got {kw[k]!r}") from None
                 if not 0 <= kw[k] <= 3600:
                     raise ConfigError(f"pegaflow.{k} must be between 0 and 3600 seconds")
-        for b in ("save", "load", "ssd_stage"):
+        for b in ("save", "load", "ssd_stage", "pd_direct"):
             if b in kw:
                 kw[b] = _bool(f"pegaflow.{b}", kw[b])
         if "reconnect_interval" in kw:

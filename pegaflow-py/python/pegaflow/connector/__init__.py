@@ -151,6 +151,7 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
                 is_mla=self.is_mla,
                 layout=layout,
                 role=str(getattr(ktc, "kv_role", None) or "kv_both"),
+                max_model_len=int(getattr(vllm_config.model_config, "max_model_len", 0) or 0),
             )
             watch_connection(self.scheduler_side.engine, "scheduler", logger)
         else:
@@ -161,6 +162,7 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
                 namespaces,
                 worker_tp_rank(vllm_config),
                 layout,
+                role=str(getattr(ktc, "kv_role", None) or "kv_both"),
             )
 
     def _init_hybrid(
@@ -382,7 +384,9 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
     def get_finished(
         self, finished_req_ids: set[str]
     ) -> tuple[Optional[set[str]], Optional[set[str]]]:
-        return self._worker.get_finished(finished_req_ids)
+        if isinstance(self._worker, hma.GroupedWorker):
+            return self._worker.get_finished(finished_req_ids)
+        return self._worker.get_finished(finished_req_ids, self._meta())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
@@ -393,6 +397,8 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
         meta = self._worker.trace.take() or PegaWorkerMeta()
         m = self._meta()
         meta.steps.append(m.step if m is not None else 0)
+        if not isinstance(self._worker, hma.GroupedWorker):
+            meta.direct_failed.extend(self._worker.direct_failed())
         return meta
 
     def get_worker_stats(self) -> dict[str, Any]:
@@ -401,7 +407,7 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
 
     def shutdown(self) -> None:
         if self.scheduler_side is not None:
-            self.scheduler_side.pd.shutdown()
+            self.scheduler_side.shutdown()
         if self.worker_side is not None:
             self.worker_side.shutdown()
 

@@ -28,11 +28,14 @@ under. The scheduler looks blocks up under exactly those namespaces.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
 )
+
+from pegaflow.connector.direct import DirectSpec
 
 
 @dataclass
@@ -51,6 +54,9 @@ class LoadSpec:
     layerwise: bool = True
     #: vLLM's KV cache group of block_ids (hybrid models)
     group: int = 0
+    #: copied from a prefill's GPU blocks instead of the pool (see
+    #: :mod:`.direct`; ``segment_id`` and ``blocks`` are unused then)
+    direct: Optional[DirectSpec] = None
 
 
 @dataclass
@@ -72,6 +78,10 @@ class PegaConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     #: the scheduler's number of this step; workers echo it back
     step: int = 0
+    #: P/D prefill: requests whose GPU blocks were lent this step (workers
+    #: hold their finished_sending), and those whose holds are over
+    pd_holds: list[str] = field(default_factory=list)
+    pd_released: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -87,3 +97,6 @@ class PegaHandshake(KVConnectorHandshakeMetadata):
     #: hybrid models: the namespace of each KV cache group (``namespace``
     #: is the first's); empty for a model with one group
     group_namespaces: tuple[int, ...] = ()
+    #: the owner-brokered key of this worker's exported KV cache (P/D
+    #: direct hand-over); empty when it lends nothing
+    peer_key: str = ""

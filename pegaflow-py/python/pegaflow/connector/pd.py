@@ -177,6 +177,7 @@ class PdRoles:
         keys: Callable[[int], list[bytes]],
         saves_pending: bool,
         namespaces: list[int],
+        pin: bool = True,
     ) -> Optional[dict[str, Any]]:
         """The ``kv_transfer_params`` a finished prefill request answers
         with (None when it was not asked for a remote decode)."""
@@ -185,7 +186,7 @@ class PdRoles:
         prompt_blocks = request.num_prompt_tokens // self.block_size
         n = min(saved_blocks, prompt_blocks)
         self.counters["pd_announced"] += 1
-        if n > 0 and self.hold > 0:
+        if n > 0 and self.hold > 0 and pin:
             hashes = keys(n)[:n]
             if saves_pending:
                 self._to_pin[request.request_id] = (time.monotonic() + self.hold, hashes)

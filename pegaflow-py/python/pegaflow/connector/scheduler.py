@@ -48,7 +48,8 @@ from pegaflow.connector import groups as hma
 from pegaflow.connector.groups import GroupScheduling
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
-from pegaflow.connector.pd import PdRoles, remote_prefill
+from pegaflow.connector.direct import Borrower, DirectSpec, Lender
+from pegaflow.connector.pd import PdRoles, remote_prefill, wants_remote_decode
 from pegaflow.connector.ssd import SsdStager
 from pegaflow.connector.trace import LoadTracer
 from pegaflow.exceptions import ConfigError, PegaflowError
@@ -86,6 +87,8 @@ class ReqState:
     trace: Any = None
     #: hybrid models: per-group block ids, save progress and pins
     hy: Optional[hma.GroupReq] = None
+    #: P/D decode: copied from the prefill's GPU blocks (see .direct)
+    direct: Optional[DirectSpec] = None
 
 
 class SchedulerSide(GroupScheduling):
@@ -102,6 +105,7 @@ class SchedulerSide(GroupScheduling):
         groups: "Optional[list[hma.Group]]" = None,
         group_namespaces: Optional[list[list[int]]] = None,
         role: str = "kv_both",
+        max_model_len: int = 0,
     ):
         self.cfg = cfg
         #: hybrid models (see .groups): vLLM's KV cache groups and the
@@ -139,6 +143,15 @@ class SchedulerSide(GroupScheduling):
         self.tracer = LoadTracer(cfg.trace_sample_rate, cfg.slow_load_ms, cfg.trace_seed)
         #: prefill/decode roles (see pegaflow.connector.pd)
         self.pd = PdRoles(role, self.engine, block_size, cfg.pd_wait, cfg.pd_hold)
+        #: direct GPU-to-GPU hand-over (see pegaflow.connector.direct):
+        #: a prefill lends, a decode borrows; hybrid models use the pool
+        direct = cfg.pd_direct and groups is None and max_model_len > 0
+        self.lender = (
+            Lender(block_size, max_model_len, cfg.pd_hold)
+            if direct and role in ("kv_producer", "kv_both")
+            else None
+        )
+        self.borrower = Borrower() if direct and role in ("kv_consumer", "kv_both") else None
 
     def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
         """Look blocks up under the namespaces the workers save under.
@@ -183,6 +196,11 @@ class SchedulerSide(GroupScheduling):
                 )
         if self.groups is not None:
             self._adopt_group_namespaces(ours)
+        if self.lender is not None:
+            self.lender.start(
+                [ours[r].namespace for r in range(self.tp_size)],
+                [getattr(ours[r], "peer_key", "") for r in range(self.tp_size)],
+            )
         if namespaces != self.namespaces:
             logger.info(
                 "PegaFlow looks blocks up under the workers' namespaces (their KV layout %s; "
@@ -218,7 +236,7 @@ class SchedulerSide(GroupScheduling):
             return 0, False
         try:
             st = self._state(request)
-            if st.pins is None:
+            if st.pins is None and st.direct is None:
                 # Never the whole prompt: vLLM must compute at least one token.
                 max_blocks = max(0, (request.num_tokens - 1) // self.block_size + 1)
                 hashes = st.keys.upto(max_blocks)
@@ -229,6 +247,8 @@ class SchedulerSide(GroupScheduling):
                     return self._group_lookup(st, hashes, local, num_computed_tokens)
                 # Kept across SSD waits: they are part of this load's time.
                 st.trace = st.trace or self.tracer.start()
+                if self._borrow(st, hashes, local):
+                    return self._matched(st, num_computed_tokens)
                 if self.pd.should_wait(
                     request,
                     lambda k: min(self.engine.count_hits(ns, hashes[:k]) for ns in self.namespaces),
@@ -275,6 +295,27 @@ class SchedulerSide(GroupScheduling):
             logger.exception("PegaFlow lookup failed; treating as a miss")
             return 0, False
 
+    def _borrow(self, st: ReqState, hashes: list[bytes], local: int) -> bool:
+        """A decode request whose prefill lent its GPU blocks copies them
+        from there (in the step that computes the rest of its prompt)."""
+        ann = remote_prefill(st.request) if self.borrower is not None else None
+        if ann is None or ann.get("tokens") != st.request.num_prompt_tokens:
+            return False
+        got = self.borrower.peek(ann, hashes, self.namespaces)  # type: ignore[union-attr]
+        if got is None:
+            return False
+        n, spec = got
+        if n <= local:
+            self.borrower.give_back(spec, len(self.namespaces))  # type: ignore[union-attr]
+            return False
+        st.direct = spec
+        st.pinned_blocks = n
+        st.load_from = local
+        st.layerwise = True
+        st.saved = max(st.saved, n)
+        st.trace.mark("lookup")
+        return True
+
     def _matched(self, st: ReqState, num_computed_tokens: int) -> tuple[Optional[int], bool]:
         hit_tokens = min(st.pinned_blocks * self.block_size, st.request.num_tokens - 1)
         ext = hit_tokens - num_computed_tokens
@@ -295,6 +336,11 @@ class SchedulerSide(GroupScheduling):
             # the async load): drop pins that no load will use.
             if st.pins is not None and not st.load_pending:
                 self._release(st)
+            if st.direct is not None and not st.load_pending:
+                self._give_back(st)
+            return
+        if st.direct is not None:
+            self._direct_load(st, ids)
             return
         if st.pins is None:
             return
@@ -323,10 +369,44 @@ class SchedulerSide(GroupScheduling):
         else:
             self._loading[request.request_id] = st
 
+    def _direct_load(self, st: ReqState, ids: list[int]) -> None:
+        spec = st.direct
+        assert spec is not None
+        lo = st.load_from
+        block_ids = list(ids[lo : st.pinned_blocks])
+        if not block_ids:
+            self._give_back(st)
+            return
+        # The key of the last block this load copies: each worker checks the
+        # lent blocks are still this prompt's before copying.
+        hashes = st.keys.upto(lo + len(block_ids))
+        spec = DirectSpec(spec.table, spec.nonce, spec.slot, spec.ticket, hashes[lo + len(block_ids) - 1], lo)
+        st.direct = spec
+        st.load_pending = True
+        self._loads.append(
+            LoadSpec(
+                req_id=st.request.request_id,
+                block_ids=block_ids,
+                segment_id=0,
+                blocks=[],
+                layerwise=True,
+                direct=spec,
+            )
+        )
+        self.tracer.loading(st.request.request_id, st.trace, len(block_ids), True)
+        self._step_loading.append(st)
+
+    def _give_back(self, st: ReqState) -> None:
+        if st.direct is not None and self.borrower is not None:
+            self.borrower.give_back(st.direct, len(self.namespaces))
+        st.direct = None
+
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> PegaConnectorMetadata:
         self._step_seq += 1
         meta = PegaConnectorMetadata(loads=self._loads, step=self._step_seq)
         self._loads = []
+        if self.lender is not None:
+            meta.pd_holds, meta.pd_released = self.lender.step()
         # A step's layer-wise loads are over once the workers report that
         # step back (update_connector_output).
         if self._step_loading:
@@ -388,7 +468,13 @@ class SchedulerSide(GroupScheduling):
         st.had_saves = True
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
-        self.tracer.worker_notes(getattr(connector_output, "kv_connector_worker_meta", None))
+        wmeta = getattr(connector_output, "kv_connector_worker_meta", None)
+        self.tracer.worker_notes(wmeta)
+        if self.borrower is not None:
+            for name in getattr(wmeta, "direct_failed", None) or ():
+                self.borrower.refuse(name, "a worker could not copy from it; see the workers' log")
+        if self.lender is not None:
+            self.lender.sent(connector_output.finished_sending)
         self.pd.saves_committed(connector_output.finished_sending, self.namespaces)
         self.pd.expire(self.namespaces)
         # The workers name the last step they ran (PegaWorkerMeta.steps): its
@@ -417,14 +503,53 @@ class SchedulerSide(GroupScheduling):
         st = self._reqs.pop(request.request_id, None)
         if st is None:
             return False, self.pd.announce(request, 0, lambda n: [], False, self.namespaces)
-        params = self.pd.announce(request, st.saved, st.keys.upto, st.had_saves, self.namespaces)
+        lent = self._lend(request, st, block_ids)
+        params = self.pd.announce(
+            request, st.saved, st.keys.upto, st.had_saves, self.namespaces, pin=lent is None
+        )
+        if lent is not None and params is not None:
+            params["pegaflow"]["direct"] = lent
         if not st.load_pending:
             self._release(st)
+            self._give_back(st)
         # else: the load may still read its pinned slots (an aborted request
         # whose step is on the GPU); update_connector_output releases them
         # when that step's output, or the async load's end, is reported.
-        return st.had_saves, params
+        return st.had_saves or lent is not None, params
+
+    def _lend(self, request: "Request", st: ReqState, block_ids: list[int]) -> Optional[dict[str, Any]]:
+        """A prefill lends its prompt's full GPU blocks to the decode (kept
+        until the decode copied them or the hold expired)."""
+        if self.lender is None or st.hy is not None or not wants_remote_decode(request):
+            return None
+        if not _finished_normally(request):
+            return None  # aborted: no decode will come
+        n = min(request.num_prompt_tokens // self.block_size, len(block_ids))
+        keys = st.keys.upto(n)
+        n = min(n, len(keys))
+        if n <= 0:
+            return None
+        return self.lender.lend(request.request_id, list(block_ids[:n]), keys[n - 1])
 
     def stats(self) -> dict[str, Any]:
         """Counters of the scheduler's owner client (tests, debugging)."""
-        return {**self.engine.stats(), **self.pd.counters}
+        out = {**self.engine.stats(), **self.pd.counters}
+        for side in (self.lender, self.borrower):
+            if side is not None:
+                out.update(side.counters)
+        return out
+
+    def shutdown(self) -> None:
+        self.pd.shutdown()
+        if self.lender is not None:
+            self.lender.shutdown()
+
+
+def _finished_normally(request: "Request") -> bool:
+    """Finished by its length cap or a stop (a prefill's max_tokens 1), not
+    aborted or errored."""
+    try:
+        from vllm.v1.request import RequestStatus
+    except ImportError:  # pragma: no cover
+        return True
+    return request.status in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)

@@ -82,6 +82,10 @@ class CopyNote:
     done: int = 0
     #: blocks that could not be loaded (recomputed by vLLM)
     failed: int = 0
+    #: where the blocks came from: "pool", or "gpu" (a P/D prefill's GPU)
+    source: str = "pool"
+    #: GPU time of the copy alone (CUDA events; "gpu" copies), 0 if unknown
+    gpu_ms: float = 0.0
 
 
 @dataclass
@@ -92,11 +96,14 @@ class PegaWorkerMeta(KVConnectorWorkerMetadata):
 
     copies: list[CopyNote] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    #: P/D hold tables whose direct copies failed on this worker
+    direct_failed: list[str] = field(default_factory=list)
 
     def aggregate(self, other: "PegaWorkerMeta") -> "PegaWorkerMeta":
         return PegaWorkerMeta(
             self.copies + list(getattr(other, "copies", ())),
             self.steps + list(getattr(other, "steps", ())),
+            self.direct_failed + list(getattr(other, "direct_failed", ())),
         )
 
 
@@ -113,8 +120,12 @@ class WorkerTrace:
         self._issued: dict[int, CopyNote] = {}
         self._done: list[CopyNote] = []
 
-    def issued(self, handle: int, req_id: str, blocks: int, slot_bytes: int, start: int) -> None:
-        self._issued[handle] = CopyNote(req_id, self.rank, blocks, blocks * slot_bytes, start, now())
+    def issued(
+        self, handle: int, req_id: str, blocks: int, slot_bytes: int, start: int, source: str = "pool"
+    ) -> None:
+        self._issued[handle] = CopyNote(
+            req_id, self.rank, blocks, blocks * slot_bytes, start, now(), source=source
+        )
         if len(self._issued) > MAX_IN_FLIGHT:
             self._issued.pop(next(iter(self._issued)))
 
@@ -122,11 +133,12 @@ class WorkerTrace:
         t = now()
         self._done.append(CopyNote(req_id, self.rank, blocks, 0, start, t, t, blocks))
 
-    def done(self, handle: int, failed: int) -> None:
+    def done(self, handle: int, failed: int, gpu_ms: float = 0.0) -> None:
         note = self._issued.pop(handle, None)
         if note is not None:
             note.done = now()
             note.failed = failed
+            note.gpu_ms = gpu_ms
             self._done.append(note)
 
     def take(self) -> Optional[PegaWorkerMeta]:
@@ -230,6 +242,8 @@ class LoadTracer:
                 "issue_at_ms": ms(c.issue_start - t.start),
                 "issue_ms": ms(c.issue_end - c.issue_start),
                 "done_at_ms": ms(c.done - t.start) if c.done else None,
+                "source": c.source,
+                "gpu_ms": round(c.gpu_ms, 3),
             }
             for c in sorted(t.copies, key=lambda c: c.rank)
         ]

@@ -39,6 +39,7 @@ import torch
 from pegaflow import _native
 from pegaflow._log import get_logger
 from pegaflow.config import PegaflowConfig
+from pegaflow.connector.direct import PeerCopier, peer_key
 from pegaflow.connector.metadata import PegaConnectorMetadata, PegaHandshake
 from pegaflow.connector.namespace import KvShape
 from pegaflow.connector.trace import WorkerTrace, now
@@ -63,8 +64,10 @@ class WorkerSide:
         tp_rank: int,
         layout: str,
         group: int = 0,
+        role: str = "kv_both",
     ):
         self.cfg = cfg
+        self.role = role
         #: vLLM's KV cache group this side copies (hybrid models: one
         #: WorkerSide per group, see .groups; loads and saves of other
         #: groups are not its own)
@@ -100,10 +103,20 @@ class WorkerSide:
         self._device_is_cuda = False
         #: when this rank's copies were issued and done (the scheduler traces loads)
         self.trace = WorkerTrace(tp_rank)
+        #: P/D prefill: this rank's exported KV cache's key (see .direct)
+        self.peer_key = ""
+        #: P/D prefill: requests whose blocks are lent (their finished_sending
+        #: waits for the scheduler's release), and released ones to report
+        self._pd_held: set[str] = set()
+        self._pd_release: set[str] = set()
+        #: P/D decode: copies from prefills' GPU blocks
+        self._peer: Optional[PeerCopier] = None
 
     def handshake(self) -> PegaHandshake:
         """What the scheduler must know about this worker (sent once)."""
-        return PegaHandshake(tp_rank=self.tp_rank, namespace=self.namespace, layout=self.layout)
+        return PegaHandshake(
+            tp_rank=self.tp_rank, namespace=self.namespace, layout=self.layout, peer_key=self.peer_key
+        )
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = list(kv_caches)
@@ -138,7 +151,35 @@ class WorkerSide:
         self.layer_index = {n: i for i, n in enumerate(order)}
         if lay.is_cuda:
             self._load_stream = torch.cuda.Stream(device=tensors[0].device)
+            if self.cfg.pd_direct and self.group == 0:
+                self._setup_direct(tensors[0].device)
         logger.info("PegaFlow registered %r for TP rank %d", self.kv, self.tp_rank)
+
+    def _setup_direct(self, device: Any) -> None:
+        """P/D on one node: a prefill exports its KV cache for decodes to
+        copy from (the owner brokers it); a decode gets a copier."""
+        assert self.kv is not None
+        if self.role in ("kv_consumer", "kv_both"):
+            self._peer = PeerCopier(self.kv, self.tp_rank, device)
+        if self.role not in ("kv_producer", "kv_both"):
+            return
+        try:
+            export = self.kv.export_peer()
+        except PegaflowError as e:
+            logger.warning(
+                "PegaFlow P/D: TP rank %d cannot lend its GPU blocks to decodes (%s); they load "
+                "from the pool. PyTorch's expandable segments cannot be exported: unset "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for direct hand-overs",
+                self.tp_rank, e,
+            )
+            return
+        key = peer_key(self.tp_rank)
+        try:
+            self.kv.engine.publish_ipc(key, export)
+        except PegaflowError as e:
+            # kept by the engine and published once the owner is back
+            logger.info("PegaFlow P/D: the owner is away; %s is published when it is back (%s)", key, e)
+        self.peer_key = key
 
     def _stream(self) -> int:
         if not self._device_is_cuda:
@@ -180,6 +221,9 @@ class WorkerSide:
         for ld in meta.loads:
             if ld.group != self.group:
                 continue
+            if ld.direct is not None:
+                self._start_direct(ld)
+                continue
             blocks = ld.blocks[0] if len(ld.blocks) == 1 else ld.blocks[self.rank_index]
             n = min(len(blocks), len(ld.block_ids))
             if not ld.layerwise:
@@ -199,6 +243,16 @@ class WorkerSide:
                 self._layerwise_pending = True
             else:
                 self._load_handles[h] = ld.req_id
+
+    def _start_direct(self, ld: Any) -> None:
+        if self._peer is None or not self._peer.start(ld.direct, ld.block_ids, self.trace, ld.req_id):
+            t0 = now()
+            self._load_errors.update(ld.block_ids)
+            self.trace.not_issued(ld.req_id, len(ld.block_ids), t0)
+
+    def direct_failed(self) -> list[str]:
+        """Hold tables this worker could not copy from since last asked."""
+        return self._peer.take_failed() if self._peer is not None else []
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self._layerwise_pending or self.kv is None or not self._device_is_cuda:
@@ -320,19 +374,36 @@ class WorkerSide:
                 self._open.get(req, set()).discard(h)
 
     def get_finished(
-        self, finished_req_ids: set[str]
+        self, finished_req_ids: set[str], meta: Optional[PegaConnectorMetadata] = None
     ) -> tuple[Optional[set[str]], Optional[set[str]]]:
         self._poll(wait=False)
+        if meta is not None:
+            # Lent blocks (P/D prefill): vLLM must not get them back before
+            # the scheduler says the decode copied them or the hold expired.
+            # vLLM hands a finished request's id and the metadata naming its
+            # hold to the same step, so a lent request is never reported early.
+            self._pd_held.update(meta.pd_holds)
+            for r in meta.pd_released:
+                if r in self._pd_held:
+                    self._pd_held.discard(r)
+                    self._pd_release.add(r)
         for r in finished_req_ids:
             if r in self._seen_save_reqs:
                 self._finished_waiting.add(r)
         sending = set()
         for r in list(self._finished_waiting):
-            if not self._open.get(r):
+            if not self._open.get(r) and r not in self._pd_held:
                 sending.add(r)
                 self._finished_waiting.discard(r)
                 self._open.pop(r, None)
                 self._seen_save_reqs.discard(r)
+        for r in list(self._pd_release):
+            if r in sending:
+                self._pd_release.discard(r)
+            elif r not in self._seen_save_reqs:
+                # no saves of its own to wait for
+                sending.add(r)
+                self._pd_release.discard(r)
         recving: set[str] = set()
         if self._recving:
             self._finish_loads(wait=False)
@@ -342,6 +413,10 @@ class WorkerSide:
         return (sending or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        if self._peer is not None:
+            # copies completed since the last step (their holds are given
+            # back by the copier's thread as soon as they complete)
+            self._peer.finish(self.trace)
         if self._layerwise_pending:
             # This step's forward waits for its loads on the GPU; they are
             # done (or nearly) once it is queued: check what they copied.
@@ -357,9 +432,18 @@ class WorkerSide:
         s = dict(self.kv.engine.stats())
         s["pending_saves"] = self.kv.pending_saves()
         s["pending_loads"] = self.kv.pending_loads()
+        if self._peer is not None:
+            s["pd_direct_copies"] = self._peer.copies
+            s["pd_direct_bytes"] = self._peer.bytes
+            s["pd_direct_gpu_ms"] = self._peer.gpu_ms
         return s
 
     def shutdown(self) -> None:
+        if self._peer is not None:
+            self._peer.finish(self.trace, wait=True)
+            self._peer.close()
+            if self._peer.copies:
+                logger.info("PegaFlow P/D: %s", self._peer.summary())
         if self.kv is not None:
             try:
                 self.kv.poll_saves(wait=True)

@@ -1,0 +1,479 @@
+"""The direct P/D hand-over: a decode instance copies a finished prefill's
+KV straight out of the prefill's GPU blocks (CUDA IPC; NVLink between two
+GPUs that have it), instead of through the pool.
+
+The prefill lends the blocks through its *hold table* (shared memory,
+``pegaflow_shm::handover``, docs/pd.md), and vLLM keeps them allocated
+(``request_finished`` delays their free) until every decode rank said it
+copied them or the hold expired:
+
+* prefill scheduler (:class:`Lender`): at start-up, once every worker
+  exported its KV cache (``KvCache.export_peer``, brokered by the owner
+  under a per-start key), it creates the table with each rank's namespace
+  and key. ``lend`` writes a finished request's block ids and last block
+  key into a slot and answers ``{"table", "nonce", "slot", "ticket"}`` in
+  ``kv_transfer_params``; each step it tells its workers which holds began
+  (``pd_holds``) and which are over (``pd_released``); the workers report a
+  request in ``finished_sending`` only once it is released, so vLLM never
+  reuses a lent block while a copy may read it.
+* decode scheduler (:class:`Borrower`): ``peek`` opens the table the params
+  name and checks that every rank still holds the slot under that ticket,
+  that its namespaces are this instance's and that the lent key is the
+  key of this prompt's own last full block (keys are chained: the whole
+  prefix). Then the request loads those blocks in the step that computes
+  the rest of its prompt; otherwise it takes the pool path as before.
+* decode workers (:class:`PeerCopier`): take their rank's part of the hold
+  (HELD -> TAKEN, with their pid), check the key again, queue the copies
+  on their own stream, make the step's compute wait for them on the GPU,
+  and mark the rank DONE once they completed. A hold that is gone when the
+  worker comes (expired) becomes a load error: vLLM recomputes those blocks.
+
+Nothing in ``kv_transfer_params`` is trusted: the table name must be one
+PegaFlow makes, block ids come from the table, and a hold is copied only
+when its key is the decode prompt's own. A decode that dies while its copy
+is TAKEN is noticed by the prefill (its pid is gone) and the hold expires.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from pegaflow import _native
+from pegaflow._log import get_logger
+from pegaflow.exceptions import PegaflowError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.v1.request import Request
+
+logger = get_logger("pegaflow.connector")
+
+#: holds a prefill keeps at once (more: those requests use the pool path)
+MAX_HOLDS = 1024
+#: bytes one table may take in /dev/shm (sparse: only used slots cost)
+MAX_TABLE_BYTES = 256 << 20
+_SLOT_HEAD = 8 * 8 + 8 + 32
+_HEADER = 1024
+
+
+def slot_bytes(max_blocks: int) -> int:
+    return (_SLOT_HEAD + 4 * max_blocks + 63) // 64 * 64
+
+
+def peer_key(rank: int) -> str:
+    """The owner-brokered key a worker publishes its exported cache under:
+    new per start, so a restarted prefill is never confused with its past."""
+    return f"pd/{uuid.uuid4().hex}/{rank}"
+
+
+@dataclass(frozen=True)
+class DirectSpec:
+    """What a decode worker needs to copy one lent request (in LoadSpec)."""
+
+    table: str
+    nonce: int
+    slot: int
+    ticket: int
+    #: content key of the last lent block this decode loads (checked again
+    #: by each worker after taking its rank)
+    key: bytes
+    #: the decode loads lent blocks [first, first + len(block_ids))
+    first: int
+
+
+@dataclass
+class _Lent:
+    slot: int
+    ticket: int
+    deadline: float
+    released: bool = False
+    expired: bool = False
+
+
+class Lender:
+    """Prefill side, in the scheduler process: lends finished prompts' GPU
+    blocks through a hold table."""
+
+    def __init__(self, block_size: int, max_model_len: int, hold: float):
+        self.block_size = block_size
+        self.max_blocks = max(1, max_model_len // block_size + 1)
+        self.hold_s = hold
+        self.table: Optional[Any] = None
+        self._free: list[int] = []
+        self._ticket = 0
+        self._lent: dict[str, _Lent] = {}
+        self._new: list[str] = []
+        self.counters = {"pd_direct_lent": 0, "pd_direct_copied": 0, "pd_direct_expired": 0, "pd_direct_full": 0}
+
+    def start(self, namespaces: list[int], keys: list[str]) -> None:
+        """Creates the table once the workers' keys are known (handshake)."""
+        if self.table is not None or not keys or not all(keys):
+            if keys and not all(keys):
+                logger.info(
+                    "PegaFlow P/D: direct GPU-to-GPU hand-over off (a worker could not export its "
+                    "KV cache, see its log); decodes load from the pool"
+                )
+            return
+        sb = slot_bytes(self.max_blocks)
+        capacity = min(MAX_HOLDS, (MAX_TABLE_BYTES - _HEADER) // sb)
+        if capacity < 1:
+            logger.warning("PegaFlow P/D: max_model_len too large for a hold table; direct hand-over off")
+            return
+        name = "pegaflow-pd-" + uuid.uuid4().hex
+        try:
+            self.table = _native.HoldTable.create(
+                name,
+                capacity=capacity,
+                max_blocks=self.max_blocks,
+                namespaces=namespaces,
+                peer_keys=keys,
+            )
+        except PegaflowError as e:
+            logger.warning("PegaFlow P/D: direct hand-over off: %s", e)
+            return
+        self._free = list(range(capacity - 1, -1, -1))
+        logger.info(
+            "PegaFlow P/D: lending prefills' GPU blocks to decodes through %s (%d holds of up to %d blocks)",
+            name, capacity, self.max_blocks,
+        )
+
+    def lend(self, req_id: str, block_ids: list[int], key: bytes) -> Optional[dict[str, Any]]:
+        """Lends ``block_ids`` (the prompt's full blocks; ``key`` the last
+        one's). Returns the params for the decode, or None (not lent)."""
+        t = self.table
+        if t is None or not block_ids or len(block_ids) > self.max_blocks:
+            return None
+        if not self._free:
+            self.counters["pd_direct_full"] += 1
+            if self.counters["pd_direct_full"] % 100 == 1:
+                logger.warning(
+                    "PegaFlow P/D: all %d holds are in use (decodes slow or gone); this request's "
+                    "decode loads from the pool", t.capacity,
+                )
+            return None
+        slot = self._free.pop()
+        self._ticket = self._ticket % 0xFFFF_FFFF + 1
+        try:
+            t.hold(slot, self._ticket, key, block_ids)
+        except PegaflowError as e:
+            logger.warning("PegaFlow P/D: could not lend the blocks of %s: %s", req_id, e)
+            self._free.append(slot)
+            return None
+        self._lent[req_id] = _Lent(slot, self._ticket, time.monotonic() + self.hold_s)
+        self._new.append(req_id)
+        self.counters["pd_direct_lent"] += 1
+        if self.counters["pd_direct_lent"] % 100 == 0:
+            c = self.counters
+            logger.info(
+                "PegaFlow P/D: lent %d prompts' GPU blocks: %d copied by their decode, %d holds "
+                "expired, %d not lent (all holds in use)",
+                c["pd_direct_lent"], c["pd_direct_copied"], c["pd_direct_expired"], c["pd_direct_full"],
+            )
+        return {"table": t.name, "nonce": t.nonce, "slot": slot, "ticket": self._ticket}
+
+    def step(self) -> tuple[list[str], list[str]]:
+        """Per step: (holds begun, holds over) for the workers' metadata."""
+        new, self._new = self._new, []
+        over: list[str] = []
+        t = self.table
+        if t is None:
+            return new, over
+        now = time.monotonic()
+        for rid, h in self._lent.items():
+            if h.released:
+                continue
+            try:
+                if t.over(h.slot, h.ticket):
+                    done = True
+                elif now >= h.deadline:
+                    done = t.expire(h.slot, h.ticket)
+                    if done and not h.expired:
+                        h.expired = True
+                        self.counters["pd_direct_expired"] += 1
+                else:
+                    done = False
+            except PegaflowError as e:  # pragma: no cover - a slot id we made
+                logger.error("PegaFlow P/D: hold of %s: %s; releasing it", rid, e)
+                done = True
+            if done:
+                h.released = True
+                if not h.expired:
+                    self.counters["pd_direct_copied"] += 1
+                over.append(rid)
+        return new, over
+
+    def sent(self, req_ids: Any) -> None:
+        """vLLM got the blocks back (``finished_sending``): the slots are free."""
+        for rid in req_ids or ():
+            h = self._lent.get(rid)
+            if h is None or not h.released:
+                continue
+            del self._lent[rid]
+            try:
+                self.table.free(h.slot, h.ticket)  # type: ignore[union-attr]
+                self._free.append(h.slot)
+            except PegaflowError as e:
+                logger.error("PegaFlow P/D: slot %d of %s stays out of use: %s", h.slot, rid, e)
+
+    def lent(self, req_id: str) -> bool:
+        return req_id in self._lent
+
+    def shutdown(self) -> None:
+        if self.table is not None:
+            try:
+                self.table.unlink()
+            except PegaflowError:
+                pass
+
+
+class Borrower:
+    """Decode side, in the scheduler process: decides which requests copy
+    from their prefill's GPU blocks."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, Any] = {}
+        #: tables this instance cannot copy from (other namespaces, workers failed)
+        self._refused: dict[str, str] = {}
+        self.counters = {"pd_direct_borrowed": 0, "pd_direct_missed": 0}
+
+    def _table(self, name: str, nonce: int) -> Optional[Any]:
+        t = self._tables.get(name)
+        if t is not None and t.nonce != nonce:
+            t = None  # re-created under the same name
+        if t is None:
+            try:
+                t = _native.HoldTable.open(name)
+            except PegaflowError as e:
+                logger.debug("PegaFlow P/D: hold table %s: %s", name, e)
+                return None
+            if t.nonce != nonce:
+                return None
+            self._tables[name] = t
+            if len(self._tables) > 64:
+                self._tables.pop(next(iter(self._tables)))
+        return t
+
+    def refuse(self, name: str, why: str) -> None:
+        if name not in self._refused:
+            self._refused[name] = why
+            logger.warning(
+                "PegaFlow P/D: not copying from prefill table %s (%s); its requests load from the pool",
+                name, why,
+            )
+
+    def peek(self, ann: dict[str, Any], hashes: list[bytes], namespaces: list[int]) -> Optional[tuple[int, DirectSpec]]:
+        """``(blocks, spec)`` when this decode request can copy the first
+        ``blocks`` blocks of its prompt from its prefill's GPU."""
+        d = ann.get("direct")
+        if not isinstance(d, dict):
+            return None
+        try:
+            name = str(d["table"])
+            nonce, slot, ticket = int(d["nonce"]), int(d["slot"]), int(d["ticket"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if name in self._refused:
+            return None
+        t = self._table(name, nonce)
+        if t is None:
+            self.counters["pd_direct_missed"] += 1
+            return None
+        if list(t.namespaces) != list(namespaces):
+            self.refuse(name, "another model, KV layout or TP size: its namespaces differ")
+            return None
+        try:
+            got = t.peek(slot, ticket)
+        except PegaflowError:
+            got = None
+        if got is None or not t.creator_alive():
+            self.counters["pd_direct_missed"] += 1
+            return None
+        n, key = got
+        if n <= 0 or n > len(hashes) or hashes[n - 1] != key:
+            # not this prompt's blocks (a client reused params): never copied
+            self.counters["pd_direct_missed"] += 1
+            return None
+        self.counters["pd_direct_borrowed"] += 1
+        return n, DirectSpec(name, nonce, slot, ticket, key, 0)
+
+    def give_back(self, spec: DirectSpec, ranks: int) -> None:
+        """The request will not copy (vLLM did not schedule the load): tell
+        the prefill at once instead of letting the hold run out."""
+        t = self._tables.get(spec.table)
+        if t is None or t.nonce != spec.nonce:
+            return
+        for r in range(ranks):
+            try:
+                if t.take(spec.slot, spec.ticket, r) is not None:
+                    t.done(spec.slot, spec.ticket, r)
+            except PegaflowError:
+                pass
+
+
+class PeerCopier:
+    """Decode side, in a worker: copies lent blocks from the prefill's GPU."""
+
+    def __init__(self, kv: Any, rank: int, device: Any):
+        import torch
+
+        self._torch = torch
+        self.kv = kv
+        self.rank = rank
+        self.stream = torch.cuda.Stream(device=device)
+        self._tables: dict[str, Any] = {}
+        self._exports: dict[str, bytes] = {}
+        #: copies queued, oldest first: (start event, end event, table,
+        #: slot, ticket, trace handle, bytes). A thread waits for each and
+        #: gives its hold back as soon as the copy completed (the engine's
+        #: loop never blocks on it, and an engine that goes idle right after
+        #: still releases the prefill's blocks); the engine's thread then
+        #: collects them (``finish``) for the traces and counters.
+        self._queue: "queue.Queue[Optional[tuple[Any, ...]]]" = queue.Queue()
+        self._completed: "collections.deque[tuple[Any, ...]]" = collections.deque()
+        self._waiter = threading.Thread(target=self._wait_loop, name="pegaflow-pd-copies", daemon=True)
+        self._waiter.start()
+        #: copies done, bytes and GPU milliseconds (the copy alone, timed by
+        #: CUDA events: the hand-over rate against the GPU-to-GPU ceiling)
+        self.copies = 0
+        self.bytes = 0
+        self.gpu_ms = 0.0
+        self._logged_at = 0
+        self._queued = 0
+        self._collected = 0
+        self._handle = 0
+        #: tables whose copies cannot work here (reported to the scheduler)
+        self.failed: list[str] = []
+        self._failed_once: set[str] = set()
+
+    def _table(self, spec: DirectSpec) -> Any:
+        t = self._tables.get(spec.table)
+        if t is None or t.nonce != spec.nonce:
+            t = _native.HoldTable.open(spec.table)
+            if t.nonce != spec.nonce:
+                raise PegaflowError(f"hold table {spec.table} was re-created")
+            self._tables[spec.table] = t
+            if len(self._tables) > 64:
+                self._tables.pop(next(iter(self._tables)))
+        return t
+
+    def _export(self, key: str) -> bytes:
+        e = self._exports.get(key)
+        if e is None:
+            e = self.kv.engine.fetch_ipc(key, 5.0)
+            if e is None:
+                raise PegaflowError(f"the owner has no export under {key!r} (prefill gone, or another owner)")
+            self._exports[key] = e
+        return e
+
+    def start(self, spec: DirectSpec, block_ids: list[int], trace: Any, req_id: str) -> bool:
+        """Takes this rank's part of the hold and queues the copies; the
+        current stream waits for them. False: nothing copied (the blocks
+        are load errors)."""
+        torch = self._torch
+        t0 = time.time_ns()  # the clock of the load traces (trace.now)
+        try:
+            t = self._table(spec)
+            key = t.peer_keys[self.rank]
+            export = self._export(key)
+        except (PegaflowError, IndexError) as e:
+            self._fail(spec.table, str(e))
+            return False
+        got = t.take(spec.slot, spec.ticket, self.rank)
+        if got is None:
+            return False  # expired or given back: recompute
+        lent_key, ids = got
+        try:
+            remote = ids[spec.first : spec.first + len(block_ids)]
+            if lent_key != spec.key or len(remote) < len(block_ids):
+                raise PegaflowError("the hold changed between the scheduler's look and the copy")
+            cur = torch.cuda.current_stream()
+            # The blocks may have been another request's a moment ago: copy
+            # after the work queued so far and after saves still reading them.
+            self.stream.wait_stream(cur)
+            self.kv.fence_saves(int(self.stream.cuda_stream))
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            self.kv.pull_peer(key, export, list(zip(block_ids, remote)), int(self.stream.cuda_stream))
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(self.stream)
+            cur.wait_event(ev)
+        except PegaflowError as e:
+            t.done(spec.slot, spec.ticket, self.rank)
+            self._fail(spec.table, str(e))
+            return False
+        self._handle -= 1
+        trace.issued(self._handle, req_id, len(block_ids), self.kv.slot_bytes, t0, source="gpu")
+        nbytes = len(block_ids) * self.kv.slot_bytes
+        self._queued += 1
+        self._queue.put((start, ev, t, spec.slot, spec.ticket, self._handle, nbytes))
+        return True
+
+    def _wait_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            start, ev, t, slot, ticket, h, nbytes = item
+            try:
+                ev.synchronize()  # releases the GIL while it waits
+                ms = start.elapsed_time(ev)
+            except RuntimeError as e:  # pragma: no cover - a CUDA error: the step fails too
+                logger.error("PegaFlow P/D: waiting for a copy failed: %s", e)
+                ms = 0.0
+            try:
+                t.done(slot, ticket, self.rank)
+            except PegaflowError:
+                pass
+            self._completed.append((h, nbytes, ms))
+
+    def _fail(self, table: str, why: str) -> None:
+        if table not in self._failed_once:
+            self._failed_once.add(table)
+            self.failed.append(table)
+            logger.warning(
+                "PegaFlow P/D: copying from prefill table %s failed on TP rank %d (%s); vLLM "
+                "recomputes those blocks and later requests of that prefill load from the pool. "
+                "Both instances must run on this node, and each must see the other's GPU "
+                "(CUDA_VISIBLE_DEVICES lists it, after its own: docs/pd.md)",
+                table, self.rank, why,
+            )
+
+    def finish(self, trace: Any, wait: bool = False) -> None:
+        """Collects the copies completed since the last call (their holds
+        are given back already) for the traces and counters; ``wait``: all
+        queued copies (tests, shutdown)."""
+        if wait:
+            while self._queued > self._collected + len(self._completed):
+                time.sleep(0.001)
+        while self._completed:
+            h, nbytes, ms = self._completed.popleft()
+            self._collected += 1
+            trace.done(h, 0, gpu_ms=ms)
+            self.copies += 1
+            self.bytes += nbytes
+            self.gpu_ms += ms
+        if self.copies - self._logged_at >= 50:
+            self._logged_at = self.copies
+            logger.info("PegaFlow P/D: %s", self.summary())
+
+    def summary(self) -> str:
+        rate = self.bytes / (self.gpu_ms / 1e3) / 1e9 if self.gpu_ms > 0 else 0.0
+        return (
+            f"TP rank {self.rank} copied {self.copies} hand-overs GPU to GPU, "
+            f"{self.bytes / 1e9:.2f} GB in {self.gpu_ms:.1f} ms of copies ({rate:.1f} GB/s)"
+        )
+
+    def close(self) -> None:
+        """Stops the waiting thread after the copies queued so far."""
+        self._queue.put(None)
+        self._waiter.join(timeout=10)
+
+    def take_failed(self) -> list[str]:
+        f, self.failed = self.failed, []
+        return f
+

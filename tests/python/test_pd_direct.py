@@ -1,0 +1,229 @@
+"""The direct P/D hand-over's protocol (pegaflow.connector.direct, the hold
+table of pegaflow_shm::handover) on CPU: a prefill lends its finished
+prompt's blocks through a real shared-memory table, vLLM's real scheduler
+keeps them allocated until every decode rank is done or the hold expires,
+and a decode borrows only a hold whose key is its own prompt's.
+
+The GPU copy itself (CUDA IPC between two instances) runs on the H200s
+(scripts/gpu-pd.sh). Here the prefill's workers are CPU workers, which
+cannot export their memory, so the tests hand the scheduler the handshake
+a GPU worker sends (its peer key); a CPU decode worker then cannot copy
+either, and vLLM recomputes the blocks (the failure path, checked too)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pegaflow import _native
+from pegaflow.connector.keys import request_keys
+from pegaflow.exceptions import PegaflowError
+from test_pd import PROMPT, decode_request, through_prompt
+from test_vllm_scheduler import wait_ready
+from vllm_harness import BLOCK, make_instance, make_request, run_until_done, step, verify_blocks
+
+
+def lending_instance(model_dir, owner, tp=1, **kw):
+    """A kv_producer whose workers said they exported their caches (as GPU
+    workers do), so its scheduler lends."""
+    p = make_instance(model_dir, owner, tp=tp, role="kv_producer", handshake=False, **kw)
+    hs = {
+        (0, r): dataclasses.replace(w.get_handshake_metadata(), peer_key=f"pd/test{os.getpid()}/{r}")
+        for r, w in enumerate(p.workers)
+    }
+    p.scheduler.connector.set_xfer_handshake_metadata_pp_aware(hs)
+    assert p.connector.scheduler_side.lender.table is not None
+    return p
+
+
+def prefill(p, req_id, prompt=PROMPT):
+    """The router's prefill hop; returns the answer's kv_transfer_params
+    (the request itself stays while its blocks are lent)."""
+    r = make_request(req_id, prompt, max_tokens=1)
+    r.kv_transfer_params = {"do_remote_decode": True, "do_remote_prefill": False}
+    p.scheduler.add_request(r)
+    for _ in range(50):
+        if req_id in p.kv_transfer_params:
+            return p.kv_transfer_params[req_id]
+        step(p)
+    raise AssertionError(f"{req_id}: no answer after 50 steps")
+
+
+def lent(params):
+    d = params["pegaflow"].get("direct")
+    assert d is not None, f"nothing lent: {params}"
+    return d
+
+
+def table_of(d):
+    return _native.HoldTable.open(d["table"])
+
+
+def free_blocks(inst) -> int:
+    return inst.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def steps_until(inst, cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        step(inst)
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lent_blocks_stay_allocated_until_every_decode_rank_is_done(tiny_model_dir, owner, tp):
+    p = lending_instance(tiny_model_dir, owner, tp=tp)
+    wait_ready(p)
+    before = free_blocks(p)
+    params = prefill(p, "r1")
+    d = lent(params)
+    t = table_of(d)
+    assert t.ranks == tp and t.namespaces == p.connector.namespaces
+    n, key = t.peek(d["slot"], d["ticket"])
+    assert n == 3 and key == request_keys(make_request("k", PROMPT), BLOCK, 3)[2]
+    for _ in range(5):
+        step(p)
+    assert "r1" in p.scheduler.requests, "vLLM freed blocks a decode may still copy"
+    assert free_blocks(p) < before
+    for r in range(tp):
+        got = t.take(d["slot"], d["ticket"], r)  # what each decode worker does
+        assert got is not None and len(got[1]) == 3
+        for _ in range(3):
+            step(p)
+        if r < tp - 1:
+            assert "r1" in p.scheduler.requests, "released before every rank was done"
+        assert t.done(d["slot"], d["ticket"], r)
+    steps_until(p, lambda: "r1" not in p.scheduler.requests)
+    assert free_blocks(p) == before
+    assert t.word(d["slot"], 0)[0] == "free"
+    st = p.connector.get_scheduler_stats()
+    assert st["pd_direct_lent"] == 1 and st["pd_direct_copied"] == 1 and st["pd_direct_expired"] == 0
+
+
+def test_a_hold_no_decode_takes_expires_and_the_blocks_come_back(tiny_model_dir, owner):
+    p = lending_instance(tiny_model_dir, owner, extra={"pegaflow.pd_hold": 0.5})
+    wait_ready(p)
+    before = free_blocks(p)
+    t0 = time.monotonic()
+    d = lent(prefill(p, "e1"))
+    steps_until(p, lambda: "e1" not in p.scheduler.requests)
+    assert time.monotonic() - t0 >= 0.5
+    assert free_blocks(p) == before
+    t = table_of(d)
+    assert t.take(d["slot"], d["ticket"], 0) is None, "an expired hold was handed out"
+    assert p.connector.get_scheduler_stats()["pd_direct_expired"] == 1
+
+
+def test_a_taken_hold_outlives_its_deadline_until_the_taker_dies(tiny_model_dir, owner):
+    """A decode worker SIGKILLed mid-copy: the prefill keeps the blocks while
+    the taker lives (its copy may still read them), frees them once it is gone."""
+    p = lending_instance(tiny_model_dir, owner, extra={"pegaflow.pd_hold": 0.3})
+    wait_ready(p)
+    d = lent(prefill(p, "k1"))
+    code = (
+        "import sys, time\n"
+        "from pegaflow import _native\n"
+        f"t = _native.HoldTable.open({d['table']!r})\n"
+        f"assert t.take({d['slot']}, {d['ticket']}, 0) is not None\n"
+        "print('taken', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "taken"
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:
+            step(p)
+            time.sleep(0.01)
+        assert "k1" in p.scheduler.requests, "blocks freed under a live taker's copy"
+        assert table_of(d).word(d["slot"], 0)[:2] == ("taken", d["ticket"])
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    steps_until(p, lambda: "k1" not in p.scheduler.requests)
+    assert p.connector.get_scheduler_stats()["pd_direct_expired"] == 1
+
+
+def test_decode_borrows_only_its_own_prompt_and_recomputes_what_it_cannot_copy(tiny_model_dir, owner):
+    p = lending_instance(tiny_model_dir, owner)
+    dec = make_instance(tiny_model_dir, owner, role="kv_consumer", extra={"pegaflow.pd_wait": 0.2})
+    wait_ready(p, dec)
+    params = prefill(p, "b1")
+    d = lent(params)
+    # A client replays the params with another prompt of the same length:
+    # the key differs, nothing is borrowed (the pool path finds nothing either).
+    other = [t + 1 for t in PROMPT]
+    rx = decode_request("bx", params, prompt=other)
+    dec.scheduler.add_request(rx)
+    so = step(dec)
+    assert not [ld for ld in so.kv_connector_metadata.loads if ld.direct is not None]
+    assert table_of(d).word(d["slot"], 0)[0] == "held"
+    steps_until(dec, lambda: "bx" not in dec.scheduler.requests)
+
+    rd = decode_request("b1", params)
+    dec.scheduler.add_request(rd)
+    so = step(dec)
+    (ld,) = so.kv_connector_metadata.loads
+    assert ld.direct is not None and ld.layerwise and len(ld.block_ids) == 3
+    assert ld.direct.key == request_keys(rd, BLOCK, 3)[2] and ld.direct.first == 0
+    assert so.num_scheduled_tokens["b1"] == len(PROMPT) - 3 * BLOCK
+    # A CPU worker cannot copy from a GPU: the blocks are load errors and
+    # vLLM recomputes them; the tokens' KV is right either way.
+    through_prompt(dec, rd)
+    verify_blocks(dec, rd, len(PROMPT))
+    run_until_done(dec, ["b1"])
+    assert 0 in dec.computed["b1"], "a block nobody copied was not recomputed"
+    assert dec.connector.get_scheduler_stats()["pd_direct_borrowed"] == 1
+
+
+def test_a_decode_that_will_not_copy_gives_the_hold_back_at_once(tiny_model_dir, owner):
+    p = lending_instance(tiny_model_dir, owner, extra={"pegaflow.pd_hold": 60})
+    dec = make_instance(tiny_model_dir, owner, role="kv_consumer")
+    wait_ready(p, dec)
+    params = prefill(p, "g1")
+    d = lent(params)
+    rd = decode_request("g1", params)
+    # vLLM asks, then the request is aborted before its blocks are allocated
+    dec.connector.get_num_new_matched_tokens(rd, 0)
+    dec.connector.request_finished(rd, [])
+    assert table_of(d).word(d["slot"], 0)[0] == "done"
+    steps_until(p, lambda: "g1" not in p.scheduler.requests, timeout=5)
+
+
+def test_a_decode_of_another_model_layout_refuses_the_table(tiny_model_dir, owner):
+    p = lending_instance(tiny_model_dir, owner)
+    dec = make_instance(tiny_model_dir, owner, role="kv_consumer", tp=2)
+    wait_ready(p, dec)
+    params = prefill(p, "n1")
+    rd = decode_request("n1", params)
+    dec.scheduler.add_request(rd)
+    so = step(dec)
+    assert not [ld for ld in so.kv_connector_metadata.loads if ld.direct is not None]
+    assert lent(params)["table"] in dec.connector.scheduler_side.borrower._refused
+
+
+def test_hold_table_refuses_bad_names_garbage_and_a_second_producer(tmp_path):
+    name = "pegaflow-pd-" + "ab" * 16
+    spec = dict(capacity=2, max_blocks=4, namespaces=[5], peer_keys=["pd/x/0"], dir=str(tmp_path))
+    t = _native.HoldTable.create(name, **spec)
+    with pytest.raises(PegaflowError, match="live process"):
+        _native.HoldTable.create(name, **spec)
+    for bad in ("../../etc/passwd", "pegaflow-pd-xyz", "pool"):
+        with pytest.raises(PegaflowError, match="not one PegaFlow makes"):
+            _native.HoldTable.open(bad, dir=str(tmp_path))
+    with pytest.raises(PegaflowError, match="out of range"):
+        t.hold(7, 1, b"k" * 32, [1])
+    with pytest.raises(PegaflowError, match="do not fit"):
+        t.hold(0, 1, b"k" * 32, [1] * 5)
+    with pytest.raises(PegaflowError, match="32 bytes"):
+        t.hold(0, 1, b"short", [1])
+    (tmp_path / ("pegaflow-pd-" + "cd" * 16)).write_bytes(b"\xff" * 4096)
+    with pytest.raises(PegaflowError, match="not usable"):
+        _native.HoldTable.open("pegaflow-pd-" + "cd" * 16, dir=str(tmp_path))
