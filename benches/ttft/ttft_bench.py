@@ -563,6 +563,9 @@ def main() -> int:
     ap.add_argument("--kv-cache-memory-bytes", type=int,
                     help="KV cache size (required on CPU; --small: 1 GiB)")
     ap.add_argument("--no-enforce-eager", action="store_true", help="let vLLM compile and capture graphs (slow start)")
+    ap.add_argument("--compilation-config", help="vLLM's compilation_config as JSON (with --no-enforce-eager), e.g. "
+                    "'{\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\", \"cudagraph_capture_sizes\": [1, 2, 4, 8]}': "
+                    "full CUDA graphs without torch.compile (a quick start)")
     ap.add_argument("--phases", help="comma-separated subset of base,offload,pega,pega-restart,peer,pcie")
     ap.add_argument("--decode", action="store_true", help="also the decode phases (TPOT while others save and load)")
     ap.add_argument("--decoders", type=int, default=16, help="--decode: running decodes")
@@ -660,6 +663,8 @@ def main() -> int:
         llm["attention_backend"] = args.attention_backend
     if args.kv_cache_memory_bytes:
         llm["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
+    if args.compilation_config:
+        llm["compilation_config"] = json.loads(args.compilation_config)
 
     all_phases = ["pcie", "base", "offload", "pega", "pega-restart", "peer"]
     phases = args.phases.split(",") if args.phases else list(all_phases)

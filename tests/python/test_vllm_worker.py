@@ -199,3 +199,40 @@ def test_a_discarding_restart_never_loads_another_keys_bytes(tiny_model_dir, own
     b.scheduler.update_from_output(so, mro)
     run_until_done(b, ["b1"])
     assert all(p in b.computed["b1"] for p in range(len(PROMPT))), "failed blocks recomputed"
+
+
+def test_steps_vllm_may_replay_as_a_full_cuda_graph_wait_for_their_whole_load(tiny_model_dir, owner):
+    """A full CUDA graph replays attention without the connector's per-layer
+    hooks (vLLM's KVConnectorBase_V1.requires_piecewise_for_cudagraph): a
+    step that may run as one waits for its whole load before the forward.
+    Which steps: from vLLM's own cudagraph modes, and the scheduler's
+    largest query of the step."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    from pegaflow.connector.worker import GraphReplay
+
+    inst = make_instance(tiny_model_dir, owner)
+    vc = inst.vllm_config
+
+    def replay(mode, q, spec=0):
+        vc.compilation_config.cudagraph_mode = mode
+        vc.speculative_config = type("Spec", (), {"num_speculative_tokens": spec})() if spec else None
+        try:
+            return GraphReplay.from_vllm(vc).may_replay_full(q)
+        finally:
+            vc.speculative_config = None
+
+    assert not replay(CUDAGraphMode.NONE, 1)
+    assert not replay(CUDAGraphMode.PIECEWISE, 1)
+    assert replay(CUDAGraphMode.FULL, 1) and replay(CUDAGraphMode.FULL, 500)
+    for mode in (CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_AND_PIECEWISE):
+        assert replay(mode, 1), mode
+        assert not replay(mode, 2), mode  # a mixed batch runs piecewise: the hooks run
+        assert replay(mode, 3, spec=2), mode  # uniform decode with 2 speculative tokens
+    # the scheduler tells the workers each step's largest query
+    r = make_request("q1", PROMPT)
+    inst.scheduler.add_request(r)
+    so = step(inst)
+    assert so.kv_connector_metadata.max_query_len == len(PROMPT)
+    so = step(inst)
+    assert so.kv_connector_metadata.max_query_len == 1

@@ -58,7 +58,7 @@ from pegaflow.connector.namespace import (
 from pegaflow.connector import groups as hma
 from pegaflow.connector.scheduler import SchedulerSide
 from pegaflow.connector.trace import PegaWorkerMeta
-from pegaflow.connector.worker import WorkerSide
+from pegaflow.connector.worker import GraphReplay, WorkerSide
 from pegaflow.exceptions import ConfigError
 
 try:  # vLLM >= 0.26
@@ -163,6 +163,7 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
                 worker_tp_rank(vllm_config),
                 layout,
                 role=str(getattr(ktc, "kv_role", None) or "kv_both"),
+                graphs=GraphReplay.from_vllm(vllm_config),
             )
 
     def _init_hybrid(
@@ -218,7 +219,10 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
         else:
             rank = worker_tp_rank(vllm_config)
             sides = [
-                WorkerSide(cfg, g.shape, kv_cache_config, group_ns[i], rank, layout, group=g.index)
+                WorkerSide(
+                    cfg, g.shape, kv_cache_config, group_ns[i], rank, layout, group=g.index,
+                    graphs=GraphReplay.from_vllm(vllm_config),
+                )
                 for i, g in enumerate(groups)
             ]
             self.worker_side = hma.GroupedWorker(sides, rank, layout)  # type: ignore[assignment]

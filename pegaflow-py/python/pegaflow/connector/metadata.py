@@ -78,6 +78,10 @@ class PegaConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     #: the scheduler's number of this step; workers echo it back
     step: int = 0
+    #: most tokens any request computes in this step (1: a batch vLLM may
+    #: run as a uniform-decode CUDA graph, whose replay skips the per-layer
+    #: load waits; see WorkerSide.start_load_kv)
+    max_query_len: int = 0
     #: P/D prefill: requests whose GPU blocks were lent this step (workers
     #: hold their finished_sending), and those whose holds are over
     pd_holds: list[str] = field(default_factory=list)

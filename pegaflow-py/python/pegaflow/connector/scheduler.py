@@ -413,6 +413,7 @@ class SchedulerSide(GroupScheduling):
             self._steps_loading.append((self._step_seq, self._step_loading))
         self._step_loading = []
         self._last_scheduled = set(scheduler_output.num_scheduled_tokens)
+        meta.max_query_len = max(scheduler_output.num_scheduled_tokens.values(), default=0)
         if not self.cfg.save:
             return meta
         nst = scheduler_output.num_scheduled_tokens

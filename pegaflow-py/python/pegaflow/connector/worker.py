@@ -32,6 +32,7 @@ and logged. No PegaFlow exception leaves the per-step methods.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -52,6 +53,30 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = get_logger("pegaflow.connector")
 
 
+@dataclass(frozen=True)
+class GraphReplay:
+    """Which steps vLLM may replay as a full CUDA graph (its
+    ``compilation_config.cudagraph_mode``): ``mixed`` any batch, ``decode``
+    uniform-decode batches (every request computing ``uniform_q`` tokens)."""
+
+    mixed: bool = False
+    decode: bool = False
+    uniform_q: int = 1
+
+    @classmethod
+    def from_vllm(cls, vllm_config: Any) -> "GraphReplay":
+        mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+        if mode is None or not hasattr(mode, "has_full_cudagraphs") or not mode.has_full_cudagraphs():
+            return cls()
+        full = type(mode).FULL
+        spec = getattr(vllm_config, "speculative_config", None)
+        k = int(getattr(spec, "num_speculative_tokens", 0) or 0) if spec is not None else 0
+        return cls(mixed=mode.mixed_mode() == full, decode=mode.decode_mode() == full, uniform_q=1 + k)
+
+    def may_replay_full(self, max_query_len: int) -> bool:
+        return self.mixed or (self.decode and max_query_len <= self.uniform_q)
+
+
 class WorkerSide:
     """Worker-role state of one TP rank."""
 
@@ -65,9 +90,12 @@ class WorkerSide:
         layout: str,
         group: int = 0,
         role: str = "kv_both",
+        graphs: "Optional[GraphReplay]" = None,
     ):
         self.cfg = cfg
         self.role = role
+        #: which steps vLLM may run as a full CUDA graph (see start_load_kv)
+        self.graphs = graphs or GraphReplay()
         #: vLLM's KV cache group this side copies (hybrid models: one
         #: WorkerSide per group, see .groups; loads and saves of other
         #: groups are not its own)
@@ -243,6 +271,17 @@ class WorkerSide:
                 self._layerwise_pending = True
             else:
                 self._load_handles[h] = ld.req_id
+        if self._layerwise_pending and self._device_is_cuda and self.graphs.may_replay_full(meta.max_query_len):
+            # A full CUDA graph replays attention without calling
+            # wait_for_layer_load: the forward would read blocks still being
+            # copied. Such a step waits for its whole load before it starts.
+            cur = self._stream()
+            try:
+                for layer in range(self.kv.num_segments):
+                    self.kv.stream_wait_layer(layer, cur)
+            except PegaflowError as e:
+                logger.warning("PegaFlow could not order the step after its loads: %s", e)
+                self._load_errors.update(b for ld in meta.loads if ld.layerwise for b in ld.block_ids)
 
     def _start_direct(self, ld: Any) -> None:
         if self._peer is None or not self._peer.start(ld.direct, ld.block_ids, self.trace, ld.req_id):
