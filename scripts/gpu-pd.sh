@@ -3,7 +3,9 @@
 # with the vLLM 0.25.0 bundle of ../shared/gpu-vllm, in one command:
 # pegaflow-owner, vLLM kv_producer on GPU0, kv_consumer on GPU1 and
 # pegaflow-router; tokens checked against a single instance; then 1P+1D
-# against DP2 at a steady rate. docs/pd.md and docs/benchmarks.md say more.
+# against DP2 at a steady rate. Before the bench, tests/e2e/gpu_pd_direct.py
+# checks the direct GPU-to-GPU hand-over byte for byte between two processes
+# (PD_SKIP_BYTES=1 skips it). docs/pd.md and docs/benchmarks.md say more.
 #
 # Here (PyPI reachable), once per change of the owner or pegaflow-py:
 #   bash ../shared/gpu-vllm/build_bundle.sh .vbundle/vllm-0.25.0-h200-py312.tar.xz   # ~2 min, once
@@ -77,6 +79,12 @@ run() {
     echo "cores: $(nproc), memory: $(free -g | awk '/Mem:/{print $2}') GiB;" \
         "/dev/shm: $(df -h /dev/shm | awk 'NR==2{print $4}') free"
     "$PY" -c "import torch; assert torch.cuda.device_count() >= 2, 'needs 2 GPUs'"
+
+    if [[ "${PD_SKIP_BYTES:-0}" != 1 ]]; then
+        # the direct hand-over byte for byte between two processes (tests/e2e/gpu_pd_direct.py)
+        timeout -k 10 300 "$PY" tests/e2e/gpu_pd_direct.py --owner-bin "$PWD/$B/pegaflow-owner" || rc=$?
+        [[ $rc == 0 ]] || { echo "gpu-pd: the direct hand-over test failed (exit $rc)"; return $rc; }
+    fi
 
     timeout -k 10 "${PD_TIMEOUT:-540}" "$PY" benches/pd/pd_bench.py --attention-backend TRITON_ATTN \
         --owner-bin "$PWD/$B/pegaflow-owner" --workdir "$WORK" --json-out "$OUT/pd.json" "$@" || rc=$?

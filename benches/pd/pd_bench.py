@@ -209,7 +209,7 @@ def wait_healthy(procs: list[tuple[Proc, str]], timeout: float) -> None:
         time.sleep(0.5)
 
 
-def vllm_serve(args, name: str, gpu: int, port: int, work: Path, ktc: dict | None) -> Proc:
+def vllm_serve(args, name: str, gpu: int | str, port: int, work: Path, ktc: dict | None) -> Proc:
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(args.model_dir),
            "--served-model-name", "m", "--port", str(port), "--host", "127.0.0.1",
            "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "bfloat16",
@@ -361,6 +361,40 @@ def scrape(url: str, words: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+def handover_traces(log_path: Path, tag: str) -> dict:
+    """The decode's load traces (pegaflow.trace_sample_rate 1) of the
+    benchmark's requests: how many copied their prefill's GPU blocks, and
+    the copies' own GPU time (CUDA events) and bytes."""
+    import re
+
+    gpu_ms, nbytes, gpu, pool, failed = [], 0, 0, 0, 0
+    pat = re.compile(r'\{"event": "pegaflow\.load".*\}')
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = pat.search(line)
+        if not m:
+            continue
+        try:
+            t = json.loads(m.group(0))
+        except ValueError:
+            continue
+        if tag not in t.get("req_id", ""):
+            continue
+        failed += t.get("failed_blocks", 0)
+        cs = t.get("copies", [])
+        if cs and all(c.get("source") == "gpu" for c in cs):
+            gpu += 1
+            gpu_ms.append(max(c.get("gpu_ms", 0.0) for c in cs))
+            nbytes += sum(c.get("bytes", 0) for c in cs)
+        else:
+            pool += 1
+    out = {"loads_from_gpu": gpu, "loads_from_pool": pool, "load_failed_blocks": failed}
+    if gpu_ms and sum(gpu_ms) > 0:
+        out["handover_copy_ms_median"] = statistics.median(gpu_ms)
+        out["handover_copy_ms_p99"] = pct(gpu_ms, 99)
+        out["handover_copy_GBps"] = nbytes / (sum(gpu_ms) / 1e3) / 1e9
+    return out
+
+
 # -------------------------------------------------------------------- main
 
 def main() -> int:
@@ -379,6 +413,9 @@ def main() -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     ap.add_argument("--pool-size", default="32g")
     ap.add_argument("--phases", default="ceilings,pd,dp2")
+    ap.add_argument("--pd-direct", choices=("on", "off"), default="on",
+                    help="on: the decode copies the prefill's GPU blocks directly (pegaflow.pd_direct); "
+                         "off: through the pool")
     ap.add_argument("--start-timeout", type=float, default=240)
     ap.add_argument("--workdir", default="/tmp/pd-bench")
     ap.add_argument("--json-out")
@@ -425,14 +462,18 @@ def main() -> int:
                 raise SystemExit(f"owner did not start:\n{owner.tail()}")
             time.sleep(0.1)
         log(f"owner up in {time.monotonic() - t:.1f} s")
-        extra = {"pegaflow.name": name, "pegaflow.socket": sock}
+        extra = {"pegaflow.name": name, "pegaflow.socket": sock, "pegaflow.pd_direct": args.pd_direct == "on"}
         pp, dp, rp = free_port(), free_port(), free_port()
         base = {"kv_connector": "PegaKVConnector", "kv_connector_module_path": "pegaflow.connector",
                 "kv_connector_extra_config": extra, "kv_load_failure_policy": "recompute"}
         procs = [owner]
         try:
-            P = vllm_serve(args, "prefill", 0, pp, work, {**base, "kv_role": "kv_producer"})
-            D = vllm_serve(args, "decode", 1, dp, work, {**base, "kv_role": "kv_consumer"})
+            # Each instance sees the other's GPU after its own (docs/pd.md):
+            # a CUDA IPC import needs the exporting GPU to be visible.
+            D_extra = {**extra, "pegaflow.trace_sample_rate": 1.0}
+            P = vllm_serve(args, "prefill", "0,1", pp, work, {**base, "kv_role": "kv_producer"})
+            D = vllm_serve(args, "decode", "1,0", dp, work,
+                           {**base, "kv_role": "kv_consumer", "kv_connector_extra_config": D_extra})
             procs += [P, D]
             t = time.monotonic()
             wait_healthy([(P, f"http://127.0.0.1:{pp}"), (D, f"http://127.0.0.1:{dp}")], args.start_timeout)
@@ -470,6 +511,8 @@ def main() -> int:
                 result["pd"]["decode_side_ms_median"] = med * 1e3
                 result["pd"]["decode_side_ms_p99"] = pct(side, 99) * 1e3
                 result["pd"]["handover_GBps_lower_bound"] = handover_bytes / med / 1e9
+            result["pd"].update(handover_traces(D.log, "pd-"))
+            result["pd"]["direct"] = args.pd_direct
             log(f"P/D: {json.dumps(result['pd'])}")
         finally:
             for pr in reversed(procs):
@@ -538,6 +581,15 @@ def report(r: dict) -> None:
         if "load_copy_GBps" in s:
             print(f"owner's counters: decode loads at {s['load_copy_GBps']:.1f} GB/s, prefill saves at "
                   f"{s.get('save_copy_GBps', 0):.1f} GB/s (bytes / copy seconds)")
+        if "loads_from_gpu" in s:
+            print(f"decode loads: {s['loads_from_gpu']} copied from the prefill's GPU, {s['loads_from_pool']} "
+                  f"from the pool, {s['load_failed_blocks']} blocks failed (recomputed)")
+        if "handover_copy_GBps" in s:
+            line = (f"GPU-to-GPU copies: {f(s['handover_copy_ms_median'], '{:.2f}')} ms median, "
+                    f"{f(s['handover_copy_ms_p99'], '{:.2f}')} p99 per request, {s['handover_copy_GBps']:.0f} GB/s")
+            if c:
+                line += f" = {s['handover_copy_GBps'] / c['gpu0_to_gpu1_GBps']:.0%} of the GPU0->GPU1 ceiling"
+            print(line)
         if c:
             print(f"ceilings: GPU0->GPU1 {c['gpu0_to_gpu1_GBps']:.0f} GB/s (peer access {c['peer_access']}), "
                   f"GPU->host {c['gpu_to_host_GBps']:.0f}, host->GPU {c['host_to_gpu_GBps']:.0f}; handover at "
