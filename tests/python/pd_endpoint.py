@@ -11,7 +11,11 @@ decode instance (JSON or an SSE stream), and appends every request it gets
 ``--gate FILE``: a stream waits after its first chunk until FILE exists (the
 test proves the router passes chunks through as they come). ``--die-after K``:
 the process SIGKILLs itself after sending K chunks of a stream. ``--status S``:
-every completion request is answered with status S.
+every completion request is answered with status S. ``return_token_ids`` in
+a request is honoured as vLLM does (the prompt's ids, a string prompt's
+being its characters' codes, and each chunk's token ids; the prefill's token
+is 900, the decode's i-th 100 + i) unless ``--no-token-ids`` (an older
+vLLM); ``--first-finish R``: the prefill's finish_reason (default length).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main() -> None:
     p.add_argument("--gate", default="")
     p.add_argument("--die-after", type=int, default=-1)
     p.add_argument("--status", type=int, default=200)
+    p.add_argument("--no-token-ids", action="store_true")
+    p.add_argument("--first-finish", default="length")
     a = p.parse_args()
 
     def record(request: web.Request, body: dict) -> None:
@@ -60,17 +66,28 @@ def main() -> None:
                 status=a.status,
             )
         chat = request.path.endswith("chat/completions")
+        ids = body.get("return_token_ids") and not a.no_token_ids and not chat
+        prompt = body.get("prompt")
+        prompt_ids = [ord(ch) for ch in prompt] if isinstance(prompt, str) else prompt
         if a.role == "prefill":
-            return web.json_response({
-                "id": f"cmpl-{rid}",
-                "choices": [{"index": 0, "text": "P", "finish_reason": "length"}],
-                "kv_transfer_params": {"do_remote_prefill": True, "pegaflow": {"from": rid, "blocks": 3}},
-            }, headers={"X-Request-Id": rid})
-        pieces = [f"tok{i}" for i in range(a.chunks)]
+            choice = {"index": 0, "text": "P", "finish_reason": a.first_finish}
+            if ids:
+                choice.update(prompt_token_ids=prompt_ids, token_ids=[900])
+            ans = {"id": f"cmpl-{rid}", "created": 7, "model": "stand-in", "choices": [choice]}
+            if body.get("kv_transfer_params"):
+                ans["kv_transfer_params"] = {"do_remote_prefill": True, "pegaflow": {"from": rid, "blocks": 3}}
+            return web.json_response(ans, headers={"X-Request-Id": rid})
+        n = min(a.chunks, body["max_tokens"]) if isinstance(body.get("max_tokens"), int) else a.chunks
+        pieces = [f"tok{i}" for i in range(n)]
+        usage = {"prompt_tokens": len(prompt_ids or []), "completion_tokens": n,
+                 "total_tokens": len(prompt_ids or []) + n}
         if not body.get("stream"):
             text = "".join(pieces)
             choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
-            return web.json_response({"id": f"cmpl-{rid}", "choices": [choice]}, headers={"X-Request-Id": rid})
+            if ids:
+                choice.update(prompt_token_ids=prompt_ids, token_ids=[100 + i for i in range(n)])
+            return web.json_response({"id": f"cmpl-{rid}", "choices": [choice], "usage": usage},
+                                     headers={"X-Request-Id": rid})
         out = web.StreamResponse(headers={"X-Request-Id": rid})
         out.content_type = "text/event-stream"
         await out.prepare(request)
@@ -78,10 +95,16 @@ def main() -> None:
             if i == a.die_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             delta = {"delta": {"content": t}} if chat else {"text": t}
+            if ids:
+                delta["token_ids"] = [100 + i]
+                if i == 0:
+                    delta["prompt_token_ids"] = prompt_ids
             await out.write(f"data: {json.dumps({'id': f'cmpl-{rid}', 'choices': [dict(index=0, **delta)]})}\n\n".encode())
             if i == 0 and a.gate:
                 while not os.path.exists(a.gate):
                     await asyncio.sleep(0.01)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await out.write(f"data: {json.dumps({'id': f'cmpl-{rid}', 'choices': [], 'usage': usage})}\n\n".encode())
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out

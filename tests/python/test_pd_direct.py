@@ -227,3 +227,23 @@ def test_hold_table_refuses_bad_names_garbage_and_a_second_producer(tmp_path):
     (tmp_path / ("pegaflow-pd-" + "cd" * 16)).write_bytes(b"\xff" * 4096)
     with pytest.raises(PegaflowError, match="not usable"):
         _native.HoldTable.open("pegaflow-pd-" + "cd" * 16, dir=str(tmp_path))
+
+
+def test_a_decode_continuing_after_the_prefills_token_borrows_too(tiny_model_dir, owner):
+    """pegaflow-router sends the decode the prompt plus the prefill's token
+    (pegaflow.router.first_token): the same lent blocks, one token more."""
+    p = lending_instance(tiny_model_dir, owner)
+    dec = make_instance(tiny_model_dir, owner, role="kv_consumer")
+    wait_ready(p, dec)
+    params = prefill(p, "c1")
+    rd = decode_request("c1", params, prompt=PROMPT + [777])
+    dec.scheduler.add_request(rd)
+    so = step(dec)
+    (ld,) = so.kv_connector_metadata.loads
+    assert ld.direct is not None and len(ld.block_ids) == 3
+    assert so.num_scheduled_tokens["c1"] == len(PROMPT) + 1 - 3 * BLOCK
+    # two tokens more is another prompt: nothing borrowed
+    r2 = decode_request("c2", prefill(p, "c2x"), prompt=PROMPT + [777, 778])
+    dec.scheduler.add_request(r2)
+    so = step(dec)
+    assert not [x for x in so.kv_connector_metadata.loads if x.req_id == "c2" and x.direct is not None]

@@ -102,9 +102,10 @@ def post(port: int, path: str, body: dict, headers: dict | None = None, timeout:
 
 
 def test_completion_goes_prefill_then_decode_with_ids_and_params(pd):
+    """--first-token decode: the decode computes the first token again."""
     endpoint, router = pd
     p, d = endpoint("prefill"), endpoint("decode")
-    r = router([p], [d])
+    r = router([p], [d], "--first-token", "decode")
     c, resp = post(r.port, "/v1/completions",
                    {"model": "m", "prompt": [1, 2, 3], "max_tokens": 7, "min_tokens": 2,
                     "stream_options": {"include_usage": True}},
@@ -148,13 +149,19 @@ def test_stream_passes_chunks_through_as_they_come(pd, tmp_path, path):
     gate = tmp_path / "gate"
     p, d = endpoint("prefill"), endpoint("decode", "--gate", str(gate))
     r = router([p], [d])
-    body = {"model": "m", "stream": True, "max_tokens": 4}
-    body.update({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"})
+    chat = "chat" in path
+    # (completions: the prefill's token comes first, the decode makes 4 more)
+    body = {"model": "m", "stream": True, "max_tokens": 4 if chat else 5}
+    body.update({"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"})
     c, resp = post(r.port, path, body, {"X-Request-Id": "s1"})
     assert resp.status == 200
     assert resp.getheader("Content-Type").startswith("text/event-stream")
     assert resp.getheader("X-Request-Id") == "s1"
     first = resp.readline()
+    if not chat:
+        assert b'"text": "P"' in first, "the prefill's token first"
+        assert resp.readline() == b"\n"
+        first = resp.readline()
     # The decode holds its second chunk until the gate opens: the client
     # having the first one proves the router did not buffer the stream.
     assert first.startswith(b"data: ") and b"tok0" in first
@@ -289,6 +296,7 @@ def test_client_leaving_mid_stream_does_not_mark_the_decode_down(pd, tmp_path):
     p, d = endpoint("prefill"), endpoint("decode", "--gate", str(gate))
     r = router([p], [d], "--health-interval", "60")  # only the hop's own verdict counts
     c, resp = post(r.port, "/v1/completions", {"model": "m", "prompt": "x", "stream": True})
+    assert b'"text": "P"' in resp.readline() and resp.readline() == b"\n"  # the prefill's token
     assert b"tok0" in resp.readline()
     c.sock.shutdown(socket.SHUT_RDWR)
     c.close()
@@ -301,3 +309,97 @@ def test_client_leaving_mid_stream_does_not_mark_the_decode_down(pd, tmp_path):
     c, resp = post(r.port, "/v1/completions", {"model": "m", "prompt": "x"})
     assert resp.status == 200
     resp.read()
+
+
+def read_events(resp) -> list[dict]:
+    out = []
+    for ev in resp.read().split(b"\n\n"):
+        ev = ev.strip()
+        if ev.startswith(b"data: ") and ev != b"data: [DONE]":
+            out.append(json.loads(ev[6:]))
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_prefills_token_is_the_clients_first_and_the_decode_continues_from_it(pd, stream):
+    endpoint, router = pd
+    p, d = endpoint("prefill"), endpoint("decode")
+    r = router([p], [d])
+    body = {"model": "m", "prompt": "hey", "max_tokens": 4, "min_tokens": 2, "stream": stream,
+            "return_token_ids": True, "stream_options": {"include_usage": True} if stream else None}
+    c, resp = post(r.port, "/v1/completions", body, {"X-Request-Id": "ft-1"})
+    assert resp.status == 200
+    (pr,) = seen(p)
+    assert pr["body"]["return_token_ids"] is True and pr["body"]["max_tokens"] == 1
+    if stream:
+        evs = read_events(resp)
+        first = evs[0]["choices"][0]
+        assert first["text"] == "P" and first["token_ids"] == [900]
+        assert first["prompt_token_ids"] == [ord(ch) for ch in "hey"], "the client's prompt, not the decode's"
+        rest = [e["choices"][0] for e in evs[1:] if e["choices"]]
+        assert "".join(ch["text"] for ch in rest) == "tok0tok1tok2"
+        assert all("prompt_token_ids" not in ch for ch in rest)
+        assert [t for ch in rest for t in ch["token_ids"]] == [100, 101, 102]
+        assert {e["id"] for e in evs} == {"cmpl-ft-1"}, "one completion's id throughout"
+        (usage,) = [e["usage"] for e in evs if e.get("usage")]
+        assert usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    else:
+        ans = json.loads(resp.read())
+        ch = ans["choices"][0]
+        assert ch["text"] == "Ptok0tok1tok2" and ch["token_ids"] == [900, 100, 101, 102]
+        assert ch["prompt_token_ids"] == [ord(x) for x in "hey"]
+        assert ans["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        assert "kv_transfer_params" not in ans
+    (dr,) = seen(d)
+    # the decode continues after the prefill's token, with what the prefill lent
+    assert dr["body"]["prompt"] == [ord(x) for x in "hey"] + [900]
+    assert dr["body"]["max_tokens"] == 3 and dr["body"]["min_tokens"] == 1
+    assert dr["body"]["kv_transfer_params"] == {"do_remote_prefill": True, "pegaflow": {"from": "ft-1", "blocks": 3}}
+
+
+def test_token_ids_stay_out_of_an_answer_that_did_not_ask_for_them(pd):
+    endpoint, router = pd
+    p, d = endpoint("prefill"), endpoint("decode")
+    r = router([p], [d])
+    c, resp = post(r.port, "/v1/completions", {"model": "m", "prompt": [5, 6], "max_tokens": 3, "stream": True})
+    evs = read_events(resp)
+    assert [e["choices"][0]["text"] for e in evs] == ["P", "tok0", "tok1"]
+    assert not any("token_ids" in e["choices"][0] or "prompt_token_ids" in e["choices"][0] for e in evs)
+
+
+@pytest.mark.parametrize("case", ["max_tokens_1", "stopped"])
+def test_a_request_its_first_token_ends_is_answered_by_the_prefill_alone(pd, case):
+    endpoint, router = pd
+    p = endpoint("prefill", *(["--first-finish", "stop"] if case == "stopped" else []))
+    d = endpoint("decode")
+    r = router([p], [d])
+    mt = 1 if case == "max_tokens_1" else 5
+    c, resp = post(r.port, "/v1/completions",
+                   {"model": "m", "prompt": [1, 2], "max_tokens": mt, "stream": True,
+                    "stream_options": {"include_usage": True}})
+    evs = read_events(resp)
+    assert evs[0]["choices"][0]["text"] == "P"
+    assert evs[0]["choices"][0]["finish_reason"] == ("length" if case == "max_tokens_1" else "stop")
+    assert evs[-1]["usage"]["completion_tokens"] == 1
+    assert seen(d) == [], "no decode hop for a finished request"
+    (pr,) = seen(p)
+    # nothing to lend for a request no decode continues
+    assert ("kv_transfer_params" in pr["body"]) == (case == "stopped")
+
+
+@pytest.mark.parametrize("why", ["chat", "stop", "logprobs", "n", "echo", "old-vllm"])
+def test_requests_the_first_token_cannot_carry_keep_the_plain_path(pd, why):
+    endpoint, router = pd
+    p = endpoint("prefill", *(["--no-token-ids"] if why == "old-vllm" else []))
+    d = endpoint("decode")
+    r = router([p], [d])
+    path = "/v1/chat/completions" if why == "chat" else "/v1/completions"
+    body = {"model": "m", "max_tokens": 3}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if why == "chat" else {"prompt": [1, 2]})
+    body.update({"stop": ["x"]} if why == "stop" else {"logprobs": 1} if why == "logprobs" else
+                {"n": 2} if why == "n" else {"echo": True} if why == "echo" else {})
+    c, resp = post(r.port, path, body)
+    assert resp.status == 200
+    (dr,) = seen(d)
+    assert dr["body"]["max_tokens"] == 3, "the decode computes the first token itself"
+    assert dr["body"].get("prompt", [1, 2]) == [1, 2]

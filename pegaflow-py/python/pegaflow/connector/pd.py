@@ -66,6 +66,17 @@ def remote_prefill(request: "Request") -> Optional[dict[str, Any]]:
     return ours
 
 
+def announced_for(ann: dict[str, Any], request: "Request") -> bool:
+    """Whether a prefill's announcement is this request's: its prompt, or
+    its prompt plus the token the prefill sampled (pegaflow-router sends
+    the decode that continuation, see pegaflow.router.first_token)."""
+    try:
+        tokens = int(ann.get("tokens", -1))
+    except (TypeError, ValueError):
+        return False
+    return tokens in (request.num_prompt_tokens, request.num_prompt_tokens - 1)
+
+
 def wants_remote_decode(request: "Request") -> bool:
     p = getattr(request, "kv_transfer_params", None)
     return isinstance(p, dict) and bool(p.get("do_remote_decode"))
@@ -132,10 +143,9 @@ class PdRoles:
             return False
         try:
             want = min(int(ann.get("blocks", 0)), max_blocks)
-            tokens = int(ann.get("tokens", -1))
         except (TypeError, ValueError):
             return False
-        if tokens != request.num_prompt_tokens:
+        if not announced_for(ann, request):
             # Not this prompt's prefill (a client reused params): the keys
             # still decide what is loaded; only the wait is skipped.
             return False

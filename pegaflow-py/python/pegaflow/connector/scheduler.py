@@ -49,7 +49,7 @@ from pegaflow.connector.groups import GroupScheduling
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from pegaflow.connector.direct import Borrower, DirectSpec, Lender
-from pegaflow.connector.pd import PdRoles, remote_prefill, wants_remote_decode
+from pegaflow.connector.pd import PdRoles, announced_for, remote_prefill, wants_remote_decode
 from pegaflow.connector.ssd import SsdStager
 from pegaflow.connector.trace import LoadTracer
 from pegaflow.exceptions import ConfigError, PegaflowError
@@ -299,7 +299,7 @@ class SchedulerSide(GroupScheduling):
         """A decode request whose prefill lent its GPU blocks copies them
         from there (in the step that computes the rest of its prompt)."""
         ann = remote_prefill(st.request) if self.borrower is not None else None
-        if ann is None or ann.get("tokens") != st.request.num_prompt_tokens:
+        if ann is None or not announced_for(ann, st.request):
             return False
         got = self.borrower.peek(ann, hashes, self.namespaces)  # type: ignore[union-attr]
         if got is None:
@@ -547,10 +547,11 @@ class SchedulerSide(GroupScheduling):
 
 
 def _finished_normally(request: "Request") -> bool:
-    """Finished by its length cap or a stop (a prefill's max_tokens 1), not
-    aborted or errored."""
+    """Finished by its length cap (a prefill's max_tokens 1): a decode
+    continues it. Not when stopped (its first token ended it: no decode
+    comes), aborted or errored."""
     try:
         from vllm.v1.request import RequestStatus
     except ImportError:  # pragma: no cover
         return True
-    return request.status in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+    return request.status == RequestStatus.FINISHED_LENGTH_CAPPED

@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from pegaflow.router import first_token
+
 try:
     import aiohttp
     from aiohttp import web
@@ -78,6 +80,9 @@ class RouterConfig:
     connect_timeout: float = 5.0
     #: seconds an instance may send nothing before the hop fails
     read_timeout: float = 300.0
+    #: completions: the prefill's token is the client's first, the decode
+    #: continues from it (see first_token); False: the decode computes it
+    first_token: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,10 +198,18 @@ class Router:
         return h
 
     async def _prefill(
-        self, path: str, body: dict[str, Any], headers: dict[str, str]
-    ) -> tuple[Optional[web.Response], Optional[dict[str, Any]]]:
+        self,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        token_ids: bool = False,
+        remote_decode: bool = True,
+    ) -> tuple[Optional[web.Response], Optional[dict[str, Any]], Optional[dict[str, Any]]]:
         """Runs the prefill hop; returns (an answer for the client, or None
-        to go on) and the kv_transfer_params to hand to the decode side."""
+        to go on), the kv_transfer_params to hand to the decode side and the
+        prefill's whole answer. ``token_ids``: ask for the prompt's and the
+        token's ids (first_token); ``remote_decode``: False when no decode
+        hop follows (nothing to lend or pin)."""
         pbody = dict(body)
         pbody["max_tokens"] = 1
         if "max_completion_tokens" in pbody:
@@ -205,13 +218,18 @@ class Router:
         pbody["n"] = 1
         for k in ("stream_options", "min_tokens"):
             pbody.pop(k, None)
-        pbody["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+        if token_ids:
+            pbody["return_token_ids"] = True
+        if remote_decode:
+            pbody["kv_transfer_params"] = {"do_remote_decode": True, "do_remote_prefill": False}
+        else:
+            pbody.pop("kv_transfer_params", None)
         tried: set[str] = set()
         rid = headers["X-Request-Id"]
         while True:
             ep = self._pick(self.prefill, tried)
             if ep is None:
-                return self._side_down("prefill", tried, rid), None
+                return self._side_down("prefill", tried, rid), None, None
             tried.add(ep.url)
             ep.in_flight += 1
             try:
@@ -229,6 +247,7 @@ class Router:
                                 headers={"X-Request-Id": rid},
                             ),
                             None,
+                            None,
                         )
             except (HopError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 self._mark_down(ep, f"prefill hop failed: {type(e).__name__}: {e}")
@@ -237,12 +256,13 @@ class Router:
                 ep.in_flight -= 1
             ep.served += 1
             try:
-                params = json.loads(raw).get("kv_transfer_params")
+                answer = json.loads(raw)
+                params = answer.get("kv_transfer_params")
             except (ValueError, AttributeError):
-                params = None
-            if params is None:
+                answer, params = None, None
+            if params is None and remote_decode:
                 logger.debug("request %s: prefill %s returned no kv_transfer_params", rid, ep.url)
-            return None, params
+            return None, params, answer if isinstance(answer, dict) else None
 
     def _side_down(self, side: str, tried: set[str], rid: str) -> web.Response:
         eps = self.prefill if side == "prefill" else self.decode
@@ -271,16 +291,27 @@ class Router:
             # no prefill work (and no pinned blocks) for a request no decode can take
             return self._side_down("decode", set(), rid)
         t0 = time.monotonic()
-        answer, params = await self._prefill(path, body, headers)
+        ft = self.cfg.first_token and first_token.eligible(path, body)
+        answer, params, pre = await self._prefill(
+            path, body, headers, token_ids=ft, remote_decode=not (ft and body.get("max_tokens") == 1)
+        )
         if answer is not None:
             return answer
         t_prefill = time.monotonic() - t0
-        dbody = dict(body)
-        if params is not None:
-            dbody["kv_transfer_params"] = params
-        else:
-            dbody.pop("kv_transfer_params", None)
         stream = bool(body.get("stream"))
+        choice = first_token.first_of(pre) if ft and pre is not None else None
+        stitch: Optional[first_token.Stitcher] = None
+        if choice is not None:
+            stitch = first_token.Stitcher(body, pre, choice)  # type: ignore[arg-type]
+            if first_token.ends_here(body, choice):
+                return await self._alone(request, stitch, pre, stream, rid, t_prefill)  # type: ignore[arg-type]
+            dbody = first_token.decode_body(body, choice, params)
+        else:
+            dbody = dict(body)
+            if params is not None:
+                dbody["kv_transfer_params"] = params
+            else:
+                dbody.pop("kv_transfer_params", None)
         tried: set[str] = set()
         while True:
             ep = self._pick(self.decode, tried)
@@ -291,7 +322,7 @@ class Router:
             try:
                 # how long the prefill hop took (benchmarks, debugging)
                 out_headers = {"X-Request-Id": rid, "X-PD-Prefill-Ms": f"{t_prefill * 1e3:.1f}"}
-                resp = await self._decode(request, ep, path, dbody, headers, stream, out_headers)
+                resp = await self._decode(request, ep, path, dbody, headers, stream, out_headers, stitch)
             except HopError as e:
                 self._mark_down(ep, f"decode hop failed: {e}")
                 continue
@@ -313,6 +344,7 @@ class Router:
         headers: dict[str, str],
         stream: bool,
         out_headers: dict[str, str],
+        stitch: "Optional[first_token.Stitcher]" = None,
     ) -> web.StreamResponse:
         try:
             async with self.session.post(ep.url + path, json=body, headers=headers) as r:
@@ -320,10 +352,17 @@ class Router:
                     raise HopError(f"answered {r.status}: {(await r.read())[:200]!r}")
                 if not stream or r.status != 200:
                     raw = await r.read()
+                    if stitch is not None and r.status == 200:
+                        try:
+                            merged = stitch.merge(json.loads(raw))
+                        except (ValueError, AttributeError, TypeError):
+                            merged = None
+                        if merged is not None:
+                            return web.json_response(merged, headers=out_headers)
                     return web.Response(
                         body=raw, status=r.status, content_type=r.content_type, headers=out_headers
                     )
-                return await self._relay(request, ep, r, out_headers)
+                return await self._relay(request, ep, r, out_headers, stitch)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             # (_relay handles everything after the answer started)
             raise HopError(f"{type(e).__name__}: {e}") from None
@@ -334,13 +373,23 @@ class Router:
         ep: Endpoint,
         r: aiohttp.ClientResponse,
         out_headers: dict[str, str],
+        stitch: "Optional[first_token.Stitcher]" = None,
     ) -> web.StreamResponse:
-        """Streams a decode's answer to the client as it comes."""
+        """Streams a decode's answer to the client as it comes (after the
+        prefill's first token, with ``stitch``, each event rewritten to
+        continue it)."""
         rid = out_headers["X-Request-Id"]
         out = web.StreamResponse(status=r.status, headers=out_headers)
         out.content_type = r.content_type or "text/event-stream"
         out.headers["Cache-Control"] = "no-cache"
         await out.prepare(request)
+        buf = b""
+        if stitch is not None:
+            try:
+                await out.write(stitch.first_event())
+            except (ConnectionError, RuntimeError):
+                logger.info("request %s: the client disconnected before its first token", rid)
+                return out
         while True:
             try:
                 chunk = await r.content.readany()
@@ -360,7 +409,19 @@ class Router:
                     pass
                 break
             if not chunk:
+                if buf:
+                    chunk, buf = buf, b""
+                    try:
+                        await out.write(chunk)
+                    except (ConnectionError, RuntimeError):
+                        pass
                 break
+            if stitch is not None:
+                buf += chunk
+                *events, buf = buf.split(b"\n\n")
+                chunk = b"".join(stitch.event(e) for e in events if e.strip())
+                if not chunk:
+                    continue
             try:
                 await out.write(chunk)
             except (ConnectionError, RuntimeError):
@@ -369,6 +430,30 @@ class Router:
                 logger.info("request %s: the client disconnected mid-answer", rid)
                 return out
         try:
+            await out.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return out
+
+    async def _alone(
+        self,
+        request: web.Request,
+        stitch: "first_token.Stitcher",
+        pre: dict[str, Any],
+        stream: bool,
+        rid: str,
+        t_prefill: float,
+    ) -> web.StreamResponse:
+        """The first token ended the request: the prefill's answer is the client's."""
+        headers = {"X-Request-Id": rid, "X-PD-Prefill-Ms": f"{t_prefill * 1e3:.1f}"}
+        if not stream:
+            return web.json_response(stitch.alone(pre), headers=headers)
+        out = web.StreamResponse(status=200, headers=headers)
+        out.content_type = "text/event-stream"
+        out.headers["Cache-Control"] = "no-cache"
+        await out.prepare(request)
+        try:
+            await out.write(stitch.alone_events(pre, stitch.include_usage))
             await out.write_eof()
         except (ConnectionError, RuntimeError):
             pass
@@ -435,6 +520,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RouterConfig:
                    help="seconds to connect to an instance before trying the next (default 5)")
     p.add_argument("--read-timeout", type=float, default=300.0,
                    help="seconds an instance may send nothing before its hop fails (default 300)")
+    p.add_argument("--first-token", choices=["prefill", "decode"], default="prefill",
+                   help="completions: the prefill's token is the client's first and the decode "
+                        "continues from it (prefill, default: the decode's first step leaves the "
+                        "time to first token), or the decode computes it again (decode)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = p.parse_args(argv)
 
@@ -453,6 +542,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> RouterConfig:
         health_interval=a.health_interval,
         connect_timeout=a.connect_timeout,
         read_timeout=a.read_timeout,
+        first_token=a.first_token == "prefill",
     )
 
 
