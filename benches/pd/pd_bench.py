@@ -16,12 +16,14 @@ Phases, in one run (each starts its own servers and stops them):
 
 Correctness: each correctness prompt's greedy tokens through P/D must equal a
 single instance's for the same prompt when that instance computes the same
-tokens itself: the prompt's full blocks from its own GPU prefix cache (it
-runs the prompt twice, cold then warm) and the last partial block computed,
-as the decode instance does after loading the prefill's blocks. Identical
-tokens need the handed-over KV to be byte-exact. Cold (one pass over the
-whole prompt) tokens are reported too; they may differ in the last bits of
-a GEMM of another shape. A mismatch with the warm reference exits 1.
+tokens the same way: with the router's default (--first-token prefill), the
+first token of a cold pass over the whole prompt (the prefill's), then the
+prompt plus that token continued with the prompt's full blocks from the
+instance's own GPU prefix cache and the rest computed, as the decode does
+after copying the prefill's blocks ("continued"); with --first-token decode,
+the prompt run again warm ("warm"). Identical tokens need the handed-over
+KV to be byte-exact. The other references are reported too; they may differ
+in the last bits of a GEMM of another shape. A mismatch exits 1.
 
 Benchmark: `--requests` prompts of `--prompt-len` random tokens (distinct per
 request, so no prefix cache hits), `--max-tokens` generated each
@@ -301,14 +303,22 @@ async def run_load(urls: list[str], prompts: list[list[int]], rate: float, max_t
         return list(await asyncio.gather(*tasks))
 
 
-async def run_correctness(urls_seq: list[str], prompts: list[list[int]], max_tokens: int, repeat: int) -> list[list[list[int]]]:
-    """Each prompt `repeat` times in a row on urls_seq[0], one at a time."""
+async def run_correctness(urls_seq: list[str], prompts: list[list[int]], max_tokens: int, repeat: int,
+                          continued: bool = False) -> list[list[list[int]]]:
+    """Each prompt `repeat` times in a row on urls_seq[0], one at a time.
+    ``continued``: then once more as the router's first-token path computes
+    it: the first run's first token, then the prompt plus that token
+    continued (its full blocks from the instance's GPU prefix cache)."""
     import aiohttp
 
     out = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
         for p in prompts:
-            out.append([await complete(s, urls_seq[0], p, max_tokens) for _ in range(repeat)])
+            runs = [await complete(s, urls_seq[0], p, max_tokens) for _ in range(repeat)]
+            if continued and runs and runs[0]:
+                t1 = runs[0][0]
+                runs.append([t1] + await complete(s, urls_seq[0], p + [t1], max_tokens - 1))
+            out.append(runs)
     return out
 
 
@@ -413,6 +423,9 @@ def main() -> int:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     ap.add_argument("--pool-size", default="32g")
     ap.add_argument("--phases", default="ceilings,pd,dp2")
+    ap.add_argument("--first-token", choices=("prefill", "decode"), default="prefill",
+                    help="pegaflow-router --first-token: the prefill's token is the client's first (default), "
+                         "or the decode computes it again")
     ap.add_argument("--pd-direct", choices=("on", "off"), default="on",
                     help="on: the decode copies the prefill's GPU blocks directly (pegaflow.pd_direct); "
                          "off: through the pool")
@@ -438,7 +451,8 @@ def main() -> int:
     bench_prompts = [prompt(1000 + i, args.prompt_len, vocab) for i in range(args.requests)]
     check_prompts = [prompt(i, args.prompt_len, vocab) for i in range(args.check_prompts)]
     warm = [prompt(900 + i, args.prompt_len, vocab) for i in range(4)]
-    result: dict = {"prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests": args.requests,
+    result: dict = {"first_token": args.first_token, "pd_direct": args.pd_direct,
+                    "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests": args.requests,
                     "rate": args.rate, "kv_bytes_per_token": kv_per_token, "handover_bytes": handover_bytes}
     ok = True
 
@@ -479,7 +493,8 @@ def main() -> int:
             wait_healthy([(P, f"http://127.0.0.1:{pp}"), (D, f"http://127.0.0.1:{dp}")], args.start_timeout)
             log(f"prefill and decode instances healthy in {time.monotonic() - t:.0f} s")
             R = Proc("router", [sys.executable, "-m", "pegaflow.router", "--prefill", f"http://127.0.0.1:{pp}",
-                                "--decode", f"http://127.0.0.1:{dp}", "--port", str(rp), "--host", "127.0.0.1"], work)
+                                "--decode", f"http://127.0.0.1:{dp}", "--port", str(rp), "--host", "127.0.0.1",
+                                "--first-token", args.first_token], work)
             procs.append(R)
             wait_healthy([(R, f"http://127.0.0.1:{rp}")], 60)
             url = f"http://127.0.0.1:{rp}"
@@ -503,7 +518,13 @@ def main() -> int:
             if od["pegaflow_client_save_seconds_total"] > 0:
                 result["pd"]["save_copy_GBps"] = (od["pegaflow_client_save_bytes_total"]
                                                   / od["pegaflow_client_save_seconds_total"] / 1e9)
-            side = [(r["ttft"] - r["prefill_ms"] / 1e3) for r in rs if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
+            if args.first_token == "prefill":
+                # the client's first token is the prefill's: the decode side
+                # shows as the gap to the second (the decode's first)
+                side = [r["itl"][0] for r in rs if r["ok"] and r["itl"]]
+            else:
+                side = [(r["ttft"] - r["prefill_ms"] / 1e3) for r in rs
+                        if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
             pre = [r["prefill_ms"] for r in rs if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
             if side:
                 med = statistics.median(side)
@@ -528,9 +549,10 @@ def main() -> int:
             wait_healthy([(A, urls[0]), (B, urls[1])], args.start_timeout)
             log(f"DP2 instances healthy in {time.monotonic() - t:.0f} s")
             asyncio.run(run_load(urls, warm, 4.0, 8, "warmup"))
-            toks = asyncio.run(run_correctness(urls, check_prompts, args.check_tokens, 2))
+            toks = asyncio.run(run_correctness(urls, check_prompts, args.check_tokens, 2, continued=True))
             result["single_cold_tokens"] = [t[0] for t in toks]
             result["single_warm_tokens"] = [t[1] for t in toks]
+            result["single_continued_tokens"] = [t[2] if len(t) > 2 else [] for t in toks]
             t = time.monotonic()
             rs = asyncio.run(run_load(urls, bench_prompts, args.rate, args.max_tokens, "dp"))
             result["dp2"] = summarize(rs)
@@ -543,11 +565,17 @@ def main() -> int:
     if "pd_tokens" in result and "single_warm_tokens" in result:
         same_warm = [a == b for a, b in zip(result["pd_tokens"], result["single_warm_tokens"])]
         same_cold = [a == b for a, b in zip(result["pd_tokens"], result["single_cold_tokens"])]
+        same_cont = [a == b for a, b in zip(result["pd_tokens"], result["single_continued_tokens"])]
         result["tokens_identical_to_single_warm"] = same_warm
         result["tokens_identical_to_single_cold"] = same_cold
-        if not all(same_warm) or not all(len(t) == args.check_tokens for t in result["pd_tokens"]):
+        result["tokens_identical_to_single_continued"] = same_cont
+        # what one instance computes the same way: the decode computing the
+        # first token (warm), or continuing after the prefill's (continued)
+        same = same_cont if args.first_token == "prefill" else same_warm
+        result["reference"] = "continued" if args.first_token == "prefill" else "warm"
+        if not all(same) or not all(len(t) == args.check_tokens for t in result["pd_tokens"]):
             ok = False
-            log("MISMATCH: P/D tokens differ from the single instance's")
+            log(f"MISMATCH: P/D tokens differ from the single instance's ({result['reference']})")
     report(result)
     for k in ("pd", "dp2"):
         if k in result and result[k]["ok"] != result[k]["requests"]:
@@ -576,7 +604,7 @@ def report(r: dict) -> None:
     s = r.get("pd")
     if s and "handover_GBps_lower_bound" in s:
         print(f"handover: {r['handover_bytes'] / 1e6:.0f} MB per request; prefill hop {f(s['prefill_hop_ms_mean'])} ms "
-              f"mean; decode side (wait + load + last block + first token) {f(s['decode_side_ms_median'])} ms "
+              f"mean; decode side (wait + load + last block + its first token{', after the prefill' + chr(39) + 's' if r.get('first_token') == 'prefill' else ''}) {f(s['decode_side_ms_median'])} ms "
               f"median, {f(s['decode_side_ms_p99'])} p99 = {s['handover_GBps_lower_bound']:.1f} GB/s")
         if "load_copy_GBps" in s:
             print(f"owner's counters: decode loads at {s['load_copy_GBps']:.1f} GB/s, prefill saves at "
@@ -595,7 +623,8 @@ def report(r: dict) -> None:
                   f"GPU->host {c['gpu_to_host_GBps']:.0f}, host->GPU {c['host_to_gpu_GBps']:.0f}; handover at "
                   f"{s['handover_GBps_lower_bound'] / c['gpu0_to_gpu1_GBps']:.1%} of GPU->GPU")
     if "tokens_identical_to_single_warm" in r:
-        print(f"tokens identical to a single instance: warm {r['tokens_identical_to_single_warm']}, "
+        print(f"tokens identical to a single instance (reference: {r['reference']}): continued "
+              f"{r['tokens_identical_to_single_continued']}, warm {r['tokens_identical_to_single_warm']}, "
               f"cold {r['tokens_identical_to_single_cold']}")
 
 
