@@ -20,6 +20,7 @@ import sys
 import time
 
 import pytest
+from vllm.v1.request import RequestStatus
 
 from pegaflow import _native
 from pegaflow.connector.keys import request_keys
@@ -247,3 +248,31 @@ def test_a_decode_continuing_after_the_prefills_token_borrows_too(tiny_model_dir
     dec.scheduler.add_request(r2)
     so = step(dec)
     assert not [x for x in so.kv_connector_metadata.loads if x.req_id == "c2" and x.direct is not None]
+
+
+def test_a_salted_request_is_lent_and_borrowed_under_its_salted_keys(tiny_model_dir, owner):
+    """Keys carry a request's cache salt (LoRA, multimodal inputs): the hold's
+    key is the salted one and only a decode with the same salt borrows it."""
+    p = lending_instance(tiny_model_dir, owner)
+    dec = make_instance(tiny_model_dir, owner, role="kv_consumer")
+    wait_ready(p, dec)
+    r = make_request("s1", PROMPT, max_tokens=1, cache_salt="salt")
+    r.kv_transfer_params = {"do_remote_decode": True, "do_remote_prefill": False}
+    p.scheduler.add_request(r)
+    while "s1" not in p.kv_transfer_params:
+        step(p)
+    d = lent(p.kv_transfer_params["s1"])
+    n, key = table_of(d).peek(d["slot"], d["ticket"])
+    assert n == 3 and key == request_keys(make_request("k", PROMPT, cache_salt="salt"), BLOCK, 3)[2]
+    unsalted = decode_request("s0", p.kv_transfer_params["s1"], prompt=PROMPT + [777])
+    dec.scheduler.add_request(unsalted)
+    so = step(dec)
+    assert not [ld for ld in so.kv_connector_metadata.loads if ld.direct is not None], "another salt's KV"
+    dec.scheduler.finish_requests(["s0"], RequestStatus.FINISHED_ABORTED)
+    rd = make_request("s1", PROMPT + [777], max_tokens=2, cache_salt="salt")
+    rd.kv_transfer_params = p.kv_transfer_params["s1"]
+    dec.scheduler.add_request(rd)
+    so = step(dec)
+    (ld,) = so.kv_connector_metadata.loads
+    assert ld.direct is not None and len(ld.block_ids) == 3
+    assert so.num_scheduled_tokens["s1"] == len(PROMPT) + 1 - 3 * BLOCK

@@ -377,10 +377,11 @@ class SchedulerSide(GroupScheduling):
         if not block_ids:
             self._give_back(st)
             return
-        # The key of the last block this load copies: each worker checks the
-        # lent blocks are still this prompt's before copying.
-        hashes = st.keys.upto(lo + len(block_ids))
-        spec = DirectSpec(spec.table, spec.nonce, spec.slot, spec.ticket, hashes[lo + len(block_ids) - 1], lo)
+        # Each worker checks, after taking its part, that the hold still has
+        # the key this request matched (its own, that of the last lent
+        # block: keys are chained); the load starts at the first block the
+        # local prefix cache does not cover.
+        spec = DirectSpec(spec.table, spec.nonce, spec.slot, spec.ticket, spec.key, lo)
         st.direct = spec
         st.load_pending = True
         self._loads.append(
