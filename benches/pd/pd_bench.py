@@ -220,6 +220,8 @@ def vllm_serve(args, name: str, gpu: int | str, port: int, work: Path, ktc: dict
            "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if not args.no_enforce_eager:
         cmd.append("--enforce-eager")
+    elif args.compilation_config:
+        cmd += ["--compilation-config", args.compilation_config]
     if args.attention_backend:
         cmd += ["--attention-backend", args.attention_backend]
     if ktc is not None:
@@ -412,7 +414,10 @@ def main() -> int:
     ap.add_argument("--owner-bin", required=True)
     ap.add_argument("--model-dir", help="default: Qwen3-8B's config with dummy weights, written to the workdir")
     ap.add_argument("--attention-backend", help="TRITON_ATTN with the offline H200 bundle")
-    ap.add_argument("--no-enforce-eager", action="store_true")
+    ap.add_argument("--no-enforce-eager", action="store_true", help="CUDA graphs (vLLM compiles and captures them)")
+    ap.add_argument("--compilation-config", help="with --no-enforce-eager: vLLM's --compilation-config JSON, e.g. "
+                    "'{\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\"}' (full graphs for decode "
+                    "steps without torch.compile: a start in seconds)")
     ap.add_argument("--prompt-len", type=int, default=5000)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=100)
@@ -452,6 +457,7 @@ def main() -> int:
     check_prompts = [prompt(i, args.prompt_len, vocab) for i in range(args.check_prompts)]
     warm = [prompt(900 + i, args.prompt_len, vocab) for i in range(4)]
     result: dict = {"first_token": args.first_token, "pd_direct": args.pd_direct,
+                    "cuda_graphs": (args.compilation_config or "vLLM default") if args.no_enforce_eager else "off (eager)",
                     "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests": args.requests,
                     "rate": args.rate, "kv_bytes_per_token": kv_per_token, "handover_bytes": handover_bytes}
     ok = True
@@ -499,8 +505,19 @@ def main() -> int:
             wait_healthy([(R, f"http://127.0.0.1:{rp}")], 60)
             url = f"http://127.0.0.1:{rp}"
             asyncio.run(run_load([url], warm, 4.0, 8, "warmup"))
+            if "dp2" not in phases:
+                # no DP2 phase to compute the reference: the decode instance
+                # computes each prompt cold, as a plain request, first
+                ref = asyncio.run(run_correctness([f"http://127.0.0.1:{dp}"], check_prompts, args.check_tokens, 1))
+                result["decode_instance_cold_tokens"] = [t[0] for t in ref]
             toks = asyncio.run(run_correctness([url], check_prompts, args.check_tokens, 1))
             result["pd_tokens"] = [t[0] for t in toks]
+            if "decode_instance_cold_tokens" in result:
+                same = [a == b for a, b in zip(result["pd_tokens"], result["decode_instance_cold_tokens"])]
+                result["tokens_identical_to_decode_instance_cold"] = same
+                log(f"P/D tokens identical to the decode instance's cold ones: {same}")
+                if not all(same):
+                    ok = False
             before = scrape(f"http://127.0.0.1:{dp}", ("prefix_cache", "prompt_tokens"))
             o_before = metric_sums(f"http://{owner_metrics}", OWNER_SERIES)
             t = time.monotonic()
@@ -592,7 +609,7 @@ def report(r: dict) -> None:
 
     print()
     print(f"{r['requests']} requests x {r['prompt_len']} prompt tokens, {r['max_tokens']} generated, "
-          f"{r['rate']} req/s steady")
+          f"{r['rate']} req/s steady; CUDA graphs: {r.get('cuda_graphs')}; router --first-token {r.get('first_token')}")
     print("| config | TTFT mean | TTFT p99 | TPOT mean | TPOT p99 | ITL p99 | ok |")
     print("|---|---|---|---|---|---|---|")
     for k, label in (("pd", "P/D (1P+1D)"), ("dp2", "DP2")):
