@@ -924,8 +924,11 @@ fn chaos_keeps_every_committed_block_byte_exact() {
     if let Some(t) = &chaos.first_midway_error {
         println!("first mid-run verify finding:\n{t}");
     }
+    // The final segment may hold nothing when the last owner restart
+    // discarded its pool shortly before the end; the discarded segments were
+    // checked just before their discard.
     assert!(
-        total(&rep, "verified_blocks") > 0 && verified > 0,
+        total(&rep, "verified_blocks") > 0 && verified + chaos.era_keys_checked > 0,
         "the chaos run verified nothing"
     );
 }
