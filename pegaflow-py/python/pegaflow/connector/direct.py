@@ -387,6 +387,11 @@ class PeerCopier:
         if got is None:
             return False  # expired or given back: recompute
         lent_key, ids = got
+        if not t.creator_alive():
+            # Its memory is being freed: CUDA leaves reading it undefined.
+            # (A prefill that dies during the copy itself is not covered.)
+            t.done(spec.slot, spec.ticket, self.rank)
+            return False
         try:
             remote = ids[spec.first : spec.first + len(block_ids)]
             if lent_key != spec.key or len(remote) < len(block_ids):
@@ -438,8 +443,9 @@ class PeerCopier:
             logger.warning(
                 "PegaFlow P/D: copying from prefill table %s failed on TP rank %d (%s); vLLM "
                 "recomputes those blocks and later requests of that prefill load from the pool. "
-                "Both instances must run on this node, and each must see the other's GPU "
-                "(CUDA_VISIBLE_DEVICES lists it, after its own: docs/pd.md)",
+                "Both instances must run on this node with peer access between their GPUs; "
+                "listing the prefill's GPU after the decode's own in CUDA_VISIBLE_DEVICES is the "
+                "tested setup (docs/pd.md)",
                 table, self.rank, why,
             )
 
