@@ -316,7 +316,8 @@ impl HoldTable {
         h.max_blocks.store(spec.max_blocks, Ordering::Relaxed);
         h.slot_bytes.store(sb as u32, Ordering::Relaxed);
         h.creator_pid.store(std::process::id(), Ordering::Relaxed);
-        h.nonce.store(random_nonce(), Ordering::Relaxed);
+        h.nonce
+            .store(crate::segment::random_u64() | 1, Ordering::Relaxed);
         for (i, ns) in spec.namespaces.iter().enumerate() {
             h.namespaces[i].store(*ns, Ordering::Relaxed);
         }
@@ -750,21 +751,6 @@ fn sweep_dead(dir: &Path) {
             }
         }
     }
-}
-
-fn random_nonce() -> u64 {
-    let mut b = [0u8; 8];
-    if File::open("/dev/urandom")
-        .and_then(|mut f| io::Read::read_exact(&mut f, &mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        return t ^ (std::process::id() as u64) << 40;
-    }
-    u64::from_le_bytes(b) | 1
 }
 
 #[cfg(test)]

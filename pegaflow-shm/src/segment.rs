@@ -121,7 +121,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SegmentError + '_ {
     }
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     if File::open("/dev/urandom")
         .and_then(|mut f| io::Read::read_exact(&mut f, &mut b))
