@@ -387,7 +387,7 @@ def test_a_request_its_first_token_ends_is_answered_by_the_prefill_alone(pd, cas
     assert ("kv_transfer_params" in pr["body"]) == (case == "stopped")
 
 
-@pytest.mark.parametrize("why", ["chat", "stop", "logprobs", "n", "echo", "old-vllm"])
+@pytest.mark.parametrize("why", ["chat", "stop", "logprobs", "logprobs0", "n", "echo", "old-vllm"])
 def test_requests_the_first_token_cannot_carry_keep_the_plain_path(pd, why):
     endpoint, router = pd
     p = endpoint("prefill", *(["--no-token-ids"] if why == "old-vllm" else []))
@@ -397,6 +397,7 @@ def test_requests_the_first_token_cannot_carry_keep_the_plain_path(pd, why):
     body = {"model": "m", "max_tokens": 3}
     body.update({"messages": [{"role": "user", "content": "hi"}]} if why == "chat" else {"prompt": [1, 2]})
     body.update({"stop": ["x"]} if why == "stop" else {"logprobs": 1} if why == "logprobs" else
+                {"logprobs": 0} if why == "logprobs0" else
                 {"n": 2} if why == "n" else {"echo": True} if why == "echo" else {})
     c, resp = post(r.port, path, body)
     assert resp.status == 200

@@ -54,6 +54,8 @@ def eligible(path: str, body: dict[str, Any]) -> bool:
         return False
     if any(body.get(k) not in (None, False, [], "") for k in _PLAIN_IF_SET):
         return False
+    if body.get("logprobs") is not None or body.get("prompt_logprobs") is not None:
+        return False  # (logprobs 0 asks for the sampled token's own)
     mt = body.get("max_tokens")
     return mt is None or (isinstance(mt, int) and mt >= 1)
 
