@@ -26,7 +26,7 @@ from pegaflow import _native
 from pegaflow.connector.keys import request_keys
 from pegaflow.exceptions import PegaflowError
 from test_pd import PROMPT, decode_request, through_prompt
-from test_vllm_scheduler import wait_ready
+from test_vllm_scheduler import wait_hits, wait_ready
 from vllm_harness import BLOCK, make_instance, make_request, run_until_done, step, verify_blocks
 
 
@@ -276,3 +276,51 @@ def test_a_salted_request_is_lent_and_borrowed_under_its_salted_keys(tiny_model_
     (ld,) = so.kv_connector_metadata.loads
     assert ld.direct is not None and len(ld.block_ids) == 3
     assert so.num_scheduled_tokens["s1"] == len(PROMPT) + 1 - 3 * BLOCK
+
+
+def test_a_preempted_decode_resumes_from_the_pool_not_from_a_hold_it_gave_back(tiny_model_dir, owner):
+    """A decode request whose direct load is over and which vLLM preempts
+    later asks for its prompt again: the hold is gone (given back), so it
+    loads the prompt from the pool (the prefill saved it there), instead of
+    claiming the hold again and failing its load."""
+    p = lending_instance(tiny_model_dir, owner)
+    # 12 blocks (11 usable): two requests growing to 6 blocks each must
+    # preempt one; vLLM's own prefix cache off
+    dec = make_instance(tiny_model_dir, owner, role="kv_consumer", num_blocks=12, max_batched=512,
+                        prefix_caching=False)
+    wait_ready(p, dec)
+    prompts = {"q1": list(range(10, 10 + 3 * BLOCK)), "q2": list(range(300, 300 + 3 * BLOCK))}
+    reqs, holds = {}, {}
+    for rid, prompt in prompts.items():
+        params = prefill(p, rid, prompt)
+        holds[rid] = lent(params)
+        reqs[rid] = decode_request(rid, params, prompt=prompt, max_tokens=2 * BLOCK + 4)
+    # the pool has the prompts (the prefill saved them) before the decodes run
+    for rid, prompt in prompts.items():
+        wait_hits(dec, make_request("probe-" + rid, prompt), 3)
+    for r in reqs.values():
+        dec.scheduler.add_request(r)
+    loads: dict[str, list[bool]] = {rid: [] for rid in reqs}
+    preempted = set()
+    for _ in range(300):
+        if not any(rid in dec.scheduler.requests for rid in reqs):
+            break
+        so = step(dec)
+        preempted |= set(so.preempted_req_ids or ())
+        for ld in so.kv_connector_metadata.loads:
+            loads[ld.req_id].append(ld.direct is not None)
+            if ld.direct is not None:
+                # what a GPU worker does with the hold (a CPU one cannot
+                # copy: vLLM recomputes the blocks): take it, copy, give it back
+                d = holds[ld.req_id]
+                t = table_of(d)
+                if t.take(d["slot"], d["ticket"], 0) is not None:
+                    t.done(d["slot"], d["ticket"], 0)
+        for r in reqs.values():
+            if r.request_id in dec.scheduler.requests and r.status == RequestStatus.RUNNING:
+                verify_blocks(dec, r, r.num_computed_tokens)
+    assert preempted, "the scenario must preempt"
+    for rid in preempted:
+        assert loads[rid][0] is True, f"{rid}: first load not from the prefill's GPU: {loads[rid]}"
+        assert False in loads[rid][1:], f"{rid}: resumed without a pool load: {loads[rid]}"
+        assert loads[rid].count(True) == 1, f"{rid}: claimed the given-back hold again: {loads[rid]}"

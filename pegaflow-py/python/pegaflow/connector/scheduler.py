@@ -224,6 +224,9 @@ class SchedulerSide(GroupScheduling):
                 pins.release()
         st.pins = None
         st.pinned_blocks = 0
+        # A direct load is over too: its hold went back to the prefill. A
+        # request vLLM preempts later looks its prompt up again (the pool).
+        st.direct = None
         if st.load_pending:
             self.tracer.released(st.request.request_id, st.trace)
         st.trace = None
@@ -512,8 +515,8 @@ class SchedulerSide(GroupScheduling):
         if lent is not None and params is not None:
             params["pegaflow"]["direct"] = lent
         if not st.load_pending:
-            self._release(st)
             self._give_back(st)
+            self._release(st)
         # else: the load may still read its pinned slots (an aborted request
         # whose step is on the GPU); update_connector_output releases them
         # when that step's output, or the async load's end, is reported.
