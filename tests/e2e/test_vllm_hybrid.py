@@ -189,8 +189,11 @@ def pool_bytes(owner: Owner) -> float:
     return owner.scrape().get("pegaflow_namespace_bytes", 0.0)
 
 
-def wait_settled(owner: Owner, timeout: float = 15.0) -> float:
-    """The pool's bytes once the owner stopped publishing saves."""
+def wait_settled(owner: Owner, timeout: float = 40.0, quiet: float = 3.0) -> float:
+    """The pool's bytes once the owner stopped publishing saves (nothing new
+    for ``quiet`` seconds: with another engine loading its model on the
+    other core, a request's last saves once came more than a second after
+    the others, and its blocks then missed)."""
     deadline = time.monotonic() + timeout
     last, since = pool_bytes(owner), time.monotonic()
     while time.monotonic() < deadline:
@@ -198,7 +201,7 @@ def wait_settled(owner: Owner, timeout: float = 15.0) -> float:
         cur = pool_bytes(owner)
         if cur != last:
             last, since = cur, time.monotonic()
-        elif time.monotonic() - since > 1.0:
+        elif time.monotonic() - since > quiet:
             return cur
     return last
 
