@@ -40,7 +40,8 @@ pub struct PyHoldTable {
 #[pymethods]
 impl PyHoldTable {
     /// Creates the table `name` (`pegaflow-pd-<hex>`) in `dir` (default
-    /// /dev/shm): `capacity` holds of at most `max_blocks` blocks, one
+    /// /dev/shm): up to `capacity` holds (as many as fit the table's size
+    /// limit; `.capacity` says) of at most `max_blocks` blocks, one
     /// namespace and peer key per TP rank.
     #[staticmethod]
     #[pyo3(signature = (name, *, capacity, max_blocks, namespaces, peer_keys, dir=None))]

@@ -50,6 +50,8 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use memmap2::MmapMut;
 use thiserror::Error;
 
+use crate::segment::pid_alive;
+
 /// "PGFHOLD1" little-endian.
 pub const HOLD_MAGIC: u64 = u64::from_le_bytes(*b"PGFHOLD1");
 pub const HOLD_VERSION: u32 = 1;
@@ -203,21 +205,14 @@ pub fn valid_name(name: &str) -> bool {
     })
 }
 
-fn pid_alive(pid: u32) -> bool {
-    if pid == 0 || pid > i32::MAX as u32 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks the process exists.
-    let r = unsafe { libc::kill(pid as i32, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 /// A taken hold: the last lent block's key and the producer's block ids.
 pub type Lent = ([u8; KEY_BYTES], Vec<u32>);
 
 /// Geometry of a new table.
 #[derive(Clone, Debug)]
 pub struct HoldSpec {
+    /// Holds wanted; the table gets as many as fit [`MAX_TABLE_BYTES`]
+    /// (see [`HoldTable::capacity`]).
     pub capacity: u32,
     pub max_blocks: u32,
     pub namespaces: Vec<u64>,
@@ -233,7 +228,6 @@ pub struct HoldTable {
     capacity: u32,
     max_blocks: u32,
     slot_bytes: usize,
-    creator: bool,
 }
 
 impl std::fmt::Debug for HoldTable {
@@ -270,13 +264,15 @@ impl HoldTable {
             return Err(HoldError::Geometry(format!("peer key {k:?} too long")));
         }
         let sb = slot_bytes(spec.max_blocks as usize);
-        let len = HEADER_BYTES as u64 + spec.capacity as u64 * sb as u64;
-        if spec.capacity == 0 || spec.max_blocks == 0 || len > MAX_TABLE_BYTES as u64 {
+        let fit = ((MAX_TABLE_BYTES - HEADER_BYTES) / sb) as u32;
+        let capacity = spec.capacity.min(fit);
+        if capacity == 0 || spec.max_blocks == 0 {
             return Err(HoldError::Geometry(format!(
-                "{} slots of {} blocks ({len} bytes; at most {MAX_TABLE_BYTES})",
+                "{} slots of {} blocks ({sb} bytes each; a table holds at most {MAX_TABLE_BYTES} bytes)",
                 spec.capacity, spec.max_blocks
             )));
         }
+        let len = HEADER_BYTES as u64 + capacity as u64 * sb as u64;
         sweep_dead(dir);
         let path = dir.join(name);
         let io_err = |source| HoldError::Io {
@@ -303,16 +299,15 @@ impl HoldTable {
             path: path.clone(),
             name: name.into(),
             ranks: ranks as u32,
-            capacity: spec.capacity,
+            capacity,
             max_blocks: spec.max_blocks,
             slot_bytes: sb,
-            creator: true,
         };
         let h = t.header();
         h.magic.store(HOLD_MAGIC, Ordering::Relaxed);
         h.version.store(HOLD_VERSION, Ordering::Relaxed);
         h.ranks.store(ranks as u32, Ordering::Relaxed);
-        h.capacity.store(spec.capacity, Ordering::Relaxed);
+        h.capacity.store(capacity, Ordering::Relaxed);
         h.max_blocks.store(spec.max_blocks, Ordering::Relaxed);
         h.slot_bytes.store(sb as u32, Ordering::Relaxed);
         h.creator_pid.store(std::process::id(), Ordering::Relaxed);
@@ -398,7 +393,6 @@ impl HoldTable {
             capacity,
             max_blocks,
             slot_bytes: sb,
-            creator: false,
         })
     }
 
@@ -582,20 +576,20 @@ impl HoldTable {
     /// Frees a slot whose hold is over (the producer; after vLLM got the
     /// blocks back). Refuses while a rank is still HELD or TAKEN.
     pub fn free(&self, slot: u32, ticket: u32) -> Result<(), HoldError> {
-        if !self.over(slot, ticket)? {
-            let (head, _) = self.slot(slot)?;
-            for r in 0..self.ranks {
-                let w = unpack(head.words[r as usize].load(Ordering::Acquire));
-                if !w.is_some_and(|w| matches!(w.state, HoldState::Done | HoldState::Expired)) {
-                    return Err(HoldError::Busy {
-                        slot,
-                        rank: r,
-                        state: w.map(|w| w.state),
-                    });
-                }
+        let (head, _) = self.slot(slot)?;
+        for r in 0..self.ranks {
+            let w = unpack(head.words[r as usize].load(Ordering::Acquire));
+            let over = w.is_some_and(|w| {
+                w.ticket == ticket && matches!(w.state, HoldState::Done | HoldState::Expired)
+            });
+            if !over {
+                return Err(HoldError::Busy {
+                    slot,
+                    rank: r,
+                    state: w.map(|w| w.state),
+                });
             }
         }
-        let (head, _) = self.slot(slot)?;
         for r in 0..self.ranks as usize {
             head.words[r].store(0, Ordering::Release);
         }
@@ -706,10 +700,6 @@ impl HoldTable {
             }),
         }
     }
-
-    pub fn is_creator(&self) -> bool {
-        self.creator
-    }
 }
 
 fn create_excl(path: &Path) -> io::Result<File> {
@@ -726,8 +716,11 @@ fn creator_of(path: &Path) -> Option<u32> {
     if f.metadata().ok()?.len() < HEADER_BYTES as u64 {
         return None;
     }
-    // SAFETY: read-only map of at least HEADER_BYTES; atomics only.
+    // SAFETY: a read-only map of a file another process may write; every
+    // read of it below is atomic.
     let map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
+    // SAFETY: the map is at least HEADER_BYTES long and page aligned;
+    // HoldHeader is atomics only (any bytes are a valid value).
     let h = unsafe { &*(map.as_ptr() as *const HoldHeader) };
     (h.magic.load(Ordering::Relaxed) == HOLD_MAGIC).then(|| h.creator_pid.load(Ordering::Relaxed))
 }
@@ -822,6 +815,27 @@ mod tests {
     }
 
     #[test]
+    fn a_hold_taken_by_a_process_that_exited_expires_before_it_is_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = HoldTable::create(dir.path(), NAME, &spec(1)).unwrap();
+        p.hold(0, 3, &[1; 32], &[5]).unwrap();
+        // a decode that took the hold and was SIGKILLed: exited, its parent
+        // has not waited for it yet (a zombie; its CUDA context is gone)
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let (head, _) = p.slot(0).unwrap();
+        head.words[0].store(pack(3, HoldState::Taken, child.id()), Ordering::Release);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !p.expire(0, 3).unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hold of an exited taker never expired"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(child); // reaped when the test process exits
+    }
+
+    #[test]
     fn a_second_producer_of_a_live_table_is_refused_and_a_dead_ones_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let _p = HoldTable::create(dir.path(), NAME, &spec(1)).unwrap();
@@ -837,6 +851,30 @@ mod tests {
         let _q =
             HoldTable::create(dir.path(), NAME.replace("00", "11").as_str(), &spec(1)).unwrap();
         assert!(!dir.path().join(other).exists(), "swept");
+    }
+
+    #[test]
+    fn a_table_gets_the_slots_that_fit_and_frees_only_its_own_ticket() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = spec(1);
+        sp.capacity = u32::MAX;
+        sp.max_blocks = 1 << 16;
+        let t = HoldTable::create(dir.path(), NAME, &sp).unwrap();
+        let fit = ((MAX_TABLE_BYTES - HEADER_BYTES) / slot_bytes(1 << 16)) as u32;
+        assert_eq!(t.capacity(), fit);
+        assert_eq!(HoldTable::open(dir.path(), NAME).unwrap().capacity(), fit);
+        t.hold(0, 7, &[1; 32], &[1]).unwrap();
+        assert!(t.expire(0, 7).unwrap());
+        assert!(
+            matches!(t.free(0, 8), Err(HoldError::Busy { .. })),
+            "another ticket's hold"
+        );
+        t.free(0, 7).unwrap();
+        sp.max_blocks = u32::MAX;
+        assert!(matches!(
+            HoldTable::create(dir.path(), "pegaflow-pd-abababababababab", &sp),
+            Err(HoldError::Geometry(_))
+        ));
     }
 
     #[test]

@@ -213,7 +213,7 @@ class HoldTable:
     def create(
         name: str,
         *,
-        capacity: int,
+        capacity: int,  # holds wanted; as many as fit 256 MiB (see .capacity)
         max_blocks: int,
         namespaces: Sequence[int],
         peer_keys: Sequence[str],
