@@ -176,6 +176,9 @@ class PegaKVConnector(KVConnectorBase_V1, _SupportsHMA):  # type: ignore[misc]
         """Several KV cache groups (vLLM's hybrid manager): one namespace per
         group and rank, one worker side per group."""
         all_groups = hma.kv_groups(kv_cache_config)
+        # P/D hand-overs of hybrid models go through the pool (their blocks
+        # are per group): nothing to export or lend
+        self.cfg = dataclasses.replace(self.cfg, pd_direct=False)
         groups = hma.cached(all_groups)
         self.groups = groups
         self.shape = (groups or all_groups)[0].shape

@@ -53,16 +53,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = get_logger("pegaflow.connector")
 
-#: holds a prefill keeps at once (more: those requests use the pool path)
+#: holds a prefill keeps at once (more: those requests use the pool path;
+#: fewer when long prompts make a table of that many too large)
 MAX_HOLDS = 1024
-#: bytes one table may take in /dev/shm (sparse: only used slots cost)
-MAX_TABLE_BYTES = 256 << 20
-_SLOT_HEAD = 8 * 8 + 8 + 32
-_HEADER = 1024
-
-
-def slot_bytes(max_blocks: int) -> int:
-    return (_SLOT_HEAD + 4 * max_blocks + 63) // 64 * 64
 
 
 def peer_key(rank: int) -> str:
@@ -119,16 +112,11 @@ class Lender:
                     "KV cache, see its log); decodes load from the pool"
                 )
             return
-        sb = slot_bytes(self.max_blocks)
-        capacity = min(MAX_HOLDS, (MAX_TABLE_BYTES - _HEADER) // sb)
-        if capacity < 1:
-            logger.warning("PegaFlow P/D: max_model_len too large for a hold table; direct hand-over off")
-            return
         name = "pegaflow-pd-" + uuid.uuid4().hex
         try:
             self.table = _native.HoldTable.create(
                 name,
-                capacity=capacity,
+                capacity=MAX_HOLDS,
                 max_blocks=self.max_blocks,
                 namespaces=namespaces,
                 peer_keys=keys,
@@ -136,6 +124,7 @@ class Lender:
         except PegaflowError as e:
             logger.warning("PegaFlow P/D: direct hand-over off: %s", e)
             return
+        capacity = self.table.capacity
         self._free = list(range(capacity - 1, -1, -1))
         logger.info(
             "PegaFlow P/D: lending prefills' GPU blocks to decodes through %s (%d holds of up to %d blocks)",
@@ -220,9 +209,6 @@ class Lender:
             except PegaflowError as e:
                 logger.error("PegaFlow P/D: slot %d of %s stays out of use: %s", h.slot, rid, e)
 
-    def lent(self, req_id: str) -> bool:
-        return req_id in self._lent
-
     def shutdown(self) -> None:
         if self.table is not None:
             try:
@@ -231,32 +217,45 @@ class Lender:
                 pass
 
 
+class _Tables:
+    """Hold tables a decode process mapped, by name (a prefill re-created
+    under the same name has another nonce); the oldest go beyond 64."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, Any] = {}
+
+    def get(self, name: str, nonce: int) -> Any:
+        """The table, or None when it cannot be mapped (gone, not ours, of
+        another nonce): the reason is logged at debug level."""
+        t = self._tables.get(name)
+        if t is not None and t.nonce == nonce:
+            return t
+        try:
+            t = _native.HoldTable.open(name)
+        except PegaflowError as e:
+            logger.debug("PegaFlow P/D: hold table %s: %s", name, e)
+            return None
+        if t.nonce != nonce:
+            return None
+        self._tables[name] = t
+        if len(self._tables) > 64:
+            self._tables.pop(next(iter(self._tables)))
+        return t
+
+    def cached(self, name: str, nonce: int) -> Any:
+        t = self._tables.get(name)
+        return t if t is not None and t.nonce == nonce else None
+
+
 class Borrower:
     """Decode side, in the scheduler process: decides which requests copy
     from their prefill's GPU blocks."""
 
     def __init__(self) -> None:
-        self._tables: dict[str, Any] = {}
+        self._tables = _Tables()
         #: tables this instance cannot copy from (other namespaces, workers failed)
         self._refused: dict[str, str] = {}
         self.counters = {"pd_direct_borrowed": 0, "pd_direct_missed": 0}
-
-    def _table(self, name: str, nonce: int) -> Optional[Any]:
-        t = self._tables.get(name)
-        if t is not None and t.nonce != nonce:
-            t = None  # re-created under the same name
-        if t is None:
-            try:
-                t = _native.HoldTable.open(name)
-            except PegaflowError as e:
-                logger.debug("PegaFlow P/D: hold table %s: %s", name, e)
-                return None
-            if t.nonce != nonce:
-                return None
-            self._tables[name] = t
-            if len(self._tables) > 64:
-                self._tables.pop(next(iter(self._tables)))
-        return t
 
     def refuse(self, name: str, why: str) -> None:
         if name not in self._refused:
@@ -279,7 +278,7 @@ class Borrower:
             return None
         if name in self._refused:
             return None
-        t = self._table(name, nonce)
+        t = self._tables.get(name, nonce)
         if t is None:
             self.counters["pd_direct_missed"] += 1
             return None
@@ -304,8 +303,8 @@ class Borrower:
     def give_back(self, spec: DirectSpec, ranks: int) -> None:
         """The request will not copy (vLLM did not schedule the load): tell
         the prefill at once instead of letting the hold run out."""
-        t = self._tables.get(spec.table)
-        if t is None or t.nonce != spec.nonce:
+        t = self._tables.cached(spec.table, spec.nonce)
+        if t is None:
             return
         for r in range(ranks):
             try:
@@ -325,7 +324,7 @@ class PeerCopier:
         self.kv = kv
         self.rank = rank
         self.stream = torch.cuda.Stream(device=device)
-        self._tables: dict[str, Any] = {}
+        self._tables = _Tables()
         self._exports: dict[str, bytes] = {}
         #: copies queued, oldest first: (start event, end event, table,
         #: slot, ticket, trace handle, bytes). A thread waits for each and
@@ -344,22 +343,10 @@ class PeerCopier:
         self.gpu_ms = 0.0
         self._logged_at = 0
         self._queued = 0
-        self._collected = 0
         self._handle = 0
         #: tables whose copies cannot work here (reported to the scheduler)
         self.failed: list[str] = []
         self._failed_once: set[str] = set()
-
-    def _table(self, spec: DirectSpec) -> Any:
-        t = self._tables.get(spec.table)
-        if t is None or t.nonce != spec.nonce:
-            t = _native.HoldTable.open(spec.table)
-            if t.nonce != spec.nonce:
-                raise PegaflowError(f"hold table {spec.table} was re-created")
-            self._tables[spec.table] = t
-            if len(self._tables) > 64:
-                self._tables.pop(next(iter(self._tables)))
-        return t
 
     def _export(self, key: str) -> bytes:
         e = self._exports.get(key)
@@ -377,13 +364,15 @@ class PeerCopier:
         torch = self._torch
         t0 = time.time_ns()  # the clock of the load traces (trace.now)
         try:
-            t = self._table(spec)
+            t = self._tables.get(spec.table, spec.nonce)
+            if t is None:
+                raise PegaflowError(f"hold table {spec.table} is gone or was re-created")
             key = t.peer_keys[self.rank]
             export = self._export(key)
+            got = t.take(spec.slot, spec.ticket, self.rank)
         except (PegaflowError, IndexError) as e:
             self._fail(spec.table, str(e))
             return False
-        got = t.take(spec.slot, spec.ticket, self.rank)
         if got is None:
             return False  # expired or given back: recompute
         lent_key, ids = got
@@ -454,11 +443,10 @@ class PeerCopier:
         are given back already) for the traces and counters; ``wait``: all
         queued copies (tests, shutdown)."""
         if wait:
-            while self._queued > self._collected + len(self._completed):
+            while self._queued > self.copies + len(self._completed):
                 time.sleep(0.001)
         while self._completed:
             h, nbytes, ms = self._completed.popleft()
-            self._collected += 1
             trace.done(h, 0, gpu_ms=ms)
             self.copies += 1
             self.bytes += nbytes

@@ -38,7 +38,7 @@ planned for saving again.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from pegaflow import _native
@@ -384,7 +384,7 @@ class SchedulerSide(GroupScheduling):
         # the key this request matched (its own, that of the last lent
         # block: keys are chained); the load starts at the first block the
         # local prefix cache does not cover.
-        spec = DirectSpec(spec.table, spec.nonce, spec.slot, spec.ticket, spec.key, lo)
+        spec = replace(spec, first=lo)
         st.direct = spec
         st.load_pending = True
         self._loads.append(

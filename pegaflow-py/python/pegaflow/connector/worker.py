@@ -137,8 +137,11 @@ class WorkerSide:
         #: waits for the scheduler's release), and released ones to report
         self._pd_held: set[str] = set()
         self._pd_release: set[str] = set()
-        #: P/D decode: copies from prefills' GPU blocks
+        #: P/D decode: copies from prefills' GPU blocks (made at the first
+        #: direct load: an instance that never decodes a P/D request runs
+        #: no copier thread), and the device it copies to
         self._peer: Optional[PeerCopier] = None
+        self._peer_device: Any = None
 
     def handshake(self) -> PegaHandshake:
         """What the scheduler must know about this worker (sent once)."""
@@ -179,7 +182,7 @@ class WorkerSide:
         self.layer_index = {n: i for i, n in enumerate(order)}
         if lay.is_cuda:
             self._load_stream = torch.cuda.Stream(device=tensors[0].device)
-            if self.cfg.pd_direct and self.group == 0:
+            if self.cfg.pd_direct:
                 self._setup_direct(tensors[0].device)
         logger.info("PegaFlow registered %r for TP rank %d", self.kv, self.tp_rank)
 
@@ -188,7 +191,7 @@ class WorkerSide:
         copy from (the owner brokers it); a decode gets a copier."""
         assert self.kv is not None
         if self.role in ("kv_consumer", "kv_both"):
-            self._peer = PeerCopier(self.kv, self.tp_rank, device)
+            self._peer_device = device
         if self.role not in ("kv_producer", "kv_both"):
             return
         try:
@@ -284,6 +287,8 @@ class WorkerSide:
                 self._load_errors.update(b for ld in meta.loads if ld.layerwise for b in ld.block_ids)
 
     def _start_direct(self, ld: Any) -> None:
+        if self._peer is None and self._peer_device is not None:
+            self._peer = PeerCopier(self.kv, self.tp_rank, self._peer_device)
         if self._peer is None or not self._peer.start(ld.direct, ld.block_ids, self.trace, ld.req_id):
             t0 = now()
             self._load_errors.update(ld.block_ids)
