@@ -298,13 +298,15 @@ class Router:
         if answer is not None:
             return answer
         t_prefill = time.monotonic() - t0
+        # how long the prefill hop took (benchmarks, debugging)
+        out_headers = {"X-Request-Id": rid, "X-PD-Prefill-Ms": f"{t_prefill * 1e3:.1f}"}
         stream = bool(body.get("stream"))
         choice = first_token.first_of(pre) if ft and pre is not None else None
         stitch: Optional[first_token.Stitcher] = None
         if choice is not None:
             stitch = first_token.Stitcher(body, pre, choice)  # type: ignore[arg-type]
             if first_token.ends_here(body, choice):
-                return await self._alone(request, stitch, pre, stream, rid, t_prefill)  # type: ignore[arg-type]
+                return await self._alone(request, stitch, pre, stream, out_headers)  # type: ignore[arg-type]
             dbody = first_token.decode_body(body, choice, params)
         else:
             dbody = dict(body)
@@ -320,8 +322,6 @@ class Router:
             tried.add(ep.url)
             ep.in_flight += 1
             try:
-                # how long the prefill hop took (benchmarks, debugging)
-                out_headers = {"X-Request-Id": rid, "X-PD-Prefill-Ms": f"{t_prefill * 1e3:.1f}"}
                 resp = await self._decode(request, ep, path, dbody, headers, stream, out_headers, stitch)
             except HopError as e:
                 self._mark_down(ep, f"decode hop failed: {e}")
@@ -441,11 +441,9 @@ class Router:
         stitch: "first_token.Stitcher",
         pre: dict[str, Any],
         stream: bool,
-        rid: str,
-        t_prefill: float,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         """The first token ended the request: the prefill's answer is the client's."""
-        headers = {"X-Request-Id": rid, "X-PD-Prefill-Ms": f"{t_prefill * 1e3:.1f}"}
         if not stream:
             return web.json_response(stitch.alone(pre), headers=headers)
         out = web.StreamResponse(status=200, headers=headers)
@@ -453,7 +451,7 @@ class Router:
         out.headers["Cache-Control"] = "no-cache"
         await out.prepare(request)
         try:
-            await out.write(stitch.alone_events(pre, stitch.include_usage))
+            await out.write(stitch.alone_events())
             await out.write_eof()
         except (ConnectionError, RuntimeError):
             pass

@@ -127,27 +127,34 @@ class Stitcher:
                 u["completion_tokens"] += 1
         return u
 
-    def first_event(self) -> bytes:
-        c: dict[str, Any] = {
-            "index": 0,
-            "text": self.choice.get("text", ""),
-            "logprobs": None,
-            "finish_reason": None,
-            "stop_reason": None,
-            "token_ids": list(self.choice["token_ids"]),
-        }
-        self._ids(c, first=True)
+    def _sse(self, choices: list[dict[str, Any]], usage: bool) -> bytes:
         ev: dict[str, Any] = {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [c],
+            "choices": choices,
         }
-        if self.continuous_usage:
+        if usage:
             ev["usage"] = {"prompt_tokens": self.prompt_len, "completion_tokens": 1,
                            "total_tokens": self.prompt_len + 1}
         return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+    def _token(self, final: bool) -> dict[str, Any]:
+        """The prefill's token as a stream choice (``final``: with its finish reason)."""
+        c: dict[str, Any] = {
+            "index": 0,
+            "text": self.choice.get("text", ""),
+            "logprobs": None,
+            "finish_reason": self.choice.get("finish_reason") if final else None,
+            "stop_reason": self.choice.get("stop_reason") if final else None,
+            "token_ids": list(self.choice["token_ids"]),
+        }
+        self._ids(c, first=True)
+        return c
+
+    def first_event(self) -> bytes:
+        return self._sse([self._token(final=False)], usage=self.continuous_usage)
 
     def event(self, raw: bytes) -> bytes:
         """One SSE event of the decode's stream (without its blank line)."""
@@ -187,23 +194,12 @@ class Stitcher:
         out.pop("kv_transfer_params", None)
         return out
 
-    def alone_events(self, prefill_answer: dict[str, Any], include_usage: bool) -> bytes:
+    def alone_events(self) -> bytes:
         """A stream of the prefill's answer alone: its token (with its
         finish reason), the usage if asked, the end."""
-        c: dict[str, Any] = {
-            "index": 0,
-            "text": self.choice.get("text", ""),
-            "logprobs": None,
-            "finish_reason": self.choice.get("finish_reason"),
-            "stop_reason": self.choice.get("stop_reason"),
-            "token_ids": list(self.choice["token_ids"]),
-        }
-        self._ids(c, first=True)
-        head = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
-        out = b"data: " + json.dumps({**head, "choices": [c]}).encode() + b"\n\n"
-        if include_usage:
-            u = {"prompt_tokens": self.prompt_len, "completion_tokens": 1, "total_tokens": self.prompt_len + 1}
-            out += b"data: " + json.dumps({**head, "choices": [], "usage": u}).encode() + b"\n\n"
+        out = self._sse([self._token(final=True)], usage=self.continuous_usage)
+        if self.include_usage:
+            out += self._sse([], usage=True)
         return out + b"data: [DONE]\n\n"
 
     def alone(self, prefill_answer: dict[str, Any]) -> dict[str, Any]:
