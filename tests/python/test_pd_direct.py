@@ -23,6 +23,7 @@ import pytest
 from vllm.v1.request import RequestStatus
 
 from pegaflow import _native
+from pegaflow.connector.direct import tail_key
 from pegaflow.connector.keys import request_keys
 from pegaflow.exceptions import PegaflowError
 from test_pd import PROMPT, decode_request, through_prompt
@@ -54,6 +55,12 @@ def prefill(p, req_id, prompt=PROMPT):
             return p.kv_transfer_params[req_id]
         step(p)
     raise AssertionError(f"{req_id}: no answer after 50 steps")
+
+
+def lent_key(prompt=PROMPT):
+    """The key a prefill lends PROMPT under: 3 full blocks and its 5-token
+    tail (the partial block is lent too)."""
+    return tail_key(request_keys(make_request("k", prompt), BLOCK, 3)[2], prompt[3 * BLOCK :])
 
 
 def lent(params):
@@ -88,14 +95,14 @@ def test_lent_blocks_stay_allocated_until_every_decode_rank_is_done(tiny_model_d
     t = table_of(d)
     assert t.ranks == tp and t.namespaces == p.connector.namespaces
     n, key = t.peek(d["slot"], d["ticket"])
-    assert n == 3 and key == request_keys(make_request("k", PROMPT), BLOCK, 3)[2]
+    assert n == 4 and key == lent_key(), "3 full blocks and the partial one"
     for _ in range(5):
         step(p)
     assert "r1" in p.scheduler.requests, "vLLM freed blocks a decode may still copy"
     assert free_blocks(p) < before
     for r in range(tp):
         got = t.take(d["slot"], d["ticket"], r)  # what each decode worker does
-        assert got is not None and len(got[1]) == 3
+        assert got is not None and len(got[1]) == 4
         for _ in range(3):
             step(p)
         if r < tp - 1:
@@ -172,9 +179,10 @@ def test_decode_borrows_only_its_own_prompt_and_recomputes_what_it_cannot_copy(t
     dec.scheduler.add_request(rd)
     so = step(dec)
     (ld,) = so.kv_connector_metadata.loads
-    assert ld.direct is not None and ld.layerwise and len(ld.block_ids) == 3
-    assert ld.direct.key == request_keys(rd, BLOCK, 3)[2] and ld.direct.first == 0
-    assert so.num_scheduled_tokens["b1"] == len(PROMPT) - 3 * BLOCK
+    assert ld.direct is not None and ld.layerwise and len(ld.block_ids) == 4
+    assert ld.direct.key == lent_key() and ld.direct.first == 0
+    # the whole prompt but its last token, which vLLM must compute
+    assert so.num_scheduled_tokens["b1"] == 1
     # A CPU worker cannot copy from a GPU: the blocks are load errors and
     # vLLM recomputes them; the tokens' KV is right either way.
     through_prompt(dec, rd)
@@ -241,13 +249,36 @@ def test_a_decode_continuing_after_the_prefills_token_borrows_too(tiny_model_dir
     dec.scheduler.add_request(rd)
     so = step(dec)
     (ld,) = so.kv_connector_metadata.loads
-    assert ld.direct is not None and len(ld.block_ids) == 3
-    assert so.num_scheduled_tokens["c1"] == len(PROMPT) + 1 - 3 * BLOCK
+    assert ld.direct is not None and len(ld.block_ids) == 4
+    # the prompt's KV all copied: only the prefill's token is computed (a decode step)
+    assert so.num_scheduled_tokens["c1"] == 1
     # two tokens more is another prompt: nothing borrowed
     r2 = decode_request("c2", prefill(p, "c2x"), prompt=PROMPT + [777, 778])
     dec.scheduler.add_request(r2)
     so = step(dec)
     assert not [x for x in so.kv_connector_metadata.loads if x.req_id == "c2" and x.direct is not None]
+
+
+def test_the_block_the_prefills_token_fills_is_saved_by_a_kv_both_decode(tiny_model_dir, owner):
+    """A prompt one token short of whole blocks: the prefill lends its
+    partial last block, the prefill's token fills it on the decode. That
+    block is in no pool yet: a decode that saves (kv_both) saves it."""
+    p = lending_instance(tiny_model_dir, owner)
+    dec = make_instance(tiny_model_dir, owner, role="kv_both")
+    wait_ready(p, dec)
+    prompt = list(range(40, 40 + 4 * BLOCK - 1))
+    params = prefill(p, "w1", prompt)
+    d = lent(params)
+    assert table_of(d).peek(d["slot"], d["ticket"])[0] == 4, "3 full blocks and the partial one"
+    whole = prompt + [777]
+    rd = decode_request("w1", params, prompt=whole)
+    dec.scheduler.add_request(rd)
+    so = step(dec)
+    (ld,) = so.kv_connector_metadata.loads
+    assert ld.direct is not None and len(ld.block_ids) == 4
+    through_prompt(dec, rd)
+    run_until_done(dec, ["w1"])
+    wait_hits(dec, make_request("probe-w1", whole), 4)
 
 
 def test_a_salted_request_is_lent_and_borrowed_under_its_salted_keys(tiny_model_dir, owner):
@@ -324,3 +355,18 @@ def test_a_preempted_decode_resumes_from_the_pool_not_from_a_hold_it_gave_back(t
         assert loads[rid][0] is True, f"{rid}: first load not from the prefill's GPU: {loads[rid]}"
         assert False in loads[rid][1:], f"{rid}: resumed without a pool load: {loads[rid]}"
         assert loads[rid].count(True) == 1, f"{rid}: claimed the given-back hold again: {loads[rid]}"
+
+
+def test_a_forged_tail_is_not_borrowed(tiny_model_dir, owner):
+    """Same full blocks, another tail: the lent partial block is another
+    prompt's, nothing is copied."""
+    p = lending_instance(tiny_model_dir, owner)
+    dec = make_instance(tiny_model_dir, owner, role="kv_consumer", extra={"pegaflow.pd_wait": 0.1})
+    wait_ready(p, dec)
+    params = prefill(p, "f1")
+    other = PROMPT[:-1] + [PROMPT[-1] + 1]
+    rd = decode_request("f1", params, prompt=other)
+    dec.scheduler.add_request(rd)
+    so = step(dec)
+    assert not [ld for ld in so.kv_connector_metadata.loads if ld.direct is not None]
+    assert dec.connector.get_scheduler_stats()["pd_direct_missed"] >= 1

@@ -37,7 +37,9 @@ is TAKEN is noticed by the prefill (its pid is gone) and the hold expires.
 from __future__ import annotations
 
 import collections
+import hashlib
 import queue
+import struct
 import threading
 import time
 import uuid
@@ -56,6 +58,17 @@ logger = get_logger("pegaflow.connector")
 #: holds a prefill keeps at once (more: those requests use the pool path;
 #: fewer when long prompts make a table of that many too large)
 MAX_HOLDS = 1024
+
+
+def tail_key(parent: bytes, tokens: list[int]) -> bytes:
+    """The key of a prompt's last, partial block: its tokens after the key
+    of the full block before it (the pool keeps full blocks only, so this
+    key exists only in hold tables). Requests whose keys carry extra inputs
+    (cache salt, LoRA, multimodal) never lend a partial block."""
+    h = hashlib.sha256(b"pegaflow-pd-tail-v1")
+    h.update(parent)
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()
 
 
 def peer_key(rank: int) -> str:
@@ -251,7 +264,8 @@ class Borrower:
     """Decode side, in the scheduler process: decides which requests copy
     from their prefill's GPU blocks."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_size: int = 16) -> None:
+        self.block_size = block_size
         self._tables = _Tables()
         #: tables this instance cannot copy from (other namespaces, workers failed)
         self._refused: dict[str, str] = {}
@@ -265,9 +279,19 @@ class Borrower:
                 name, why,
             )
 
-    def peek(self, ann: dict[str, Any], hashes: list[bytes], namespaces: list[int]) -> Optional[tuple[int, DirectSpec]]:
+    def peek(
+        self,
+        ann: dict[str, Any],
+        hashes: list[bytes],
+        namespaces: list[int],
+        prompt: Optional[list[int]] = None,
+    ) -> Optional[tuple[int, DirectSpec]]:
         """``(blocks, spec)`` when this decode request can copy the first
-        ``blocks`` blocks of its prompt from its prefill's GPU."""
+        ``blocks`` blocks of its prompt from its prefill's GPU: full blocks
+        whose last key is its own, or those and the prompt's partial last
+        block when the lent key is :func:`tail_key` of its own tail
+        (``prompt``: its prompt's token ids; None when its keys carry extra
+        inputs)."""
         d = ann.get("direct")
         if not isinstance(d, dict):
             return None
@@ -293,12 +317,29 @@ class Borrower:
             self.counters["pd_direct_missed"] += 1
             return None
         n, key = got
-        if n <= 0 or n > len(hashes) or hashes[n - 1] != key:
+        if not (0 < n <= len(hashes) and hashes[n - 1] == key) and not self._tail_matches(
+            n, key, ann, hashes, prompt
+        ):
             # not this prompt's blocks (a client reused params): never copied
             self.counters["pd_direct_missed"] += 1
             return None
         self.counters["pd_direct_borrowed"] += 1
         return n, DirectSpec(name, nonce, slot, ticket, key, 0)
+
+    def _tail_matches(
+        self, n: int, key: bytes, ann: dict[str, Any], hashes: list[bytes], prompt: Optional[list[int]]
+    ) -> bool:
+        try:
+            tokens = int(ann.get("tokens", -1))
+        except (TypeError, ValueError):
+            return False
+        bs = self.block_size
+        full = tokens // bs
+        if prompt is None or tokens % bs == 0 or n != full + 1 or not 1 <= full <= len(hashes):
+            return False
+        if tokens > len(prompt):
+            return False
+        return tail_key(hashes[full - 1], list(prompt[full * bs : tokens])) == key
 
     def give_back(self, spec: DirectSpec, ranks: int) -> None:
         """The request will not copy (vLLM did not schedule the load): tell

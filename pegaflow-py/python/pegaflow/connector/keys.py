@@ -86,8 +86,9 @@ def _encode(v: Any, out: bytearray) -> None:
         raise UnkeyableRequest(f"cannot encode a {type(v).__name__} deterministically")
 
 
-def _needs_extra_keys(request: "Request") -> bool:
-    # What makes vLLM's generate_block_hash_extra_keys return anything.
+def needs_extra_keys(request: "Request") -> bool:
+    """Whether the request's keys carry more than its tokens (what makes
+    vLLM's generate_block_hash_extra_keys return anything)."""
     return bool(
         getattr(request, "mm_features", None)
         or getattr(request, "lora_request", None) is not None
@@ -127,9 +128,9 @@ class KeyChain:
         self.keys: list[bytes] = []
         #: vLLM's cursor into request.mm_features, carried from block to block
         self._mm_idx = 0
-        self._extra = _vllm_extra_keys() if _needs_extra_keys(request) else None
+        self._extra = _vllm_extra_keys() if needs_extra_keys(request) else None
         self._dead = False
-        if self._extra is None and _needs_extra_keys(request):
+        if self._extra is None and needs_extra_keys(request):
             self._dead = True
             _warn_once(
                 "no-extra-keys",

@@ -48,7 +48,8 @@ from pegaflow.connector import groups as hma
 from pegaflow.connector.groups import GroupScheduling
 from pegaflow.connector.keys import KeyChain
 from pegaflow.connector.metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
-from pegaflow.connector.direct import Borrower, DirectSpec, Lender
+from pegaflow.connector.direct import Borrower, DirectSpec, Lender, tail_key
+from pegaflow.connector.keys import needs_extra_keys
 from pegaflow.connector.pd import PdRoles, announced_for, remote_prefill, wants_remote_decode
 from pegaflow.connector.ssd import SsdStager
 from pegaflow.connector.trace import LoadTracer
@@ -151,7 +152,7 @@ class SchedulerSide(GroupScheduling):
             if direct and role in ("kv_producer", "kv_both")
             else None
         )
-        self.borrower = Borrower() if direct and role in ("kv_consumer", "kv_both") else None
+        self.borrower = Borrower(block_size) if direct and role in ("kv_consumer", "kv_both") else None
 
     def adopt_worker_namespaces(self, metadata: dict[int, Any]) -> None:
         """Look blocks up under the namespaces the workers save under.
@@ -304,7 +305,8 @@ class SchedulerSide(GroupScheduling):
         ann = remote_prefill(st.request) if self.borrower is not None else None
         if ann is None or not announced_for(ann, st.request):
             return False
-        got = self.borrower.peek(ann, hashes, self.namespaces)  # type: ignore[union-attr]
+        prompt = None if needs_extra_keys(st.request) else list(st.request.prompt_token_ids or [])
+        got = self.borrower.peek(ann, hashes, self.namespaces, prompt)  # type: ignore[union-attr]
         if got is None:
             return False
         n, spec = got
@@ -315,7 +317,9 @@ class SchedulerSide(GroupScheduling):
         st.pinned_blocks = n
         st.load_from = local
         st.layerwise = True
-        st.saved = max(st.saved, n)
+        # The prefill saved its prompt's full blocks to the pool, not the
+        # partial one it lent: the decode saves that once its token fills it.
+        st.saved = max(st.saved, min(n, int(ann["tokens"]) // self.block_size))
         st.trace.mark("lookup")
         return True
 
@@ -529,12 +533,21 @@ class SchedulerSide(GroupScheduling):
             return None
         if not _finished_normally(request):
             return None  # aborted: no decode will come
-        n = min(request.num_prompt_tokens // self.block_size, len(block_ids))
+        bs = self.block_size
+        tokens = request.num_prompt_tokens
+        n = min(tokens // bs, len(block_ids))
         keys = st.keys.upto(n)
         n = min(n, len(keys))
         if n <= 0:
             return None
-        return self.lender.lend(request.request_id, list(block_ids[:n]), keys[n - 1])
+        key = keys[n - 1]
+        if n == tokens // bs and tokens % bs and len(block_ids) > n and not needs_extra_keys(request):
+            # The prompt's partial last block too: the decode then computes
+            # only the token after the prompt, a plain decode step (a full
+            # CUDA graph) instead of a mixed batch with the prompt's tail.
+            key = tail_key(key, list(request.prompt_token_ids[n * bs : tokens]))
+            n += 1
+        return self.lender.lend(request.request_id, list(block_ids[:n]), key)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the scheduler's owner client (tests, debugging)."""
