@@ -16,18 +16,23 @@ Phases, in one run (each starts its own servers and stops them):
 
 Correctness: each correctness prompt's greedy tokens through P/D must equal a
 single instance's for the same prompt when that instance computes the same
-tokens the same way: with the router's default (--first-token prefill), the
-first token of a cold pass over the whole prompt (the prefill's), then the
-prompt plus that token continued with the prompt's full blocks from the
-instance's own GPU prefix cache and the rest computed, as the decode does
-after copying the prefill's blocks ("continued"); with --first-token decode,
-the prompt run again warm ("warm"). Identical tokens need the handed-over
-KV to be byte-exact. The other references are reported too; they may differ
-in the last bits of a GEMM of another shape. A mismatch exits 1.
+tokens the same way. With the router's default (--first-token prefill) and
+the direct hand-over, the decode copies every prompt token's KV (the partial
+last block too) from the prefill's cold pass and continues after the
+prefill's token: the single instance's cold run ("cold"). Through the pool
+(--pd-direct off, or prompts of whole blocks) the decode gets full blocks
+only and computes the tail after the prefill's token ("continued": the
+instance runs the prompt plus the first cold token, its full blocks from its
+own GPU prefix cache). With --first-token decode, the prompt run again warm
+("warm"). Identical tokens need the handed-over KV to be byte-exact. The
+other references are reported too; they may differ in the last bits of a
+GEMM of another shape. A mismatch exits 1.
 
 Benchmark: `--requests` prompts of `--prompt-len` random tokens (distinct per
 request, so no prefix cache hits), `--max-tokens` generated each
-(ignore_eos), sent at a steady `--rate` per second, streamed. Per request:
+(ignore_eos), sent at a steady `--rate` per second, streamed (comma lists
+of rates and of max tokens: each load in turn on the same instances, fresh
+prompts per load). Per request:
 TTFT (send -> first token), TPOT ((last - first token) / (tokens - 1)), the
 gaps between streamed tokens (ITL). For P/D also the handover: the router's
 X-PD-Prefill-Ms says when the prefill answered; TTFT minus that is the time
@@ -419,9 +424,11 @@ def main() -> int:
                     "'{\"mode\": 0, \"cudagraph_mode\": \"FULL_DECODE_ONLY\"}' (full graphs for decode "
                     "steps without torch.compile: a start in seconds)")
     ap.add_argument("--prompt-len", type=int, default=5000)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", default="128",
+                    help="generated per request; a comma list: one per --rate")
     ap.add_argument("--requests", type=int, default=100)
-    ap.add_argument("--rate", type=float, default=2.0, help="requests per second, steady")
+    ap.add_argument("--rate", default="2", help="requests per second, steady; a comma list (e.g. 3,4) runs "
+                    "each load in turn on the same instances, with fresh prompts")
     ap.add_argument("--check-prompts", type=int, default=3)
     ap.add_argument("--check-tokens", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -449,17 +456,33 @@ def main() -> int:
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head * 2
     block = 16
-    handed_tokens = (args.prompt_len - 1) // block * block
+    if args.pd_direct == "on":
+        # the decode copies every block the prompt filled, the partial last one too
+        handed_tokens = -(-args.prompt_len // block) * block
+    else:
+        handed_tokens = (args.prompt_len - 1) // block * block
     handover_bytes = handed_tokens * kv_per_token
     phases = set(args.phases.split(","))
     vocab = cfg["vocab_size"]
-    bench_prompts = [prompt(1000 + i, args.prompt_len, vocab) for i in range(args.requests)]
+    rates = [float(x) for x in args.rate.split(",")]
+    gens = [int(x) for x in args.max_tokens.split(",")]
+    if len(gens) == 1:
+        gens *= len(rates)
+    if len(gens) != len(rates):
+        ap.error("--max-tokens: one value, or one per --rate")
+    args.max_tokens = max(gens)  # the instances' --max-model-len
+    # Distinct prompts per load: a later load must not hit the pool with an
+    # earlier one's.
+    loads = [{"rate": rate, "max_tokens": mt, "tag": f"L{k}",
+              "prompts": [prompt(1000 * (k + 1) + i, args.prompt_len, vocab) for i in range(args.requests)]}
+             for k, (rate, mt) in enumerate(zip(rates, gens))]
     check_prompts = [prompt(i, args.prompt_len, vocab) for i in range(args.check_prompts)]
     warm = [prompt(900 + i, args.prompt_len, vocab) for i in range(4)]
     result: dict = {"first_token": args.first_token, "pd_direct": args.pd_direct,
                     "cuda_graphs": (args.compilation_config or "vLLM default") if args.no_enforce_eager else "off (eager)",
-                    "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests": args.requests,
-                    "rate": args.rate, "kv_bytes_per_token": kv_per_token, "handover_bytes": handover_bytes}
+                    "prompt_len": args.prompt_len, "requests": args.requests,
+                    "loads": [{"rate": ld["rate"], "max_tokens": ld["max_tokens"]} for ld in loads],
+                    "kv_bytes_per_token": kv_per_token, "handover_bytes": handover_bytes}
     ok = True
 
     if "ceilings" in phases:
@@ -518,40 +541,42 @@ def main() -> int:
                 log(f"P/D tokens identical to the decode instance's cold ones: {same}")
                 if not all(same):
                     ok = False
-            before = scrape(f"http://127.0.0.1:{dp}", ("prefix_cache", "prompt_tokens"))
-            o_before = metric_sums(f"http://{owner_metrics}", OWNER_SERIES)
-            t = time.monotonic()
-            rs = asyncio.run(run_load([url], bench_prompts, args.rate, args.max_tokens, "pd"))
-            result["pd"] = summarize(rs)
-            result["pd"]["wall_s"] = time.monotonic() - t
-            after = scrape(f"http://127.0.0.1:{dp}", ("prefix_cache", "prompt_tokens"))
-            result["pd_decode_metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after}
-            o_after = metric_sums(f"http://{owner_metrics}", OWNER_SERIES)
-            od = {k: o_after[k] - o_before[k] for k in OWNER_SERIES}
-            result["pd_owner_delta"] = od
-            if od["pegaflow_client_load_seconds_total"] > 0:
-                result["pd"]["load_copy_GBps"] = (od["pegaflow_client_load_bytes_total"]
-                                                  / od["pegaflow_client_load_seconds_total"] / 1e9)
-            if od["pegaflow_client_save_seconds_total"] > 0:
-                result["pd"]["save_copy_GBps"] = (od["pegaflow_client_save_bytes_total"]
-                                                  / od["pegaflow_client_save_seconds_total"] / 1e9)
-            if args.first_token == "prefill":
-                # the client's first token is the prefill's: the decode side
-                # shows as the gap to the second (the decode's first)
-                side = [r["itl"][0] for r in rs if r["ok"] and r["itl"]]
-            else:
-                side = [(r["ttft"] - r["prefill_ms"] / 1e3) for r in rs
-                        if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
-            pre = [r["prefill_ms"] for r in rs if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
-            if side:
-                med = statistics.median(side)
-                result["pd"]["prefill_hop_ms_mean"] = mean(pre)
-                result["pd"]["decode_side_ms_median"] = med * 1e3
-                result["pd"]["decode_side_ms_p99"] = pct(side, 99) * 1e3
-                result["pd"]["handover_GBps_lower_bound"] = handover_bytes / med / 1e9
-            result["pd"].update(handover_traces(D.log, "pd-"))
-            result["pd"]["direct"] = args.pd_direct
-            log(f"P/D: {json.dumps(result['pd'])}")
+            for ld, out in zip(loads, result["loads"]):
+                rate, tag = ld["rate"], "pd" + ld["tag"]
+                before = scrape(f"http://127.0.0.1:{dp}", ("prefix_cache", "prompt_tokens"))
+                o_before = metric_sums(f"http://{owner_metrics}", OWNER_SERIES)
+                t = time.monotonic()
+                rs = asyncio.run(run_load([url], ld["prompts"], rate, ld["max_tokens"], tag))
+                res = out["pd"] = summarize(rs)
+                res["wall_s"] = time.monotonic() - t
+                after = scrape(f"http://127.0.0.1:{dp}", ("prefix_cache", "prompt_tokens"))
+                res["decode_metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after}
+                o_after = metric_sums(f"http://{owner_metrics}", OWNER_SERIES)
+                od = {k: o_after[k] - o_before[k] for k in OWNER_SERIES}
+                res["owner_delta"] = od
+                if od["pegaflow_client_load_seconds_total"] > 0:
+                    res["load_copy_GBps"] = (od["pegaflow_client_load_bytes_total"]
+                                             / od["pegaflow_client_load_seconds_total"] / 1e9)
+                if od["pegaflow_client_save_seconds_total"] > 0:
+                    res["save_copy_GBps"] = (od["pegaflow_client_save_bytes_total"]
+                                             / od["pegaflow_client_save_seconds_total"] / 1e9)
+                if args.first_token == "prefill":
+                    # the client's first token is the prefill's: the decode side
+                    # shows as the gap to the second (the decode's first)
+                    side = [r["itl"][0] for r in rs if r["ok"] and r["itl"]]
+                else:
+                    side = [(r["ttft"] - r["prefill_ms"] / 1e3) for r in rs
+                            if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
+                pre = [r["prefill_ms"] for r in rs if r["ok"] and r.get("prefill_ms") == r.get("prefill_ms")]
+                if side:
+                    med = statistics.median(side)
+                    res["prefill_hop_ms_mean"] = mean(pre)
+                    res["decode_side_ms_median"] = med * 1e3
+                    res["decode_side_ms_p99"] = pct(side, 99) * 1e3
+                    res["handover_GBps_lower_bound"] = handover_bytes / med / 1e9
+                res.update(handover_traces(D.log, tag + "-"))
+                res["direct"] = args.pd_direct
+                log(f"P/D at {rate:g} req/s, {ld['max_tokens']} tokens: {json.dumps(res)}")
         finally:
             for pr in reversed(procs):
                 pr.stop()
@@ -570,11 +595,12 @@ def main() -> int:
             result["single_cold_tokens"] = [t[0] for t in toks]
             result["single_warm_tokens"] = [t[1] for t in toks]
             result["single_continued_tokens"] = [t[2] if len(t) > 2 else [] for t in toks]
-            t = time.monotonic()
-            rs = asyncio.run(run_load(urls, bench_prompts, args.rate, args.max_tokens, "dp"))
-            result["dp2"] = summarize(rs)
-            result["dp2"]["wall_s"] = time.monotonic() - t
-            log(f"DP2: {json.dumps(result['dp2'])}")
+            for ld, out in zip(loads, result["loads"]):
+                t = time.monotonic()
+                rs = asyncio.run(run_load(urls, ld["prompts"], ld["rate"], ld["max_tokens"], "dp" + ld["tag"]))
+                res = out["dp2"] = summarize(rs)
+                res["wall_s"] = time.monotonic() - t
+                log(f"DP2 at {ld['rate']:g} req/s, {ld['max_tokens']} tokens: {json.dumps(res)}")
         finally:
             A.stop()
             B.stop()
@@ -586,16 +612,25 @@ def main() -> int:
         result["tokens_identical_to_single_warm"] = same_warm
         result["tokens_identical_to_single_cold"] = same_cold
         result["tokens_identical_to_single_continued"] = same_cont
-        # what one instance computes the same way: the decode computing the
-        # first token (warm), or continuing after the prefill's (continued)
-        same = same_cont if args.first_token == "prefill" else same_warm
-        result["reference"] = "continued" if args.first_token == "prefill" else "warm"
+        # What one instance computes the same way. The router's first token
+        # is the prefill's, and the decode continues after it with the
+        # prompt's KV copied from the prefill's GPU, the partial last block
+        # too: every prompt token's KV from one cold pass ("cold"). Through
+        # the pool the decode gets full blocks only and computes the tail
+        # ("continued"). The decode computing the first token again: "warm".
+        if args.first_token == "decode":
+            result["reference"] = "warm"
+        elif args.pd_direct == "on" and args.prompt_len % block:
+            result["reference"] = "cold"
+        else:
+            result["reference"] = "continued"
+        same = {"warm": same_warm, "cold": same_cold, "continued": same_cont}[result["reference"]]
         if not all(same) or not all(len(t) == args.check_tokens for t in result["pd_tokens"]):
             ok = False
             log(f"MISMATCH: P/D tokens differ from the single instance's ({result['reference']})")
     report(result)
-    for k in ("pd", "dp2"):
-        if k in result and result[k]["ok"] != result[k]["requests"]:
+    for out in result["loads"]:
+        if any(out[k]["ok"] != out[k]["requests"] for k in ("pd", "dp2") if k in out):
             ok = False
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result))
@@ -607,22 +642,27 @@ def report(r: dict) -> None:
     def f(x, fmt="{:.1f}"):
         return "-" if x is None else fmt.format(x)
 
-    print()
-    print(f"{r['requests']} requests x {r['prompt_len']} prompt tokens, {r['max_tokens']} generated, "
-          f"{r['rate']} req/s steady; CUDA graphs: {r.get('cuda_graphs')}; router --first-token {r.get('first_token')}")
-    print("| config | TTFT mean | TTFT p99 | TPOT mean | TPOT p99 | ITL p99 | ok |")
-    print("|---|---|---|---|---|---|---|")
-    for k, label in (("pd", "P/D (1P+1D)"), ("dp2", "DP2")):
-        s = r.get(k)
-        if s:
-            print(f"| {label} | {f(s['ttft_mean_ms'])} | {f(s['ttft_p99_ms'])} | {f(s['tpot_mean_ms'])} | "
-                  f"{f(s['tpot_p99_ms'])} | {f(s['itl_p99_ms'])} | {s['ok']}/{s['requests']} |")
     c = r.get("ceilings")
-    s = r.get("pd")
-    if s and "handover_GBps_lower_bound" in s:
-        print(f"handover: {r['handover_bytes'] / 1e6:.0f} MB per request; prefill hop {f(s['prefill_hop_ms_mean'])} ms "
-              f"mean; decode side (wait + load + last block + its first token{', after the prefill' + chr(39) + 's' if r.get('first_token') == 'prefill' else ''}) {f(s['decode_side_ms_median'])} ms "
-              f"median, {f(s['decode_side_ms_p99'])} p99 = {s['handover_GBps_lower_bound']:.1f} GB/s")
+    for by in r["loads"]:
+        print()
+        print(f"{r['requests']} requests x {r['prompt_len']} prompt tokens, {by['max_tokens']} generated, "
+              f"{by['rate']:g} req/s steady; CUDA graphs: {r.get('cuda_graphs')}; "
+              f"router --first-token {r.get('first_token')}")
+        print("| config | TTFT mean | TTFT p99 | TPOT mean | TPOT p99 | ITL p99 | ok |")
+        print("|---|---|---|---|---|---|---|")
+        for k, label in (("pd", "P/D (1P+1D)"), ("dp2", "DP2")):
+            s = by.get(k)
+            if s:
+                print(f"| {label} | {f(s['ttft_mean_ms'])} | {f(s['ttft_p99_ms'])} | {f(s['tpot_mean_ms'])} | "
+                      f"{f(s['tpot_p99_ms'])} | {f(s['itl_p99_ms'])} | {s['ok']}/{s['requests']} |")
+        s = by.get("pd")
+        if not s or "handover_GBps_lower_bound" not in s:
+            continue
+        first = ", after the prefill's" if r.get("first_token") == "prefill" else ""
+        print(f"handover: {r['handover_bytes'] / 1e6:.0f} MB per request; prefill hop "
+              f"{f(s['prefill_hop_ms_mean'])} ms mean; decode side (wait + load + last block + its first "
+              f"token{first}) {f(s['decode_side_ms_median'])} ms median, {f(s['decode_side_ms_p99'])} p99 "
+              f"= {s['handover_GBps_lower_bound']:.1f} GB/s")
         if "load_copy_GBps" in s:
             print(f"owner's counters: decode loads at {s['load_copy_GBps']:.1f} GB/s, prefill saves at "
                   f"{s.get('save_copy_GBps', 0):.1f} GB/s (bytes / copy seconds)")
@@ -635,10 +675,9 @@ def report(r: dict) -> None:
             if c:
                 line += f" = {s['handover_copy_GBps'] / c['gpu0_to_gpu1_GBps']:.0%} of the GPU0->GPU1 ceiling"
             print(line)
-        if c:
-            print(f"ceilings: GPU0->GPU1 {c['gpu0_to_gpu1_GBps']:.0f} GB/s (peer access {c['peer_access']}), "
-                  f"GPU->host {c['gpu_to_host_GBps']:.0f}, host->GPU {c['host_to_gpu_GBps']:.0f}; handover at "
-                  f"{s['handover_GBps_lower_bound'] / c['gpu0_to_gpu1_GBps']:.1%} of GPU->GPU")
+    if c:
+        print(f"ceilings: GPU0->GPU1 {c['gpu0_to_gpu1_GBps']:.0f} GB/s (peer access {c['peer_access']}), "
+              f"GPU->host {c['gpu_to_host_GBps']:.0f}, host->GPU {c['host_to_gpu_GBps']:.0f}")
     if "tokens_identical_to_single_warm" in r:
         print(f"tokens identical to a single instance (reference: {r['reference']}): continued "
               f"{r['tokens_identical_to_single_continued']}, warm {r['tokens_identical_to_single_warm']}, "
