@@ -778,8 +778,10 @@ impl PyKvCache {
     /// Copies blocks of another engine's cache into this one's on `stream`:
     /// `pairs[i] = (local_block, peer_block)`, every layer. `export`: what
     /// that engine published (`export_peer`), mapped on first use and kept
-    /// under `key`. Returns at once; record an event on `stream` to know
-    /// when the copies are done.
+    /// under `key`. Returns at once, with what copies: `"dma"` (the copy
+    /// engines, for long runs of blocks) or `"kernel"` (the copy kernel,
+    /// for blocks scattered on either side); record an event on `stream`
+    /// to know when the copies are done.
     ///
     /// The caller guarantees the peer blocks are not rewritten until then
     /// (the P/D hold table) and that nothing else writes the local blocks.
@@ -791,7 +793,7 @@ impl PyKvCache {
         export: &[u8],
         pairs: Vec<(u32, u32)>,
         stream: u64,
-    ) -> PyResult<()> {
+    ) -> PyResult<&'static str> {
         let Some(device) = &self.device else {
             return Err(TransferError::new_err(
                 "pull_peer: this KV cache is in host memory; peer copies need a GPU cache",
@@ -841,9 +843,14 @@ impl PyKvCache {
                     &pairs,
                     0..self.layout.num_segments(),
                     PeerDirection::Pull,
+                    self.backend.kernel(),
                     StreamRef(stream),
                 )
             }
+            .map(|used| match used {
+                CopyBackendKind::Kernel => "kernel",
+                _ => "dma",
+            })
             .map_err(|e| TransferError::new_err(format!("peer copy from {key:?}: {e}")))
         })
     }

@@ -8,7 +8,9 @@ it through a real pegaflow-owner (``KvCache.export_peer``, brokered) and
 lends 312 blocks (a 5,000-token prompt) through a hold table. A decode
 process on GPU1 copies them with the connector's own ``PeerCopier`` into
 other block ids of its cache and both compare SHA-256 digests of every
-lent block, layer by layer. Then: an expired hold is refused without a
+lent block, layer by layer, and again for blocks in three orders
+(contiguous, backwards on both sides, opposite ways: the copy engines for
+long runs, the copy kernel for short ones), timed. Then: an expired hold is refused without a
 copy; a hold whose key is not the decode's is refused; a decode SIGKILLed
 while holding a taken rank lets the prefill expire it.
 
@@ -31,6 +33,14 @@ from pathlib import Path
 
 LAYERS, BLOCKS, BLOCK, HEADS, DIM = 36, 2048, 16, 8, 128
 LENT = 312
+#: block orders a hand-over meets (vLLM's free queue gives a finished
+#: request's blocks back in reverse): slot, ticket, the prefill's blocks,
+#: the decode's blocks. Each is copied, timed and checked byte for byte.
+ORDERS = {
+    "contiguous": (4, 5, list(range(400, 400 + LENT)), list(range(1000, 1000 + LENT))),
+    "backwards on both sides": (5, 6, list(range(800 + LENT - 1, 799, -1)), list(range(1400 + LENT - 1, 1399, -1))),
+    "opposite ways": (6, 7, list(range(1200, 1200 + LENT)), list(range(BLOCKS - 1, BLOCKS - 1 - LENT, -1))),
+}
 
 
 def kv_tensors(torch, dev, fill: bool):
@@ -79,9 +89,12 @@ def producer(a) -> None:
     t.hold(2, 3, b"Z" * 32, lent)  # another prompt's key
     t.hold(3, 4, b"K" * 32, lent)  # taken by a decode that is SIGKILLed
     assert t.expire(1, 2)
+    for slot, ticket, blocks, _ in ORDERS.values():
+        t.hold(slot, ticket, b"K" * 32, blocks)
     torch.cuda.synchronize()
     print(json.dumps({"table": t.name, "nonce": t.nonce, "namespace": c.namespace,
-                      "digest": digest(torch, kv, lent)}), flush=True)
+                      "digest": digest(torch, kv, lent),
+                      "orders": {k: digest(torch, kv, v[2]) for k, v in ORDERS.items()}}), flush=True)
     # wait for the decode to finish slot 0 and for slot 3's taker to die
     deadline = time.monotonic() + 120
     while not (t.over(0, 1) and t.expire(3, 4)):
@@ -129,6 +142,14 @@ def consumer(a) -> None:
         pc.finish(Trace(), wait=True)
         torch.cuda.synchronize()
         res["after_refusals_zero"] = bool((kv[0][:, dst[0]] == 0).all().item())
+        # the orders blocks come in: each copy timed alone (CUDA events)
+        res["orders"] = {}
+        for k, (slot, ticket, _, local) in ORDERS.items():
+            before, paths = pc.gpu_ms, dict(pc.paths)
+            assert pc.start(DirectSpec(info["table"], info["nonce"], slot, ticket, b"K" * 32, 0), local, Trace(), k)
+            pc.finish(Trace(), wait=True)
+            path = [p for p, n in pc.paths.items() if n > paths.get(p, 0)]
+            res["orders"][k] = {"gpu_ms": pc.gpu_ms - before, "path": path, "digest": digest(torch, kv, local)}
         print(json.dumps(res), flush=True)
     else:  # take slot 3 and wait to be killed
         from pegaflow import _native
@@ -203,6 +224,8 @@ def main() -> int:
             "the prefill sees the copy done and the dead taker's hold expired": over["over"]
             and over["slot3"][0] == "expired",
         }
+        for k, o in res["orders"].items():
+            checks[f"{k}: byte-exact"] = o["digest"] == src["orders"][k]
         for k, v in checks.items():
             print(f"{'PASS' if v else 'FAIL'}: {k}")
             ok &= v
@@ -210,6 +233,9 @@ def main() -> int:
         print(f"copied {LENT} blocks ({mb:.0f} MB, GPUs {d_gpus}) in {res['gpu_ms']:.2f} ms of GPU time "
               f"({res['bytes'] / res['gpu_ms'] / 1e6:.0f} GB/s), {res['wall_ms']:.1f} ms wall including the "
               f"first mapping of the prefill's cache")
+        for k, o in res["orders"].items():
+            print(f"{k}: {LENT} blocks in {o['gpu_ms']:.2f} ms of GPU time ({res['bytes'] / o['gpu_ms'] / 1e6:.0f} "
+                  f"GB/s) by {'/'.join(o['path'])}")
     finally:
         for p in reversed(procs):
             if p.poll() is None:

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use pegaflow_core::copy::conformance::{self, GpuMemory, LayoutCase, TestCache, TestMemory};
 use pegaflow_core::copy::dma::{DmaBackend, DmaMode};
 use pegaflow_core::copy::kernel::KernelBackend;
-use pegaflow_core::copy::{AutoBackend, CopyBackend};
+use pegaflow_core::copy::{AutoBackend, CopyBackend, CopyBackendKind};
 use pegaflow_core::cuda::{self, ipc, CudaDevice, HostRegistration, Stream};
 use pegaflow_core::transfer::KvTransfer;
 
@@ -443,19 +443,30 @@ fn child_ipc(d: &Arc<CudaDevice>, args: &[&str]) {
     let ev = ipc::import_event(d, &ev_handle).expect("import event");
     ev.wait_on(m.stream()).unwrap();
     let pairs: Vec<(u32, u32)> = (0..10).map(|i| (i as u32, (i * 5) as u32)).collect();
-    // SAFETY: both caches alive until the sync below.
-    unsafe {
-        ipc::copy_peer_blocks(
-            d,
-            &mine.layout,
-            remote.layout(),
-            &pairs,
-            0..SHARE_LAYERS,
-            ipc::PeerDirection::Pull,
-            m.stream(),
-        )
+    // Blocks 0..5 with the copy engines, 5..10 (runs of one block, listed
+    // backwards) with the copy kernel reading the peer's memory.
+    let kernel = KernelBackend::new(d).expect("copy kernel");
+    let backwards: Vec<(u32, u32)> = pairs[5..].iter().rev().copied().collect();
+    for (part, k, want) in [
+        (&pairs[..5], None, CopyBackendKind::Dma),
+        (&backwards[..], Some(&kernel), CopyBackendKind::Kernel),
+    ] {
+        // SAFETY: both caches alive until the sync below.
+        let used = unsafe {
+            ipc::copy_peer_blocks(
+                d,
+                &mine.layout,
+                remote.layout(),
+                part,
+                0..SHARE_LAYERS,
+                ipc::PeerDirection::Pull,
+                k,
+                m.stream(),
+            )
+        }
+        .expect("peer pull");
+        assert_eq!(used, want, "peer pull of {part:?}");
     }
-    .expect("peer pull");
     m.sync();
     let (dst, src): (Vec<u32>, Vec<u32>) = pairs.iter().copied().unzip();
     mine.verify_loaded(&mut m, &src, &dst, "ipc pull");
@@ -471,6 +482,7 @@ fn child_ipc(d: &Arc<CudaDevice>, args: &[&str]) {
             &push,
             0..SHARE_LAYERS,
             ipc::PeerDirection::Push,
+            None,
             m.stream(),
         )
     }

@@ -178,6 +178,114 @@ impl KernelBackend {
         self.max_ctas
     }
 
+    /// Copies `copies[i] = (dst, src, len)` between two addresses of
+    /// device memory this context can access (its own, or a peer GPU's
+    /// mapped through CUDA IPC) on `stream`: one launch whatever the number
+    /// of runs, where the copy engines pay a setup cost per run.
+    ///
+    /// # Safety
+    /// Every `src..src+len` is readable and every `dst..dst+len` writable
+    /// device memory for this context, the runs do not overlap, and all
+    /// stay alive and untouched by others until the copy completes on
+    /// `stream`.
+    pub unsafe fn copy_device_to_device(
+        &self,
+        copies: &[(u64, u64, usize)],
+        stream: StreamRef,
+    ) -> Result<(), CopyError> {
+        for (index, &(dst, src, len)) in copies.iter().enumerate() {
+            if (dst | src | len as u64) % 16 != 0 {
+                return Err(CopyError::Misaligned {
+                    backend: CopyBackendKind::Kernel,
+                    index,
+                    host: src as usize,
+                    device: dst,
+                    len,
+                });
+            }
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.launch(copies.iter().copied(), stream) }
+    }
+
+    /// One launch over `runs` of `(dst, src, len)`, each split into
+    /// [`CHUNK_BYTES`] descriptors.
+    ///
+    /// # Safety
+    /// As [`KernelBackend::copy_device_to_device`], for addresses the
+    /// kernel can dereference; 16-byte aligned (checked by the callers).
+    unsafe fn launch(
+        &self,
+        runs: impl Iterator<Item = (u64, u64, usize)> + Clone,
+        stream: StreamRef,
+    ) -> Result<(), CopyError> {
+        let n: usize = runs.clone().map(|r| r.2.div_ceil(CHUNK_BYTES)).sum();
+        if n == 0 {
+            return Ok(());
+        }
+        self.device.bind()?;
+        let mut slabs = self.slabs.lock().unwrap_or_else(|e| e.into_inner());
+        let slab = self.take_slab(&mut slabs, n)?;
+        // SAFETY: the slab holds `capacity >= n` descriptors, is pinned host
+        // memory owned by us, and no launch reads it (its event completed).
+        let descs = unsafe { std::slice::from_raw_parts_mut(slab.host, n) };
+        let mut i = 0;
+        for (dst, src, len) in runs {
+            let mut off = 0;
+            while off < len {
+                let l = (len - off).min(CHUNK_BYTES);
+                descs[i] = Desc {
+                    src: src + off as u64,
+                    dst: dst + off as u64,
+                    len: l as u64,
+                };
+                i += 1;
+                off += l;
+            }
+        }
+        debug_assert_eq!(i, n);
+        // Mapped pinned memory on a UVA system: the host pointer is the
+        // device pointer (checked in new()).
+        let mut descs_ptr = slab.host as u64;
+        let mut count = n as u64;
+        let mut params = [
+            &mut descs_ptr as *mut u64 as *mut c_void,
+            &mut count as *mut u64 as *mut c_void,
+        ];
+        let grid = (n as u64).min(self.max_ctas as u64) as u32;
+        // SAFETY: func takes (const PegaCopyDesc*, unsigned long long);
+        // params point at locals that outlive the call (the driver copies
+        // them at launch). The descriptors stay valid until slab.done
+        // fires; the caller guarantees the pieces (CopyBackend::copy).
+        let r = unsafe {
+            sys::cuLaunchKernel(
+                self.func,
+                grid,
+                1,
+                1,
+                THREADS,
+                1,
+                1,
+                0,
+                cuda::raw_stream(stream),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        let launched = check("cuLaunchKernel(pegaflow_copy_pieces)", r);
+        let recorded = slab.done.record(stream);
+        if launched.is_ok() && recorded.is_err() {
+            // The event does not cover this launch, so nothing would stop
+            // a later call from rewriting descriptors the kernel still
+            // reads: wait for the stream before the slab goes back.
+            let _ = cuda::stream_synchronize(&self.device, stream);
+        }
+        slabs.push(slab);
+        launched?;
+        recorded?;
+        Ok(())
+    }
+
     /// A free slab of at least `n` descriptors, taken out of the pool.
     fn take_slab(&self, slabs: &mut Vec<Slab>, n: usize) -> Result<Slab, CudaError> {
         // Free = its last launch completed.
@@ -232,78 +340,19 @@ impl CopyBackend for KernelBackend {
         stream: StreamRef,
     ) -> Result<(), CopyError> {
         check_aligned(CopyBackendKind::Kernel, pieces)?;
-        let n: usize = pieces.iter().map(|p| p.len.div_ceil(CHUNK_BYTES)).sum();
-        if n == 0 {
-            return Ok(());
-        }
-        self.device.bind()?;
-        let mut slabs = self.slabs.lock().unwrap_or_else(|e| e.into_inner());
-        let slab = self.take_slab(&mut slabs, n)?;
-        // SAFETY: the slab holds `capacity >= n` descriptors, is pinned host
-        // memory owned by us, and no launch reads it (its event completed).
-        let descs = unsafe { std::slice::from_raw_parts_mut(slab.host, n) };
-        let mut i = 0;
-        for p in pieces {
-            let mut off = 0;
-            while off < p.len {
-                let len = (p.len - off).min(CHUNK_BYTES);
-                let (h, d) = (p.host as u64 + off as u64, p.device + off as u64);
-                descs[i] = match dir {
-                    Direction::HostToDevice => Desc {
-                        src: h,
-                        dst: d,
-                        len: len as u64,
-                    },
-                    Direction::DeviceToHost => Desc {
-                        src: d,
-                        dst: h,
-                        len: len as u64,
-                    },
-                };
-                i += 1;
-                off += len;
+        let runs = pieces.iter().map(|p| {
+            let (h, d) = (p.host as u64, p.device);
+            match dir {
+                Direction::HostToDevice => (d, h, p.len),
+                Direction::DeviceToHost => (h, d, p.len),
             }
-        }
-        debug_assert_eq!(i, n);
-        // Mapped pinned memory on a UVA system: the host pointer is the
-        // device pointer (checked in new()).
-        let mut descs_ptr = slab.host as u64;
-        let mut count = n as u64;
-        let mut params = [
-            &mut descs_ptr as *mut u64 as *mut c_void,
-            &mut count as *mut u64 as *mut c_void,
-        ];
-        let grid = (n as u64).min(self.max_ctas as u64) as u32;
-        // SAFETY: func takes (const PegaCopyDesc*, unsigned long long);
-        // params point at locals that outlive the call (the driver copies
-        // them at launch). The descriptors stay valid until slab.done
-        // fires; the caller guarantees the pieces (CopyBackend::copy).
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                self.func,
-                grid,
-                1,
-                1,
-                THREADS,
-                1,
-                1,
-                0,
-                cuda::raw_stream(stream),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        let launched = check("cuLaunchKernel(pegaflow_copy_pieces)", r);
-        let recorded = slab.done.record(stream);
-        if launched.is_ok() && recorded.is_err() {
-            // The event does not cover this launch, so nothing would stop
-            // a later call from rewriting descriptors the kernel still
-            // reads: wait for the stream before the slab goes back.
-            let _ = cuda::stream_synchronize(&self.device, stream);
-        }
-        slabs.push(slab);
-        launched?;
-        recorded?;
-        Ok(())
+        });
+        // SAFETY: forwarded contract (CopyBackend::copy); on a UVA system a
+        // mapped pinned host address is valid in the kernel as is.
+        unsafe { self.launch(runs, stream) }
+    }
+
+    fn kernel(&self) -> Option<&KernelBackend> {
+        Some(self)
     }
 }

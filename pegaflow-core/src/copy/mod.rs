@@ -133,6 +133,12 @@ pub trait CopyBackend: Send + Sync + fmt::Debug {
         dir: Direction,
         stream: StreamRef,
     ) -> Result<(), CopyError>;
+
+    /// The copy kernel this backend can launch, for copies it does not
+    /// plan itself (peer GPU to GPU: [`crate::cuda::ipc::copy_peer_blocks`]).
+    fn kernel(&self) -> Option<&kernel::KernelBackend> {
+        None
+    }
 }
 
 /// Mean piece size at and above which [`AutoBackend`] uses DMA.
@@ -222,6 +228,10 @@ impl CopyBackend for AutoBackend {
             // SAFETY: as above.
             _ => unsafe { self.dma.copy(pieces, dir, stream) },
         }
+    }
+
+    fn kernel(&self) -> Option<&kernel::KernelBackend> {
+        Some(&self.kernel)
     }
 }
 

@@ -382,6 +382,8 @@ class PeerCopier:
         self.copies = 0
         self.bytes = 0
         self.gpu_ms = 0.0
+        #: copies issued per path: "dma" (long runs of blocks) or "kernel"
+        self.paths: collections.Counter[str] = collections.Counter()
         self._logged_at = 0
         self._queued = 0
         self._handle = 0
@@ -433,7 +435,7 @@ class PeerCopier:
             self.kv.fence_saves(int(self.stream.cuda_stream))
             start = torch.cuda.Event(enable_timing=True)
             start.record(self.stream)
-            self.kv.pull_peer(key, export, list(zip(block_ids, remote)), int(self.stream.cuda_stream))
+            path = self.kv.pull_peer(key, export, list(zip(block_ids, remote)), int(self.stream.cuda_stream))
             ev = torch.cuda.Event(enable_timing=True)
             ev.record(self.stream)
             cur.wait_event(ev)
@@ -441,6 +443,7 @@ class PeerCopier:
             t.done(spec.slot, spec.ticket, self.rank)
             self._fail(spec.table, str(e))
             return False
+        self.paths[path] += 1
         self._handle -= 1
         trace.issued(self._handle, req_id, len(block_ids), self.kv.slot_bytes, t0, source="gpu")
         nbytes = len(block_ids) * self.kv.slot_bytes
@@ -500,7 +503,8 @@ class PeerCopier:
         rate = self.bytes / (self.gpu_ms / 1e3) / 1e9 if self.gpu_ms > 0 else 0.0
         return (
             f"TP rank {self.rank} copied {self.copies} hand-overs GPU to GPU, "
-            f"{self.bytes / 1e9:.2f} GB in {self.gpu_ms:.1f} ms of copies ({rate:.1f} GB/s)"
+            f"{self.bytes / 1e9:.2f} GB in {self.gpu_ms:.1f} ms of copies ({rate:.1f} GB/s; "
+            f"{self.paths['dma']} by the copy engines, {self.paths['kernel']} by the copy kernel)"
         )
 
     def close(self) -> None:
