@@ -205,3 +205,39 @@ def test_a_load_that_cannot_start_is_traced_with_its_failed_blocks(tiny_model_di
     assert (rec["req_id"], rec["blocks"], rec["failed_blocks"], rec["bytes"]) == ("b1", 3, 3, 0)
     assert [p["phase"] for p in rec["phases"]] == list(trace.PHASES)
     assert rec["copies"][0]["failed"] == 3
+
+
+def test_a_copy_note_that_comes_after_the_release_is_in_the_record(records, monkeypatch):
+    """A P/D direct copy's worker sees it done from another thread, often a
+    step after the step that used it: its record waits for every rank's
+    note (decode loads were counted "from the pool" without this), and is
+    written anyway once the wait is over."""
+    t = trace.LoadTracer(sample_rate=1.0, slow_load_ms=1e12)
+    w = [trace.WorkerTrace(r) for r in range(2)]
+
+    def load(req_id):
+        lt = t.start()
+        lt.mark("lookup")
+        t.loading(req_id, lt, 313, True, ranks=2)
+        for wt in w:
+            wt.issued(hash((req_id, wt.rank)), req_id, 313, 1 << 20, trace.now(), source="gpu")
+        return lt
+
+    lt = load("late")
+    w[0].done(hash(("late", 0)), 0, gpu_ms=2.0)
+    t.worker_notes(w[0].take())
+    t.released("late", lt)
+    assert records.loads() == [], "written before rank 1's note"
+    w[1].done(hash(("late", 1)), 0, gpu_ms=2.5)
+    t.worker_notes(w[1].take())
+    (r,) = records.loads()
+    assert r["req_id"] == "late" and [c["source"] for c in r["copies"]] == ["gpu", "gpu"]
+    assert [c["gpu_ms"] for c in r["copies"]] == [2.0, 2.5] and r["bytes"] == 2 * 313 << 20
+
+    # a note that never comes: written with what came once the wait is over
+    monkeypatch.setattr(trace, "LATE_NOTES_S", 0.0)
+    lt = load("lost")
+    t.released("lost", lt)
+    t.worker_notes(None)
+    assert [r["req_id"] for r in records.loads()] == ["late", "lost"]
+    assert records.loads()[1]["copies"] == []

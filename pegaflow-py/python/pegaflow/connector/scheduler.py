@@ -401,7 +401,7 @@ class SchedulerSide(GroupScheduling):
                 direct=spec,
             )
         )
-        self.tracer.loading(st.request.request_id, st.trace, len(block_ids), True)
+        self.tracer.loading(st.request.request_id, st.trace, len(block_ids), True, ranks=self.tp_size)
         self._step_loading.append(st)
 
     def _give_back(self, st: ReqState) -> None:

@@ -160,9 +160,19 @@ class LoadTrace:
     blocks: int = 0
     layerwise: bool = True
     copies: list[CopyNote] = field(default_factory=list)
+    #: ranks whose copy notes the record waits for after the release
+    ranks: int = 0
 
     def mark(self, phase: str) -> None:
         self.ends[phase] = now()
+
+
+#: how long a released load's record waits for a late copy note
+LATE_NOTES_S = 2.0
+
+
+def _complete(t: LoadTrace) -> bool:
+    return len({c.rank for c in t.copies}) >= t.ranks
 
 
 class LoadTracer:
@@ -175,17 +185,27 @@ class LoadTracer:
         self._rng = random.Random(seed)
         #: loads handed to the workers: req_id -> trace
         self._loading: dict[str, LoadTrace] = {}
+        #: released loads still missing a rank's copy note: req_id ->
+        #: (trace, when to write it anyway)
+        self._late: dict[str, tuple[LoadTrace, int]] = {}
 
     def start(self) -> LoadTrace:
         return LoadTrace(start=now(), sampled=self._rng.random() < self.sample_rate)
 
-    def loading(self, req_id: str, trace: Optional[LoadTrace], blocks: int, layerwise: bool) -> None:
-        """The load was scheduled: the workers copy it in the coming step."""
+    def loading(
+        self, req_id: str, trace: Optional[LoadTrace], blocks: int, layerwise: bool, ranks: int = 0
+    ) -> None:
+        """The load was scheduled: the workers copy it in the coming step.
+        ``ranks``: the record waits (up to :data:`LATE_NOTES_S`) for that
+        many ranks' copy notes after the release: a P/D direct copy's
+        worker sees it done from another thread, often a step after the
+        step that used it."""
         if trace is None:
             return
         trace.mark("scheduled")
         trace.blocks = blocks
         trace.layerwise = layerwise
+        trace.ranks = ranks
         self._loading[req_id] = trace
 
     def worker_notes(self, meta: Any) -> None:
@@ -193,14 +213,33 @@ class LoadTracer:
         kv_connector_worker_meta``) to their loads."""
         for note in getattr(meta, "copies", None) or ():
             t = self._loading.get(note.req_id)
+            if t is None:
+                late = self._late.get(note.req_id)
+                t = late[0] if late is not None else None
             if t is not None:
                 t.copies.append(note)
+        if self._late:
+            at = now()
+            for req_id, (t, deadline) in list(self._late.items()):
+                if _complete(t) or at >= deadline:
+                    del self._late[req_id]
+                    self._write(req_id, t)
 
     def released(self, req_id: str, trace: Optional[LoadTrace]) -> None:
-        """The load's pins were released: write its record if it is traced."""
+        """The load's pins were released: write its record if it is traced
+        (once every rank's copy note came, see :meth:`loading`)."""
         if self._loading.pop(req_id, None) is None or trace is None:
             return
         trace.mark("release")
+        if not _complete(trace):
+            if len(self._late) >= MAX_IN_FLIGHT:
+                old = next(iter(self._late))
+                self._write(old, self._late.pop(old)[0])
+            self._late[req_id] = (trace, now() + int(LATE_NOTES_S * 1e9))
+            return
+        self._write(req_id, trace)
+
+    def _write(self, req_id: str, trace: LoadTrace) -> None:
         done = max((c.done for c in trace.copies), default=0)
         load_ns = (done or trace.ends["release"]) - trace.start
         if load_ns >= self.slow_ns:
