@@ -226,6 +226,12 @@ def main() -> int:
         }
         for k, o in res["orders"].items():
             checks[f"{k}: byte-exact"] = o["digest"] == src["orders"][k]
+        # long runs go to the copy engines, scattered blocks to the kernel
+        checks["runs of blocks copied by the copy engines"] = (
+            res["orders"]["contiguous"]["path"] == ["dma"]
+            and res["orders"]["backwards on both sides"]["path"] == ["dma"])
+        checks["blocks running opposite ways copied by the copy kernel"] = (
+            res["orders"]["opposite ways"]["path"] == ["kernel"])
         for k, v in checks.items():
             print(f"{'PASS' if v else 'FAIL'}: {k}")
             ok &= v

@@ -194,7 +194,7 @@ impl KernelBackend {
         stream: StreamRef,
     ) -> Result<(), CopyError> {
         for (index, &(dst, src, len)) in copies.iter().enumerate() {
-            if (dst | src | len as u64) % 16 != 0 {
+            if !(dst | src | len as u64).is_multiple_of(16) {
                 return Err(CopyError::Misaligned {
                     backend: CopyBackendKind::Kernel,
                     index,

@@ -543,7 +543,10 @@ pub const PEER_KERNEL_BELOW: usize = 1 << 20;
 /// The copies `(dst, src, len)` of `pairs[i] = (local_block, remote_block)`
 /// for `segments`, pieces adjacent on both sides coalesced. Pairs are
 /// taken in the order of their local blocks (copies are independent), so
-/// blocks that run backwards on both sides coalesce too.
+/// blocks that run backwards on both sides coalesce too. Pieces are visited
+/// in memory order: block by block when a block's pieces are adjacent
+/// (vLLM's `[blocks, 2, ...]` layouts), piece by piece when a piece's
+/// blocks are (`[2, blocks, ...]`, FlashAttention's).
 pub fn plan_peer_copies(
     local: &KvLayout,
     remote: &KvLayout,
@@ -594,25 +597,32 @@ pub fn plan_peer_copies(
     if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(IpcError::DuplicateBlock(w[0].0));
     }
+    let pieces = local.pieces_per_segment();
+    let len = local.piece_bytes;
+    let piece_major = pieces > 1 && local.block_stride == len && remote.block_stride == len;
     let mut copies: Vec<(u64, u64, usize)> =
-        Vec::with_capacity(pairs.len() * local.pieces_per_segment() * segments.len());
+        Vec::with_capacity(pairs.len() * pieces * segments.len());
+    let mut add = |s: usize, (l, r): (u32, u32), p: usize| {
+        let (la, ra) = (local.device_addr(s, l, p), remote.device_addr(s, r, p));
+        let (dst, src) = match dir {
+            PeerDirection::Pull => (la, ra),
+            PeerDirection::Push => (ra, la),
+        };
+        match copies.last_mut() {
+            Some(last) if last.0 + last.2 as u64 == dst && last.1 + last.2 as u64 == src => {
+                last.2 += len
+            }
+            _ => copies.push((dst, src, len)),
+        }
+    };
     for s in segments {
-        for &(l, r) in &pairs {
-            for p in 0..local.pieces_per_segment() {
-                let (la, ra) = (local.device_addr(s, l, p), remote.device_addr(s, r, p));
-                let (dst, src) = match dir {
-                    PeerDirection::Pull => (la, ra),
-                    PeerDirection::Push => (ra, la),
-                };
-                let len = local.piece_bytes;
-                match copies.last_mut() {
-                    Some(last)
-                        if last.0 + last.2 as u64 == dst && last.1 + last.2 as u64 == src =>
-                    {
-                        last.2 += len
-                    }
-                    _ => copies.push((dst, src, len)),
-                }
+        if piece_major {
+            for p in 0..pieces {
+                pairs.iter().for_each(|&lr| add(s, lr, p));
+            }
+        } else {
+            for &lr in &pairs {
+                (0..pieces).for_each(|p| add(s, lr, p));
             }
         }
     }
@@ -629,6 +639,7 @@ pub fn plan_peer_copies(
 /// context (local memory, or an [`ImportedKv`] kept alive) until the copies
 /// complete on `stream`; nobody else writes the destination blocks
 /// meanwhile.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn copy_peer_blocks(
     device: &CudaDevice,
     local: &KvLayout,
@@ -672,9 +683,65 @@ mod tests {
         let bases = (0..layers as u64)
             .map(|l| base + l * (blocks * 2 * piece) as u64)
             .collect();
-        let l = KvLayout::split_kv(bases, blocks, 16, 2 * piece, piece, piece, 2, PieceOrder::Nhd);
+        let l = KvLayout::split_kv(
+            bases,
+            blocks,
+            16,
+            2 * piece,
+            piece,
+            piece,
+            2,
+            PieceOrder::Nhd,
+        );
         l.validate().unwrap();
         l
+    }
+
+    /// FlashAttention's layout ([2, blocks, tokens, heads, dim] per layer):
+    /// a piece's blocks are adjacent.
+    fn kv_leading(base: u64, layers: usize, blocks: usize) -> KvLayout {
+        let piece = 32 << 10;
+        let bases = (0..layers as u64)
+            .map(|l| base + l * (2 * blocks * piece) as u64)
+            .collect();
+        let l = KvLayout::split_kv(
+            bases,
+            blocks,
+            16,
+            piece,
+            blocks * piece,
+            piece,
+            2,
+            PieceOrder::Nhd,
+        );
+        l.validate().unwrap();
+        l
+    }
+
+    #[test]
+    fn peer_copies_coalesce_each_piece_in_a_kv_leading_layout() {
+        // two instances with different cache sizes: other K-to-V strides
+        let (local, remote) = (kv_leading(1 << 32, 3, 64), kv_leading(1 << 40, 3, 96));
+        let up: Vec<(u32, u32)> = (0..20).map(|i| (10 + i, 30 + i)).collect();
+        let runs = plan_peer_copies(&local, &remote, &up, 0..3, PeerDirection::Pull).unwrap();
+        assert_eq!(runs.len(), 3 * 2, "one run per layer for K and one for V");
+        assert_eq!(
+            runs[1],
+            (
+                local.device_addr(0, 10, 1),
+                remote.device_addr(0, 30, 1),
+                20 * (32 << 10)
+            )
+        );
+        let push = plan_peer_copies(&local, &remote, &up, 0..3, PeerDirection::Push).unwrap();
+        assert_eq!(
+            push[1],
+            (
+                remote.device_addr(0, 30, 1),
+                local.device_addr(0, 10, 1),
+                20 * (32 << 10)
+            )
+        );
     }
 
     #[test]
@@ -687,7 +754,14 @@ mod tests {
         let up: Vec<(u32, u32)> = (0..20).map(|i| (10 + i, 30 + i)).collect();
         let runs = plan(&up);
         assert_eq!(runs.len(), 3);
-        assert_eq!(runs[0], (local.device_addr(0, 10, 0), remote.device_addr(0, 30, 0), 20 * 64 << 10));
+        assert_eq!(
+            runs[0],
+            (
+                local.device_addr(0, 10, 0),
+                remote.device_addr(0, 30, 0),
+                20 * (64 << 10)
+            )
+        );
         // backwards on both sides (vLLM's free queue): the same runs
         let down: Vec<(u32, u32)> = up.iter().rev().copied().collect();
         assert_eq!(plan(&down), runs);
@@ -696,9 +770,19 @@ mod tests {
         let runs = plan(&opposite);
         assert_eq!(runs.len(), 3 * 20);
         assert_eq!(runs.iter().map(|r| r.2).sum::<usize>(), 3 * 20 * (64 << 10));
-        assert!(runs.contains(&(local.device_addr(2, 10, 0), remote.device_addr(2, 49, 0), 64 << 10)));
+        assert!(runs.contains(&(
+            local.device_addr(2, 10, 0),
+            remote.device_addr(2, 49, 0),
+            64 << 10
+        )));
         // a local block named twice would be two copies into one block
-        let err = plan_peer_copies(&local, &remote, &[(3, 4), (3, 5)], 0..3, PeerDirection::Pull);
+        let err = plan_peer_copies(
+            &local,
+            &remote,
+            &[(3, 4), (3, 5)],
+            0..3,
+            PeerDirection::Pull,
+        );
         assert!(matches!(err, Err(IpcError::DuplicateBlock(3))), "{err:?}");
         let err = plan_peer_copies(&local, &remote, &[(64, 0)], 0..3, PeerDirection::Pull);
         assert!(matches!(err, Err(IpcError::Plan(_))), "{err:?}");
