@@ -12,7 +12,8 @@ lent block, layer by layer, and again for blocks in three orders
 (contiguous, backwards on both sides, opposite ways: the copy engines for
 long runs, the copy kernel for short ones), timed. Then: an expired hold is refused without a
 copy; a hold whose key is not the decode's is refused; a decode SIGKILLed
-while holding a taken rank lets the prefill expire it.
+while holding a taken rank lets the prefill expire it; blocks copied while
+the hold's creator (the prefill) was SIGKILLed are load errors.
 
     python3 tests/e2e/gpu_pd_direct.py --owner-bin PATH     # exits 0 when all pass
 """
@@ -92,7 +93,7 @@ def producer(a) -> None:
     for slot, ticket, blocks, _ in ORDERS.values():
         t.hold(slot, ticket, b"K" * 32, blocks)
     torch.cuda.synchronize()
-    print(json.dumps({"table": t.name, "nonce": t.nonce, "namespace": c.namespace,
+    print(json.dumps({"table": t.name, "nonce": t.nonce, "namespace": c.namespace, "key": key,
                       "digest": digest(torch, kv, lent),
                       "orders": {k: digest(torch, kv, v[2]) for k, v in ORDERS.items()}}), flush=True)
     # wait for the decode to finish slot 0 and for slot 3's taker to die
@@ -110,6 +111,19 @@ class Trace:
 
     def done(self, *a, **k):
         pass
+
+
+def creator(a) -> None:
+    """A second hold table over the producer's exported cache, made by this
+    process: its death is a prefill's (the hold's creator) exiting."""
+    from pegaflow import _native
+
+    info = json.loads(a.info)
+    t = _native.HoldTable.create("pegaflow-pd-" + uuid.uuid4().hex, capacity=2, max_blocks=400,
+                                 namespaces=[info["namespace"]], peer_keys=[info["key"]])
+    t.hold(0, 1, b"K" * 32, list(range(7, 7 + LENT)))
+    print(json.dumps({"table": t.name, "nonce": t.nonce}), flush=True)
+    time.sleep(600)
 
 
 def consumer(a) -> None:
@@ -151,6 +165,17 @@ def consumer(a) -> None:
             path = [p for p, n in pc.paths.items() if n > paths.get(p, 0)]
             res["orders"][k] = {"gpu_ms": pc.gpu_ms - before, "path": path, "digest": digest(torch, kv, local)}
         print(json.dumps(res), flush=True)
+    elif a.mode == "lost":
+        # The copy queued behind a second of GPU work; the parent SIGKILLs
+        # the hold's creator meanwhile: the copied blocks must be lost.
+        held = json.loads(a.held)
+        torch.cuda._sleep(2_000_000_000)  # GPU clock cycles: about a second on an H200
+        spec = DirectSpec(held["table"], held["nonce"], 0, 1, b"K" * 32, 0)
+        assert pc.start(spec, dst, Trace(), "lost"), pc.failed
+        print(json.dumps({"queued": True}), flush=True)
+        sys.stdin.readline()
+        pc.finish(Trace(), wait=True)
+        print(json.dumps({"lost": sorted(pc.lost) == sorted(dst), "n": len(pc.lost)}), flush=True)
     else:  # take slot 3 and wait to be killed
         from pegaflow import _native
 
@@ -163,12 +188,16 @@ def consumer(a) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--owner-bin")
-    ap.add_argument("--role", choices=("producer", "consumer"))
+    ap.add_argument("--role", choices=("producer", "consumer", "creator"))
     ap.add_argument("--mode", default="copy")
     ap.add_argument("--name")
     ap.add_argument("--sock")
     ap.add_argument("--info")
+    ap.add_argument("--held")
     a = ap.parse_args()
+    if a.role == "creator":
+        creator(a)
+        return 0
     if a.role == "producer":
         producer(a)
         return 0
@@ -212,6 +241,21 @@ def main() -> int:
             return 1
         res = json.loads(D.stdout.strip().splitlines()[-1])
         src = json.loads(info)
+        # the hold's creator exits while the copy is queued on the GPU
+        C = subprocess.Popen(me + ["--role", "creator", "--info", info], stdout=subprocess.PIPE, text=True)
+        procs.append(C)
+        held = C.stdout.readline()
+        L = subprocess.Popen(me + ["--role", "consumer", "--mode", "lost", "--info", info, "--held", held],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": d_gpus})
+        procs.append(L)
+        assert json.loads(L.stdout.readline())["queued"]
+        C.send_signal(signal.SIGKILL)
+        C.wait()
+        L.stdin.write("\n")
+        L.stdin.flush()
+        lost = json.loads(L.stdout.readline())
+        L.wait(timeout=60)
         K.send_signal(signal.SIGKILL)
         K.wait()
         over = json.loads(P.stdout.readline())
@@ -223,6 +267,7 @@ def main() -> int:
             "nothing written by refused holds": res["after_refusals_zero"],
             "the prefill sees the copy done and the dead taker's hold expired": over["over"]
             and over["slot3"][0] == "expired",
+            "blocks copied while the hold's creator exited are load errors": lost["lost"],
         }
         for k, o in res["orders"].items():
             checks[f"{k}: byte-exact"] = o["digest"] == src["orders"][k]

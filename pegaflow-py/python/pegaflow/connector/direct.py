@@ -389,6 +389,8 @@ class PeerCopier:
         self._handle = 0
         #: tables whose copies cannot work here (reported to the scheduler)
         self.failed: list[str] = []
+        #: blocks copied while their prefill exited (load errors)
+        self.lost: set[int] = set()
         self._failed_once: set[str] = set()
 
     def _export(self, key: str) -> bytes:
@@ -448,7 +450,7 @@ class PeerCopier:
         trace.issued(self._handle, req_id, len(block_ids), self.kv.slot_bytes, t0, source="gpu")
         nbytes = len(block_ids) * self.kv.slot_bytes
         self._queued += 1
-        self._queue.put((start, ev, t, spec.slot, spec.ticket, self._handle, nbytes))
+        self._queue.put((start, ev, t, spec.slot, spec.ticket, self._handle, nbytes, list(block_ids)))
         return True
 
     def _wait_loop(self) -> None:
@@ -456,18 +458,22 @@ class PeerCopier:
             item = self._queue.get()
             if item is None:
                 return
-            start, ev, t, slot, ticket, h, nbytes = item
+            start, ev, t, slot, ticket, h, nbytes, blocks = item
             try:
                 ev.synchronize()  # releases the GIL while it waits
                 ms = start.elapsed_time(ev)
             except RuntimeError as e:  # pragma: no cover - a CUDA error: the step fails too
                 logger.error("PegaFlow P/D: waiting for a copy failed: %s", e)
                 ms = 0.0
+            # The prefill's memory stayed valid for the whole copy only if
+            # the prefill outlived it (CUDA leaves reading the memory of an
+            # exporter that exited undefined): otherwise the blocks are lost.
+            lost = () if t.creator_alive() else blocks
             try:
                 t.done(slot, ticket, self.rank)
             except PegaflowError:
                 pass
-            self._completed.append((h, nbytes, ms))
+            self._completed.append((h, nbytes, ms, lost))
 
     def _fail(self, table: str, why: str) -> None:
         if table not in self._failed_once:
@@ -490,8 +496,14 @@ class PeerCopier:
             while self._queued > self.copies + len(self._completed):
                 time.sleep(0.001)
         while self._completed:
-            h, nbytes, ms = self._completed.popleft()
-            trace.done(h, 0, gpu_ms=ms)
+            h, nbytes, ms, lost = self._completed.popleft()
+            trace.done(h, len(lost), gpu_ms=ms)
+            if lost:
+                self.lost.update(lost)
+                logger.warning(
+                    "PegaFlow P/D: the prefill exited during a copy from its GPU; vLLM recomputes "
+                    "those %d blocks (TP rank %d)", len(lost), self.rank,
+                )
             self.copies += 1
             self.bytes += nbytes
             self.gpu_ms += ms

@@ -142,6 +142,8 @@ class WorkerSide:
         #: no copier thread), and the device it copies to
         self._peer: Optional[PeerCopier] = None
         self._peer_device: Any = None
+        #: this step started direct copies (see get_block_ids_with_load_errors)
+        self._direct_pending = False
 
     def handshake(self) -> PegaHandshake:
         """What the scheduler must know about this worker (sent once)."""
@@ -293,6 +295,8 @@ class WorkerSide:
             t0 = now()
             self._load_errors.update(ld.block_ids)
             self.trace.not_issued(ld.req_id, len(ld.block_ids), t0)
+        else:
+            self._direct_pending = True
 
     def direct_failed(self) -> list[str]:
         """Hold tables this worker could not copy from since last asked."""
@@ -458,9 +462,16 @@ class WorkerSide:
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self._peer is not None:
-            # copies completed since the last step (their holds are given
-            # back by the copier's thread as soon as they complete)
-            self._peer.finish(self.trace)
+            # Copies completed since the last step (their holds are given
+            # back by the copier's thread as soon as they complete). A step
+            # that copied waits for its copies: a block copied while its
+            # prefill exited must reach vLLM in the output of the step that
+            # read it, which vLLM then drops and recomputes.
+            self._peer.finish(self.trace, wait=self._direct_pending)
+            self._direct_pending = False
+            if self._peer.lost:
+                self._load_errors |= self._peer.lost
+                self._peer.lost = set()
         if self._layerwise_pending:
             # This step's forward waits for its loads on the GPU; they are
             # done (or nearly) once it is queued: check what they copied.
