@@ -644,6 +644,8 @@ def report(r: dict) -> None:
 
     c = r.get("ceilings")
     for by in r["loads"]:
+        if "pd" not in by and "dp2" not in by:
+            continue  # phases without a load (e.g. ceilings only)
         print()
         print(f"{r['requests']} requests x {r['prompt_len']} prompt tokens, {by['max_tokens']} generated, "
               f"{by['rate']:g} req/s steady; CUDA graphs: {r.get('cuda_graphs')}; "

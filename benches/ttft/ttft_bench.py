@@ -576,6 +576,9 @@ def main() -> int:
     ap.add_argument("--owner-args", default="", help="extra pegaflow-owner flags, e.g. '--use-hugepages'")
     ap.add_argument("--pool-size", help="PegaFlow pool (and peer pool, offload bytes); default: 1.5x what the run saves")
     ap.add_argument("--copy-backend", default="auto", help="pegaflow.copy_backend")
+    ap.add_argument("--pega-extra", type=json.loads, default={},
+                    help="more kv_connector_extra_config keys for the PegaFlow phases, as JSON, e.g. "
+                         "'{\"pegaflow.trace_sample_rate\": 1}' (every load traced in the phase's log)")
     ap.add_argument("--peer-site", help="directory where pegaflow-llm(-cu13) 0.25.1 is installed (pip --target)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--phase-timeout", type=float, default=600)
@@ -715,6 +718,7 @@ def main() -> int:
                     "pegaflow.name": owner.name,
                     "pegaflow.socket": owner.socket,
                     "pegaflow.copy_backend": args.copy_backend,
+                    **args.pega_extra,
                 },
             }
 
