@@ -374,6 +374,22 @@ fn chain_keys<'py>(
     Ok(keys.iter().map(|k| PyBytes::new(py, k)).collect())
 }
 
+/// Whether process `pid` runs (a zombie does not) and, with `start_time`,
+/// is the one that started then rather than a later one reusing the pid.
+#[pyfunction]
+#[pyo3(signature = (pid, start_time=None))]
+fn process_alive(pid: u32, start_time: Option<u64>) -> bool {
+    use pegaflow_shm::segment::{pid_alive, process_start_time};
+    pid_alive(pid) && start_time.is_none_or(|s| process_start_time(pid) == Some(s))
+}
+
+/// When process `pid` started (clock ticks since boot; None: no such
+/// process): what [`process_alive`] compares.
+#[pyfunction]
+fn process_start_time(pid: u32) -> Option<u64> {
+    pegaflow_shm::segment::process_start_time(pid)
+}
+
 /// Whether a CUDA driver can be loaded in this process.
 #[pyfunction]
 fn cuda_driver_present() -> bool {
@@ -391,6 +407,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kv_cache::namespace_fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
     m.add_function(wrap_pyfunction!(chain_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(process_alive, m)?)?;
+    m.add_function(wrap_pyfunction!(process_start_time, m)?)?;
     errors::register(m)?;
     Ok(())
 }

@@ -370,3 +370,32 @@ def test_a_forged_tail_is_not_borrowed(tiny_model_dir, owner):
     so = step(dec)
     assert not [ld for ld in so.kv_connector_metadata.loads if ld.direct is not None]
     assert dec.connector.get_scheduler_stats()["pd_direct_missed"] >= 1
+
+
+def test_a_decode_sees_whether_the_process_that_exported_a_cache_runs():
+    """With TP > 1 each rank's KV cache is its worker process's, not the
+    scheduler's that made the hold table: the peer key names the exporting
+    process (pid and start time), and a decode copies only while it runs."""
+    from pegaflow.connector.direct import exporter_alive, peer_key
+
+    key = peer_key(3)
+    assert len(key.encode()) < 64, "the hold table keeps keys under 64 bytes"
+    assert key.split("/")[2] == "3" and exporter_alive(key)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = _native.process_start_time(child.pid)
+        theirs = f"pd/{'ab' * 12}/0/{child.pid}-{start}"
+        assert exporter_alive(theirs)
+        # the same pid started at another time: a later process reusing it
+        assert not exporter_alive(f"pd/{'ab' * 12}/0/{child.pid}-{start + 1}")
+        child.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while exporter_alive(theirs):  # a zombie (not reaped yet) is not alive
+            assert time.monotonic() < deadline, "a SIGKILLed exporter still counts as alive"
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait()
+    assert not exporter_alive(theirs)
+    # a key naming no process (an older PegaFlow's): the table's creator decides
+    assert exporter_alive(f"pd/{'ab' * 16}/0")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import queue
 import struct
 import threading
@@ -73,8 +74,23 @@ def tail_key(parent: bytes, tokens: list[int]) -> bytes:
 
 def peer_key(rank: int) -> str:
     """The owner-brokered key a worker publishes its exported cache under:
-    new per start, so a restarted prefill is never confused with its past."""
-    return f"pd/{uuid.uuid4().hex}/{rank}"
+    new per start, so a restarted prefill is never confused with its past,
+    and naming the exporting process (pid and start time), which a decode
+    checks around each copy: with TP > 1 each rank's memory is its worker
+    process's, not the scheduler's that made the hold table."""
+    pid = os.getpid()
+    # 96 random bits: with any pid and start time, under the table's 64 bytes
+    return f"pd/{uuid.uuid4().hex[:24]}/{rank}/{pid}-{_native.process_start_time(pid) or 0}"
+
+
+def exporter_alive(key: str) -> bool:
+    """Whether the process that exported a cache under ``key`` (made by
+    :func:`peer_key`) still runs. A key that names no process (an older
+    PegaFlow's) counts as alive: the hold table's creator is checked too."""
+    pid, _, start = key.rsplit("/", 1)[-1].partition("-")
+    if not (pid.isdigit() and start.isdigit()):
+        return True
+    return _native.process_alive(int(pid), int(start))
 
 
 @dataclass(frozen=True)
@@ -368,7 +384,7 @@ class PeerCopier:
         self._tables = _Tables()
         self._exports: dict[str, bytes] = {}
         #: copies queued, oldest first: (start event, end event, table,
-        #: slot, ticket, trace handle, bytes). A thread waits for each and
+        #: peer key, slot, ticket, trace handle, bytes, local blocks). A thread waits for each and
         #: gives its hold back as soon as the copy completed (the engine's
         #: loop never blocks on it, and an engine that goes idle right after
         #: still releases the prefill's blocks); the engine's thread then
@@ -421,9 +437,9 @@ class PeerCopier:
         if got is None:
             return False  # expired or given back: recompute
         lent_key, ids = got
-        if not t.creator_alive():
+        if not (t.creator_alive() and exporter_alive(key)):
             # Its memory is being freed: CUDA leaves reading it undefined.
-            # (A prefill that dies during the copy itself is not covered.)
+            # (One that dies during the copy: see _wait_loop.)
             t.done(spec.slot, spec.ticket, self.rank)
             return False
         try:
@@ -450,7 +466,7 @@ class PeerCopier:
         trace.issued(self._handle, req_id, len(block_ids), self.kv.slot_bytes, t0, source="gpu")
         nbytes = len(block_ids) * self.kv.slot_bytes
         self._queued += 1
-        self._queue.put((start, ev, t, spec.slot, spec.ticket, self._handle, nbytes, list(block_ids)))
+        self._queue.put((start, ev, t, key, spec.slot, spec.ticket, self._handle, nbytes, list(block_ids)))
         return True
 
     def _wait_loop(self) -> None:
@@ -458,7 +474,7 @@ class PeerCopier:
             item = self._queue.get()
             if item is None:
                 return
-            start, ev, t, slot, ticket, h, nbytes, blocks = item
+            start, ev, t, key, slot, ticket, h, nbytes, blocks = item
             try:
                 ev.synchronize()  # releases the GIL while it waits
                 ms = start.elapsed_time(ev)
@@ -468,7 +484,7 @@ class PeerCopier:
             # The prefill's memory stayed valid for the whole copy only if
             # the prefill outlived it (CUDA leaves reading the memory of an
             # exporter that exited undefined): otherwise the blocks are lost.
-            lost = () if t.creator_alive() else blocks
+            lost = () if t.creator_alive() and exporter_alive(key) else blocks
             try:
                 t.done(slot, ticket, self.rank)
             except PegaflowError:
