@@ -391,6 +391,8 @@ class PeerCopier:
         #: collects them (``finish``) for the traces and counters.
         self._queue: "queue.Queue[Optional[tuple[Any, ...]]]" = queue.Queue()
         self._completed: "collections.deque[tuple[Any, ...]]" = collections.deque()
+        #: notified by the waiting thread at each completed copy
+        self._completion = threading.Condition()
         self._waiter = threading.Thread(target=self._wait_loop, name="pegaflow-pd-copies", daemon=True)
         self._waiter.start()
         #: copies done, bytes and GPU milliseconds (the copy alone, timed by
@@ -475,21 +477,25 @@ class PeerCopier:
             if item is None:
                 return
             start, ev, t, key, slot, ticket, h, nbytes, blocks = item
+            ms, lost = 0.0, blocks
             try:
                 ev.synchronize()  # releases the GIL while it waits
                 ms = start.elapsed_time(ev)
-            except RuntimeError as e:  # pragma: no cover - a CUDA error: the step fails too
+                # The prefill's memory stayed valid for the whole copy only
+                # if the prefill outlived it (CUDA leaves reading the memory
+                # of an exporter that exited undefined): else they are lost.
+                if t.creator_alive() and exporter_alive(key):
+                    lost = ()
+            except Exception as e:  # pragma: no cover - a CUDA error: the step fails too
+                # never die: the engine's thread waits for this one
                 logger.error("PegaFlow P/D: waiting for a copy failed: %s", e)
-                ms = 0.0
-            # The prefill's memory stayed valid for the whole copy only if
-            # the prefill outlived it (CUDA leaves reading the memory of an
-            # exporter that exited undefined): otherwise the blocks are lost.
-            lost = () if t.creator_alive() and exporter_alive(key) else blocks
             try:
                 t.done(slot, ticket, self.rank)
             except PegaflowError:
                 pass
-            self._completed.append((h, nbytes, ms, lost))
+            with self._completion:
+                self._completed.append((h, nbytes, ms, lost))
+                self._completion.notify_all()
 
     def _fail(self, table: str, why: str) -> None:
         if table not in self._failed_once:
@@ -507,10 +513,14 @@ class PeerCopier:
     def finish(self, trace: Any, wait: bool = False) -> None:
         """Collects the copies completed since the last call (their holds
         are given back already) for the traces and counters; ``wait``: all
-        queued copies (tests, shutdown)."""
+        queued copies first (a step that copied, tests, shutdown)."""
         if wait:
-            while self._queued > self.copies + len(self._completed):
-                time.sleep(0.001)
+            with self._completion:
+                done = self._completion.wait_for(
+                    lambda: self._queued <= self.copies + len(self._completed), timeout=60
+                )
+            if not done:  # pragma: no cover - a GPU that hangs
+                logger.error("PegaFlow P/D: copies from a prefill's GPU not done after 60 s (TP rank %d)", self.rank)
         while self._completed:
             h, nbytes, ms, lost = self._completed.popleft()
             trace.done(h, len(lost), gpu_ms=ms)
