@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--die-after", type=int, default=-1)
     p.add_argument("--status", type=int, default=200)
     p.add_argument("--no-token-ids", action="store_true")
+    p.add_argument("--no-params", action="store_true", help="a prefill without the connector")
     p.add_argument("--first-finish", default="length")
     a = p.parse_args()
 
@@ -74,7 +75,7 @@ def main() -> None:
             if ids:
                 choice.update(prompt_token_ids=prompt_ids, token_ids=[900])
             ans = {"id": f"cmpl-{rid}", "created": 7, "model": "stand-in", "choices": [choice]}
-            if body.get("kv_transfer_params"):
+            if body.get("kv_transfer_params") and not a.no_params:
                 ans["kv_transfer_params"] = {"do_remote_prefill": True, "pegaflow": {"from": rid, "blocks": 3}}
             return web.json_response(ans, headers={"X-Request-Id": rid})
         n = min(a.chunks, body["max_tokens"]) if isinstance(body.get("max_tokens"), int) else a.chunks

@@ -404,3 +404,22 @@ def test_requests_the_first_token_cannot_carry_keep_the_plain_path(pd, why):
     (dr,) = seen(d)
     assert dr["body"]["max_tokens"] == 3, "the decode computes the first token itself"
     assert dr["body"].get("prompt", [1, 2]) == [1, 2]
+
+
+def test_a_prefill_without_the_connector_is_named_once_in_the_log(pd, tmp_path):
+    """A prefill instance started without PegaKVConnector answers without
+    kv_transfer_params: requests still work (the decode computes the
+    prompt), and the router's log says once which instance and what to do."""
+    endpoint, router = pd
+    p, d = endpoint("prefill", "--no-params"), endpoint("decode")
+    r = router([p], [d], "--first-token", "decode")
+    for i in range(3):
+        c, resp = post(r.port, "/v1/completions", {"model": "m", "prompt": [1, 2, 3], "max_tokens": 4},
+                       {"X-Request-Id": f"np-{i}"})
+        assert resp.status == 200, resp.read()
+        resp.read()
+        c.close()
+    assert all("kv_transfer_params" not in dr["body"] for dr in seen(d))
+    log = (tmp_path / "router.err").read_text()
+    assert log.count("without kv_transfer_params") == 1, log
+    assert f"127.0.0.1:{p.port}" in log and "kv_producer" in log

@@ -55,6 +55,8 @@ class Endpoint:
     in_flight: int = 0
     last_error: str = ""
     served: int = 0
+    #: a prefill that answered without kv_transfer_params was warned about
+    warned_no_params: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -260,8 +262,17 @@ class Router:
                 params = answer.get("kv_transfer_params")
             except (ValueError, AttributeError):
                 answer, params = None, None
-            if params is None and remote_decode:
-                logger.debug("request %s: prefill %s returned no kv_transfer_params", rid, ep.url)
+            if params is None and remote_decode and isinstance(answer, dict):
+                if not ep.warned_no_params:
+                    ep.warned_no_params = True
+                    logger.warning(
+                        "prefill %s answered request %s without kv_transfer_params: it does not run "
+                        "PegaKVConnector with kv_role kv_producer (or kv_both), so the decode computes "
+                        "every prompt it prefills again. Start it with --kv-transfer-config as in "
+                        "docs/pd.md (this is said once per instance)", ep.url, rid,
+                    )
+                else:
+                    logger.debug("request %s: prefill %s returned no kv_transfer_params", rid, ep.url)
             return None, params, answer if isinstance(answer, dict) else None
 
     def _side_down(self, side: str, tried: set[str], rid: str) -> web.Response:
