@@ -63,6 +63,8 @@ pub enum IpcError {
     DuplicateBlock(u32),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Copy(#[from] CopyError),
 }
 
 fn to_chars(h: &[u8; IPC_HANDLE_BYTES]) -> [std::ffi::c_char; IPC_HANDLE_BYTES] {
@@ -659,10 +661,7 @@ pub unsafe fn copy_peer_blocks(
         // SAFETY: the caller guarantees both caches (see # Safety); the
         // addresses come from validated layouts with in-range, distinct
         // local block ids (checked by the plan), so no runs overlap.
-        unsafe { k.copy_device_to_device(&copies, stream) }.map_err(|e| match e {
-            CopyError::Cuda(c) => IpcError::Cuda(c),
-            other => IpcError::Incompatible(other.to_string()),
-        })?;
+        unsafe { k.copy_device_to_device(&copies, stream)? };
         return Ok(CopyBackendKind::Kernel);
     }
     let batch = BatchApi::load()?;

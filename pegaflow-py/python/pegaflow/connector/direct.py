@@ -280,7 +280,7 @@ class Borrower:
     """Decode side, in the scheduler process: decides which requests copy
     from their prefill's GPU blocks."""
 
-    def __init__(self, block_size: int = 16) -> None:
+    def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self._tables = _Tables()
         #: tables this instance cannot copy from (other namespaces, workers failed)
