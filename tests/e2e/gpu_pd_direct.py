@@ -185,6 +185,15 @@ def consumer(a) -> None:
         time.sleep(600)
 
 
+def json_line(proc) -> dict | None:
+    """The next JSON line a child prints; skips its log lines (pegaflow's
+    logger writes to stdout, as vLLM's does). None: it exited first."""
+    for line in iter(proc.stdout.readline, ""):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--owner-bin")
@@ -217,7 +226,8 @@ def main() -> int:
     sock = str(work / "owner.sock")
     owner = subprocess.Popen([a.owner_bin, "--name", name, "--socket", sock, "--pool-size", "1g"],
                              stdout=open(work / "owner.log", "wb"), stderr=subprocess.STDOUT)
-    me = [sys.executable, __file__, "--name", name, "--sock", sock]
+    # faulthandler: a child that dies of a signal says where
+    me = [sys.executable, "-X", "faulthandler", __file__, "--name", name, "--sock", sock]
     procs = [owner]
     ok = True
     try:
@@ -227,38 +237,42 @@ def main() -> int:
         P = subprocess.Popen(me + ["--role", "producer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": p_gpus})
         procs.append(P)
-        info = P.stdout.readline()
-        assert info, "producer failed"
+        src = json_line(P)
+        assert src, "producer failed"
+        info = json.dumps(src)
         # a decode that takes slot 3, then is SIGKILLed
         K = subprocess.Popen(me + ["--role", "consumer", "--mode", "take", "--info", info], stdout=subprocess.PIPE,
                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": d_gpus})
         procs.append(K)
-        assert json.loads(K.stdout.readline())["taken"]
+        assert json_line(K)["taken"]
         D = subprocess.run(me + ["--role", "consumer", "--info", info], capture_output=True, text=True,
                            env={**os.environ, "CUDA_VISIBLE_DEVICES": d_gpus}, timeout=300)
         if D.returncode != 0:
             print(D.stderr[-4000:])
             return 1
         res = json.loads(D.stdout.strip().splitlines()[-1])
-        src = json.loads(info)
         # the hold's creator exits while the copy is queued on the GPU
         C = subprocess.Popen(me + ["--role", "creator", "--info", info], stdout=subprocess.PIPE, text=True)
         procs.append(C)
-        held = C.stdout.readline()
+        held = json.dumps(json_line(C))
         L = subprocess.Popen(me + ["--role", "consumer", "--mode", "lost", "--info", info, "--held", held],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "CUDA_VISIBLE_DEVICES": d_gpus})
+                             stderr=open(work / "lost.err", "w"), env={**os.environ, "CUDA_VISIBLE_DEVICES": d_gpus})
         procs.append(L)
-        assert json.loads(L.stdout.readline())["queued"]
+        assert json_line(L)["queued"]
         C.send_signal(signal.SIGKILL)
         C.wait()
         L.stdin.write("\n")
         L.stdin.flush()
-        lost = json.loads(L.stdout.readline())
+        lost = json_line(L)
         L.wait(timeout=60)
+        if lost is None:
+            print(f"the 'lost' consumer exited with {L.returncode}; its stderr:")
+            print((work / "lost.err").read_text()[-4000:])
+            return 1
         K.send_signal(signal.SIGKILL)
         K.wait()
-        over = json.loads(P.stdout.readline())
+        over = json_line(P)
         checks = {
             "lent blocks byte-exact on the decode's GPU": res["digest"] == src["digest"],
             "neighbouring blocks untouched": res["untouched_zero"],
