@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use pegaflow_core::copy::{make_backend, CopyBackend, CopyBackendKind};
+use pegaflow_core::copy::{make_backend, CopyBackend, CopyBackendKind, LoadCalibration};
 use pegaflow_core::cuda::ipc::{copy_peer_blocks, ImportedKv, PeerDirection, PeerExport};
 use pegaflow_core::cuda::{
     register_segment_background, CudaDevice, HostRegistration, PendingRegistration, StreamRef,
@@ -47,6 +47,7 @@ use pegaflow_core::transfer::KvTransfer;
 use pegaflow_core::{BlockKey, Engine, EngineConfig, Reservation};
 use pegaflow_shm::segment::PoolSegment;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::errors::{
     copy_err, engine_err, transfer_err, ConfigError, LayoutError, OwnerUnavailable, TransferError,
@@ -154,6 +155,9 @@ struct State {
     /// Other engines' caches mapped for peer copies (`pull_peer`), by the
     /// key they were published under; most recent last.
     peers: Vec<(String, ImportedKv)>,
+    /// The load backend's calibration: None until the first save, then
+    /// what it measured (None inside when there was nothing to choose).
+    calibration: Option<Option<LoadCalibration>>,
 }
 
 /// Peer caches kept mapped at once (one per prefill instance and rank; a
@@ -234,6 +238,29 @@ impl PyKvCache {
         Ok(true)
     }
 
+    /// Times the pool-to-GPU backends once, at the first save: the end of a
+    /// real forward pass (never a CUDA graph capture, which a concurrent
+    /// allocation would break), the GPU quiet, the pool registered.
+    fn calibrate_loads(&self, st: &mut State) {
+        let (Some(auto), Some(device), Some(reg)) = (
+            self.backend.auto(),
+            self.device.as_ref(),
+            st.binding.as_ref().and_then(|b| b.reg.clone()),
+        ) else {
+            st.calibration = Some(None);
+            return;
+        };
+        st.calibration = Some(
+            match auto.calibrate_loads(device, &reg, self.layout.piece_bytes) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not time the load backends; loads use batched DMA");
+                    None
+                }
+            },
+        );
+    }
+
     /// Loads whose copies completed, each with the GPU blocks that failed
     /// the check after the copy.
     fn finished_loads(&self, st: &mut State, wait: bool) -> PyResult<Vec<(u64, Vec<u32>)>> {
@@ -286,6 +313,9 @@ impl PyKvCache {
             // Owner away or pool not registered yet: skipped, and counted.
             self.core.note_skipped(total as u64);
             return Ok(saves.iter().map(|_| (0, 0)).collect());
+        }
+        if st.calibration.is_none() {
+            self.calibrate_loads(st);
         }
         let need = self.layout.slot_bytes();
         let r = self.core.reserve(total);
@@ -482,6 +512,7 @@ impl PyKvCache {
                 loads: BTreeMap::new(),
                 next_handle: 1,
                 peers: Vec::new(),
+                calibration: None,
             }),
             _keepalive: keepalive,
         };
@@ -521,6 +552,21 @@ impl PyKvCache {
     #[getter]
     fn backend(&self) -> &'static str {
         self.backend.name()
+    }
+
+    /// See `pegaflow/_native.pyi`.
+    #[getter]
+    fn load_calibration<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(Some(c)) = self.lock().calibration else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("piece_bytes", c.piece)?;
+        d.set_item("bytes", c.bytes)?;
+        d.set_item("dma_gbps", c.dma_gbps)?;
+        d.set_item("kernel_gbps", c.kernel_gbps)?;
+        d.set_item("chosen", c.chosen.to_string())?;
+        Ok(Some(d))
     }
 
     /// Reserves slots for saving `gpu_blocks[i]` under `hashes[i]`. Returns

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use pegaflow_core::copy::conformance::{self, GpuMemory, LayoutCase, TestCache, TestMemory};
 use pegaflow_core::copy::dma::{DmaBackend, DmaMode};
 use pegaflow_core::copy::kernel::KernelBackend;
-use pegaflow_core::copy::{AutoBackend, CopyBackend, CopyBackendKind};
+use pegaflow_core::copy::{
+    faster_load_backend, AutoBackend, CopyBackend, CopyBackendKind, Direction, CALIBRATION_BYTES,
+};
 use pegaflow_core::cuda::{self, ipc, CudaDevice, HostRegistration, Stream};
 use pegaflow_core::transfer::KvTransfer;
 
@@ -204,6 +206,50 @@ fn conformance_auto() {
         &AutoBackend::new(&d).unwrap(),
         &mut GpuMemory::new(&d).unwrap(),
     );
+}
+
+#[test]
+fn auto_times_loads_on_a_pool_file_and_loads_with_the_faster_backend() {
+    let Some(d) = device() else { return };
+    let pool = PoolFile::create(2 * CALIBRATION_BYTES);
+    let reg = pool.register(&d);
+    let auto = AutoBackend::new(&d).unwrap();
+    let piece = 32 << 10;
+    let choice = |dir| {
+        let p = pegaflow_core::layout::Piece {
+            host: 0,
+            device: 0,
+            len: piece,
+        };
+        auto.choose(&[p], dir)
+    };
+    match auto.calibrate_loads(&d, &reg, piece).expect("calibration") {
+        None => {
+            assert!(
+                DmaBackend::new(&d).unwrap().batch_api().is_none(),
+                "with batched DMA, 32 KiB pieces are timed"
+            );
+            eprintln!("SKIPPED the timing: this driver has no batched DMA");
+        }
+        Some(c) => {
+            eprintln!("calibration: {c:?}");
+            assert_eq!(c.piece, piece);
+            assert_eq!(c.bytes, CALIBRATION_BYTES);
+            assert!(c.dma_gbps > 1.0 && c.kernel_gbps > 1.0, "{c:?}");
+            assert_eq!(c.chosen, faster_load_backend(c.dma_gbps, c.kernel_gbps));
+            assert_eq!(choice(Direction::HostToDevice), c.chosen);
+            assert_eq!(choice(Direction::DeviceToHost), CopyBackendKind::Dma);
+        }
+    }
+    // what the rule settles alone is not timed; nor a pool too small
+    assert_eq!(auto.calibrate_loads(&d, &reg, 16 << 10).unwrap(), None);
+    assert_eq!(auto.calibrate_loads(&d, &reg, 256 << 10).unwrap(), None);
+    let small = PoolFile::create(CALIBRATION_BYTES);
+    let small_reg = small.register(&d);
+    assert_eq!(auto.calibrate_loads(&d, &small_reg, piece).unwrap(), None);
+    // whatever it chose, it copies right
+    conformance::run_all(&auto, &mut GpuMemory::new(&d).unwrap());
+    drop((reg, small_reg));
 }
 
 // ------------------------------------------------- layer-wise transfers

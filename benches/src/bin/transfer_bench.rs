@@ -994,6 +994,18 @@ fn bench_mode(args: &[String]) -> Res<()> {
                 }
             }
             for (label, b) in &runs {
+                if let Some(auto) = b.auto() {
+                    // as the engine does at its first save: loads of this
+                    // piece size by whichever backend is faster here
+                    match auto.calibrate_loads(&d, &reg, cache.layout.piece_bytes) {
+                        Ok(Some(c)) => println!(
+                            "  {backing}: auto's load calibration, {} KiB pieces: batched DMA {:.1} GB/s, kernel {:.1} GB/s: {}",
+                            c.piece >> 10, c.dma_gbps, c.kernel_gbps, c.chosen
+                        ),
+                        Ok(None) => {}
+                        Err(e) => println!("  {backing}: auto's load calibration failed: {e}"),
+                    }
+                }
                 let before = rows.len();
                 match run_shape_backend(&cx, &cache, b, label, &mut rows) {
                     Ok(()) => {}

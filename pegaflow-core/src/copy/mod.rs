@@ -11,7 +11,9 @@
 //!   engines pay a per-piece cost, at the price of some SM time.
 //! * [`AutoBackend`]: the copy engines whenever they can do the job well
 //!   (batched DMA), so the SMs stay with the engine's compute; the kernel
-//!   only where the driver has no batched DMA and pieces are small.
+//!   where the driver has no batched DMA and pieces are small, and for
+//!   loads on hosts where a measurement
+//!   ([`AutoBackend::calibrate_loads`]) finds it faster.
 //!
 //! Every backend passes the same [`conformance`] suite: the host backend in
 //! the unit tests here, the GPU backends in `tests/tests/gpu.rs` on a GPU
@@ -29,11 +31,13 @@ pub mod kernel;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::cuda::{CudaDevice, CudaError, StreamRef};
+use crate::cuda::pool::HostRegistration;
+use crate::cuda::{CudaDevice, CudaError, DeviceBuffer, Event, Stream, StreamRef};
 use crate::layout::Piece;
 
 /// Which way bytes move.
@@ -139,6 +143,11 @@ pub trait CopyBackend: Send + Sync + fmt::Debug {
     fn kernel(&self) -> Option<&kernel::KernelBackend> {
         None
     }
+
+    /// This backend as the [`AutoBackend`], which can be calibrated.
+    fn auto(&self) -> Option<&AutoBackend> {
+        None
+    }
 }
 
 /// Mean piece size at and above which [`AutoBackend`] uses DMA.
@@ -168,11 +177,70 @@ pub const AUTO_DMA_LOAD_THRESHOLD: usize = 32 << 10;
 /// [`AUTO_DMA_THRESHOLD`] and more, the kernel otherwise. Measured on the
 /// H200 (docs/benchmarks.md): DMA both ways reaches 92% of the
 /// bidirectional ceiling, the kernel both ways 69%.
+///
+/// Loads of batched-DMA pieces go to the kernel instead once
+/// [`AutoBackend::calibrate_loads`] has found it faster on this host: on
+/// one H200 host batched DMA loads 32 KiB pieces at 97% of PCIe, on another
+/// (same GPU and driver) at 65% where the kernel holds 91%.
 #[derive(Debug)]
 pub struct AutoBackend {
     dma: dma::DmaBackend,
     kernel: kernel::KernelBackend,
     threshold: usize,
+    kernel_loads: AtomicBool,
+}
+
+/// Pool bytes each backend copies per timed run of
+/// [`AutoBackend::calibrate_loads`]: 2.4 ms at PCIe Gen5 speed, long enough
+/// that launch costs do not decide.
+pub const CALIBRATION_BYTES: usize = 128 << 20;
+
+/// What [`AutoBackend::calibrate_loads`] measured: the best of
+/// [`CALIBRATION_RUNS`] runs each.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoadCalibration {
+    /// Piece size timed (the layout's).
+    pub piece: usize,
+    /// Bytes per run.
+    pub bytes: usize,
+    pub dma_gbps: f64,
+    pub kernel_gbps: f64,
+    /// What loads of such pieces use from now on.
+    pub chosen: CopyBackendKind,
+}
+
+/// Timed runs per backend (after one untimed warm-up each).
+pub const CALIBRATION_RUNS: usize = 3;
+
+/// The load backend for measured rates: batched DMA unless the kernel is
+/// more than 5% faster (DMA leaves the SMs to the forward pass it overlaps).
+pub fn faster_load_backend(dma_gbps: f64, kernel_gbps: f64) -> CopyBackendKind {
+    if kernel_gbps > dma_gbps * 1.05 {
+        CopyBackendKind::Kernel
+    } else {
+        CopyBackendKind::Dma
+    }
+}
+
+/// [`AutoBackend::choose`]'s rule, without a device: `mean` is the mean
+/// piece length, `batched` whether the driver has batched DMA,
+/// `kernel_loads` whether calibration chose the kernel for loads.
+pub fn auto_choice(
+    mean: usize,
+    threshold: usize,
+    batched: bool,
+    kernel_loads: bool,
+    dir: Direction,
+) -> CopyBackendKind {
+    let large = mean >= threshold;
+    let batched_dma = batched
+        && mean >= AUTO_DMA_LOAD_THRESHOLD
+        && !(kernel_loads && dir == Direction::HostToDevice);
+    if large || batched_dma {
+        CopyBackendKind::Dma
+    } else {
+        CopyBackendKind::Kernel
+    }
 }
 
 impl AutoBackend {
@@ -181,6 +249,7 @@ impl AutoBackend {
             dma: dma::DmaBackend::new(device)?,
             kernel: kernel::KernelBackend::new(device)?,
             threshold: AUTO_DMA_THRESHOLD,
+            kernel_loads: AtomicBool::new(false),
         })
     }
 
@@ -190,19 +259,99 @@ impl AutoBackend {
         self
     }
 
-    /// Which backend a call with these pieces would use (both directions
-    /// choose alike; see [`AUTO_DMA_LOAD_THRESHOLD`]).
-    pub fn choose(&self, pieces: &[Piece], _dir: Direction) -> CopyBackendKind {
+    /// Which backend a call with these pieces would use.
+    pub fn choose(&self, pieces: &[Piece], dir: Direction) -> CopyBackendKind {
         if pieces.is_empty() {
             return CopyBackendKind::Dma;
         }
         let mean = pieces.iter().map(|p| p.len).sum::<usize>() / pieces.len();
-        let batched = self.dma.batch_api().is_some() && mean >= AUTO_DMA_LOAD_THRESHOLD;
-        if mean >= self.threshold || batched {
-            CopyBackendKind::Dma
-        } else {
-            CopyBackendKind::Kernel
+        auto_choice(
+            mean,
+            self.threshold,
+            self.dma.batch_api().is_some(),
+            self.kernel_loads.load(Ordering::Relaxed),
+            dir,
+        )
+    }
+
+    /// Times loads of `piece`-byte pieces from `pool` into a scratch GPU
+    /// buffer with batched DMA and with the kernel, and from then on loads
+    /// such pieces with the faster (see [`faster_load_backend`]). None:
+    /// nothing to choose (no batched DMA, pieces the rule settles alone, a
+    /// pool under `2 x CALIBRATION_BYTES`).
+    ///
+    /// Call it where the engine's GPU is otherwise quiet and on the thread
+    /// that runs the engine's steps, never beside a CUDA graph capture: it
+    /// allocates and frees `CALIBRATION_BYTES` of GPU memory and waits on
+    /// events (about 20 ms in all). It reads the pool and writes nothing
+    /// but its own buffer.
+    pub fn calibrate_loads(
+        &self,
+        device: &Arc<CudaDevice>,
+        pool: &HostRegistration,
+        piece: usize,
+    ) -> Result<Option<LoadCalibration>, CopyError> {
+        if self.dma.batch_api().is_none()
+            || piece < AUTO_DMA_LOAD_THRESHOLD
+            || piece >= self.threshold
+            || !piece.is_multiple_of(16)
+        {
+            return Ok(None);
         }
+        // Every other piece of the pool: none coalesce, as in a real load.
+        let n = CALIBRATION_BYTES / piece;
+        if pool.len() < 2 * n * piece {
+            return Ok(None);
+        }
+        device.bind()?;
+        let scratch = DeviceBuffer::new(device, n * piece)?;
+        let pieces: Vec<Piece> = (0..n)
+            .map(|i| Piece {
+                host: pool.base() + 2 * i * piece,
+                device: scratch.ptr() + (i * piece) as u64,
+                len: piece,
+            })
+            .collect();
+        let stream = Stream::new(device)?;
+        let (start, end) = (Event::timing(device)?, Event::timing(device)?);
+        let backends: [&dyn CopyBackend; 2] = [&self.dma, &self.kernel];
+        let mut best = [f64::INFINITY; 2];
+        for run in 0..=CALIBRATION_RUNS {
+            for (b, backend) in backends.iter().enumerate() {
+                start.record(stream.as_ref())?;
+                // SAFETY: every host range lies in the registered (pinned,
+                // device-mapped) pool, which `pool` keeps mapped; every
+                // device range in `scratch`, alive until the stream is
+                // synchronized below; the pieces do not overlap.
+                unsafe { backend.copy(&pieces, Direction::HostToDevice, stream.as_ref())? };
+                end.record(stream.as_ref())?;
+                end.synchronize()?;
+                if run > 0 {
+                    best[b] = best[b].min(end.elapsed_ms_since(&start)? as f64);
+                }
+            }
+        }
+        stream.synchronize()?;
+        let bytes = n * piece;
+        let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+        let (dma_gbps, kernel_gbps) = (gbps(best[0]), gbps(best[1]));
+        let chosen = faster_load_backend(dma_gbps, kernel_gbps);
+        self.kernel_loads
+            .store(chosen == CopyBackendKind::Kernel, Ordering::Relaxed);
+        tracing::info!(
+            piece_kib = piece >> 10,
+            dma_gbps,
+            kernel_gbps,
+            chosen = %chosen,
+            "calibrated the load backend"
+        );
+        Ok(Some(LoadCalibration {
+            piece,
+            bytes,
+            dma_gbps,
+            kernel_gbps,
+            chosen,
+        }))
     }
 }
 
@@ -232,6 +381,10 @@ impl CopyBackend for AutoBackend {
 
     fn kernel(&self) -> Option<&kernel::KernelBackend> {
         Some(&self.kernel)
+    }
+
+    fn auto(&self) -> Option<&AutoBackend> {
+        Some(self)
     }
 }
 
@@ -303,6 +456,41 @@ mod tests {
         assert_eq!(
             make_backend(CopyBackendKind::Kernel, None).err(),
             Some(CopyError::NeedsDevice(CopyBackendKind::Kernel))
+        );
+    }
+
+    #[test]
+    fn the_kernel_loads_only_when_clearly_faster() {
+        assert_eq!(faster_load_backend(36.1, 50.4), CopyBackendKind::Kernel);
+        assert_eq!(faster_load_backend(53.8, 50.4), CopyBackendKind::Dma);
+        // within 5%: DMA keeps the SMs free
+        assert_eq!(faster_load_backend(50.0, 52.0), CopyBackendKind::Dma);
+    }
+
+    #[test]
+    fn a_calibrated_kernel_takes_batched_loads_only() {
+        use Direction::{DeviceToHost as D2H, HostToDevice as H2D};
+        let t = AUTO_DMA_THRESHOLD;
+        let k32 = 32 << 10;
+        // uncalibrated: batched DMA both ways from 32 KiB
+        assert_eq!(auto_choice(k32, t, true, false, H2D), CopyBackendKind::Dma);
+        assert_eq!(auto_choice(k32, t, true, false, D2H), CopyBackendKind::Dma);
+        // calibrated for the kernel: loads move, saves stay on the copy engines
+        assert_eq!(
+            auto_choice(k32, t, true, true, H2D),
+            CopyBackendKind::Kernel
+        );
+        assert_eq!(auto_choice(k32, t, true, true, D2H), CopyBackendKind::Dma);
+        // large pieces stay DMA, small ones the kernel, whatever was measured
+        assert_eq!(auto_choice(t, t, true, true, H2D), CopyBackendKind::Dma);
+        assert_eq!(
+            auto_choice(16 << 10, t, true, false, H2D),
+            CopyBackendKind::Kernel
+        );
+        // no batched DMA in the driver: the kernel below the threshold
+        assert_eq!(
+            auto_choice(k32, t, false, false, D2H),
+            CopyBackendKind::Kernel
         );
     }
 

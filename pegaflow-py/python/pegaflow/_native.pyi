@@ -124,6 +124,12 @@ class KvCache:
     def num_blocks(self) -> int: ...
     @property
     def backend(self) -> str: ...
+    @property
+    def load_calibration(self) -> dict[str, Any] | None:
+        """What the ``auto`` backend measured at the first save (GPU caches
+        with batched DMA and 32-256 KiB pieces; else None): ``piece_bytes``,
+        ``bytes``, ``dma_gbps``, ``kernel_gbps`` and ``chosen`` (``dma`` or
+        ``kernel``), the backend loads of such pieces use since."""
     def begin_save(self, gpu_blocks: Sequence[int], hashes: Sequence[bytes]) -> tuple[int, int]:
         """Reserve slots; returns ``(handle, n)``: the first n blocks will be saved.
         Never waits longer than the engine's reserve_wait (GIL released)."""

@@ -115,6 +115,7 @@ class WorkerSide:
         #: this step's saves were begun (even if nothing could be reserved:
         #: asking again per layer would count the same blocks dropped again)
         self._step_begun = False
+        self._calibration_seen = False
         self._step_layers_done: set[int] = set()
         #: handles committed or in flight: req_id -> open handles
         self._open: dict[str, set[int]] = {}
@@ -357,6 +358,17 @@ class WorkerSide:
                 self._step_saves[h] = sv.req_id
                 self._open.setdefault(sv.req_id, set()).add(h)
                 self._handle_req[h] = sv.req_id
+        if self._step_saves and not self._calibration_seen:
+            # the first save timed the load backends (auto backend, GPU)
+            self._calibration_seen = True
+            c = self.kv.load_calibration
+            if c is not None:
+                logger.info(
+                    "PegaFlow loads of %d KiB pieces: batched DMA %.1f GB/s, copy kernel %.1f GB/s "
+                    "(TP rank %d, %d MiB timed): loads use %s",
+                    c["piece_bytes"] >> 10, c["dma_gbps"], c["kernel_gbps"], self.tp_rank,
+                    c["bytes"] >> 20, "the copy kernel" if c["chosen"] == "kernel" else "batched DMA",
+                )
         self._step_layers_done = set()
 
     def save_kv_layer(self, layer_name: str, meta: Optional[PegaConnectorMetadata]) -> None:
