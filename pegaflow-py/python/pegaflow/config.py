@@ -50,6 +50,8 @@ class PegaflowConfig:
     #: Owner socket path; default derived from the name (as the owner does) or $PEGAFLOW_SOCKET.
     socket: Optional[str] = None
     #: Copy backend for CUDA caches: auto | dma | kernel | host (CPU tensors always use host).
+    #: ``auto`` times batched DMA against the copy kernel for loads at the
+    #: first save and loads with the faster (docs/vllm.md).
     copy_backend: str = "auto"
     #: Save computed blocks into the pool.
     save: bool = True
