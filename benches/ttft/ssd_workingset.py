@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--ssd-dir", required=True, help="directory for the SSD tier (on the disk to measure)")
     ap.add_argument("--configs", default="pool,pool+ssd", help="comma list of pool, pool+ssd")
     ap.add_argument("--owner-bin", help="pegaflow-owner (default: $PEGAFLOW_OWNER_BIN, PATH, target/)")
-    ap.add_argument("--owner-args", default="", help="extra pegaflow-owner flags for both configs")
+    ap.add_argument("--owner-args", default="", help="extra pegaflow-owner flags for both configs (write --owner-args=--flag)")
     ap.add_argument("--attention-backend", help="e.g. TRITON_ATTN (the offline H200 bundle)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-cache-memory-bytes", type=int, help="vLLM's KV cache size (default: vLLM's; --small 1 GiB)")

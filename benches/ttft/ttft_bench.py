@@ -573,7 +573,9 @@ def main() -> int:
     ap.add_argument("--bg-prompts", type=int, default=4, help="--decode: warm and cold background prompts, each")
     ap.add_argument("--bg-interval", type=float, default=0.15, help="--decode: seconds between background submissions")
     ap.add_argument("--owner-bin", help="pegaflow-owner (default: $PEGAFLOW_OWNER_BIN, PATH, target/{release,debug})")
-    ap.add_argument("--owner-args", default="", help="extra pegaflow-owner flags, e.g. '--use-hugepages'")
+    ap.add_argument("--owner-args", default="",
+                    help="extra pegaflow-owner flags; write --owner-args=--use-hugepages "
+                         "(with '=': a value that starts with -- is otherwise read as a flag)")
     ap.add_argument("--pool-size", help="PegaFlow pool (and peer pool, offload bytes); default: 1.5x what the run saves")
     ap.add_argument("--copy-backend", default="auto", help="pegaflow.copy_backend")
     ap.add_argument("--pega-extra", type=json.loads, default={},
